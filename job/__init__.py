@@ -1,0 +1,1 @@
+"""Transfer-learning image classifier: a batch job from labelled image folders to a SavedModel."""

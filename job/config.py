@@ -1,0 +1,250 @@
+"""Config: every setting of the job, read from environment variables and validated in one place.
+
+`Config.from_env(os.environ)` is the only place that reads the environment. A bad value raises
+ConfigError with one line naming the variable and what it accepts; the entrypoint turns that into
+exit code 2 before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import re
+from pathlib import Path
+from typing import Callable, Mapping
+
+BACKBONES = ("vgg16", "mobilenet_v2", "resnet50", "efficientnet_b0")
+MOBILENET_V2_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+MIXED_PRECISION_MODES = ("auto", "off", "float16", "bfloat16")
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or has a value the job cannot use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    data_uri: str
+    output_uri: str = "outputs"
+    run_id: str = ""
+    cache_dir: Path = Path.home() / ".cache" / "image-classifier-job"
+    backbone: str = "vgg16"
+    alpha: float = 1.0
+    weights: str = "imagenet"
+    image_size: int = 150
+    batch_size: int = 32
+    head_epochs: int = 20
+    fine_tune_epochs: int = 10
+    head_learning_rate: float = 1e-3
+    fine_tune_learning_rate: float = 1e-5
+    fine_tune_from: str = "block5_conv1"
+    dense_units: int = 256
+    dropout: float = 0.5
+    augment: bool = False
+    validation_split: float = 0.2
+    test_split: float = 0.1
+    patience: int = 3
+    seed: int = 42
+    mixed_precision: str = "auto"
+    class_weights: str = "auto"
+    model_uri: str = ""
+    checkpoint_uri: str = ""
+    tensorboard_uri: str = ""
+
+    @property
+    def run_uri(self) -> str:
+        from job import storage
+
+        return storage.join(self.output_uri, self.run_id)
+
+    @property
+    def is_hub_backbone(self) -> bool:
+        return self.backbone not in BACKBONES
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> "Config":
+        env = _Reader(environ)
+        data_uri = env.text("DATA_URI", required=True)
+        backbone = env.backbone("BACKBONE", "vgg16")
+        output_uri = env.text("OUTPUT_URI", "outputs")
+        run_id = env.run_id("RUN_ID")
+        run_uri = _join(output_uri, run_id)
+        is_hub = backbone not in BACKBONES
+        config = cls(
+            data_uri=data_uri,
+            output_uri=output_uri,
+            run_id=run_id,
+            cache_dir=Path(env.text("CACHE_DIR", str(cls.cache_dir))),
+            backbone=backbone,
+            alpha=env.choice_float("ALPHA", 1.0, MOBILENET_V2_ALPHAS),
+            weights=env.weights("WEIGHTS", "imagenet"),
+            image_size=env.integer("IMAGE_SIZE", default_image_size(backbone), minimum=32),
+            batch_size=env.integer("BATCH_SIZE", 32, minimum=1),
+            head_epochs=env.integer("HEAD_EPOCHS", 20, minimum=0),
+            fine_tune_epochs=env.integer("FINE_TUNE_EPOCHS", 10, minimum=0),
+            head_learning_rate=env.positive_float("HEAD_LEARNING_RATE", 1e-3),
+            fine_tune_learning_rate=env.positive_float("FINE_TUNE_LEARNING_RATE", 1e-5),
+            fine_tune_from=env.text("FINE_TUNE_FROM", default_fine_tune_from(backbone)),
+            dense_units=env.integer("DENSE_UNITS", 256, minimum=1),
+            dropout=env.fraction("DROPOUT", 0.5),
+            augment=env.flag("AUGMENT", False),
+            validation_split=env.fraction("VALIDATION_SPLIT", 0.2, open_high=True),
+            test_split=env.fraction("TEST_SPLIT", 0.1, open_high=True),
+            patience=env.integer("PATIENCE", 3, minimum=1),
+            seed=env.integer("SEED", 42, minimum=0),
+            mixed_precision=env.choice("MIXED_PRECISION", "auto", MIXED_PRECISION_MODES),
+            class_weights=env.choice("CLASS_WEIGHTS", "auto", ("auto", "off")),
+            model_uri=env.text("AIP_MODEL_DIR", _join(run_uri, "saved_model")),
+            checkpoint_uri=env.text(
+                "CHECKPOINT_URI", env.text("AIP_CHECKPOINT_DIR", _join(run_uri, "checkpoints"))
+            ),
+            tensorboard_uri=env.text("AIP_TENSORBOARD_LOG_DIR", ""),
+        )
+        if is_hub and config.fine_tune_from:
+            raise ConfigError(
+                "FINE_TUNE_FROM applies to the built-in backbones only; "
+                f"unset it for the hub module {backbone!r}"
+            )
+        if config.validation_split + config.test_split >= 0.9:
+            raise ConfigError(
+                "VALIDATION_SPLIT + TEST_SPLIT must leave at least 10% of the images to train on"
+            )
+        return config
+
+
+def default_image_size(backbone: str) -> int:
+    """150 for VGG16 as in the classic recipe; the backbone's native size otherwise."""
+    return 150 if backbone == "vgg16" else 224
+
+
+def default_fine_tune_from(backbone: str) -> str:
+    """The first layer of each backbone's top block, unfrozen in phase 2."""
+    return {
+        "vgg16": "block5_conv1",
+        "mobilenet_v2": "block_16_expand",
+        "resnet50": "conv5_block1_1_conv",
+        "efficientnet_b0": "block7a_expand_conv",
+    }.get(backbone, "")
+
+
+def new_run_id(now: datetime.datetime | None = None) -> str:
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("run-%Y%m%d-%H%M%S")
+
+
+def _join(uri: str, *parts: str) -> str:
+    from job import storage
+
+    return storage.join(uri, *parts)
+
+
+class _Reader:
+    """Typed access to the environment; every parse error names the variable and what it accepts."""
+
+    def __init__(self, environ: Mapping[str, str]):
+        self.environ = environ
+
+    def _get(self, name: str) -> str | None:
+        value = self.environ.get(name)
+        return value.strip() if value is not None and value.strip() != "" else None
+
+    def _parse(self, name: str, default, accepts: str, parse: Callable[[str], object]):
+        raw = self._get(name)
+        if raw is None:
+            return default
+        try:
+            return parse(raw)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{name}={raw!r} is not valid: expected {accepts}") from None
+
+    def text(self, name: str, default: str = "", required: bool = False) -> str:
+        raw = self._get(name)
+        if raw is None and required:
+            raise ConfigError(f"{name} is required: set it to a local folder or a gs://bucket/prefix")
+        return raw if raw is not None else default
+
+    def integer(self, name: str, default: int, minimum: int) -> int:
+        def parse(raw: str) -> int:
+            value = int(raw)
+            if value < minimum:
+                raise ValueError
+            return value
+
+        return self._parse(name, default, f"an integer >= {minimum}", parse)
+
+    def positive_float(self, name: str, default: float) -> float:
+        def parse(raw: str) -> float:
+            value = float(raw)
+            if not value > 0 or value == float("inf"):
+                raise ValueError
+            return value
+
+        return self._parse(name, default, "a positive number such as 1e-4", parse)
+
+    def fraction(self, name: str, default: float, open_high: bool = False) -> float:
+        def parse(raw: str) -> float:
+            value = float(raw)
+            if not (0 <= value < 1 if open_high else 0 <= value <= 1):
+                raise ValueError
+            return value
+
+        accepts = "a number from 0 to below 1" if open_high else "a number from 0 to 1"
+        return self._parse(name, default, accepts, parse)
+
+    def flag(self, name: str, default: bool) -> bool:
+        words = {"1": True, "true": True, "yes": True, "on": True,
+                 "0": False, "false": False, "no": False, "off": False}
+        return self._parse(name, default, "one of 1, 0, true, false, on, off",
+                           lambda raw: words[raw.lower()] if raw.lower() in words else int("x"))
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        def parse(raw: str) -> str:
+            if raw.lower() not in choices:
+                raise ValueError
+            return raw.lower()
+
+        return self._parse(name, default, "one of " + ", ".join(choices), parse)
+
+    def choice_float(self, name: str, default: float, choices: tuple[float, ...]) -> float:
+        def parse(raw: str) -> float:
+            value = float(raw)
+            if value not in choices:
+                raise ValueError
+            return value
+
+        return self._parse(name, default, "one of " + ", ".join(map(str, choices)), parse)
+
+    def backbone(self, name: str, default: str) -> str:
+        """A built-in backbone name, or a TF-Hub/Kaggle handle or SavedModel path of a feature vector."""
+        def parse(raw: str) -> str:
+            if raw.lower() in BACKBONES:
+                return raw.lower()
+            looks_like_handle = "://" in raw or raw.startswith(("/", "./")) or raw.count("/") >= 2
+            if looks_like_handle:
+                return raw
+            raise ValueError
+
+        accepts = ("one of " + ", ".join(BACKBONES)
+                   + ", or a TF-Hub/Kaggle handle or SavedModel path of an image feature vector")
+        return self._parse(name, default, accepts, parse)
+
+    def weights(self, name: str, default: str) -> str:
+        def parse(raw: str) -> str:
+            if raw.lower() in ("imagenet", "none"):
+                return raw.lower()
+            if raw.endswith(".h5") or raw.endswith(".weights.h5"):
+                return raw
+            raise ValueError
+
+        return self._parse(name, default,
+                           "imagenet, none, or a path or gs:// URI of a Keras .h5 weights file", parse)
+
+    def run_id(self, name: str) -> str:
+        def parse(raw: str) -> str:
+            if not RUN_ID_PATTERN.match(raw):
+                raise ValueError
+            return raw
+
+        return self._parse(name, new_run_id(),
+                           "letters, digits, '.', '_' or '-' (at most 128, no leading '.' or '-')", parse)
