@@ -127,6 +127,10 @@ def image_dataset(split: Split, image_size: int, batch_size: int, shuffle: bool 
         decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if cache_file:
         images = images.cache(cache_file)
+        if not Path(f"{cache_file}.index").exists():
+            # Keras stops at the known number of batches without reading the end of the data,
+            # and tf.data throws away a cache that was not read to the end: fill it here.
+            images.reduce(0, lambda count, _: count + 1)
     labels = tf.data.Dataset.from_tensor_slices(np.asarray(split.labels, dtype=np.int32))
     dataset = tf.data.Dataset.zip((images, labels))
     if shuffle:

@@ -173,7 +173,7 @@ class Trainer:
                                   validation_data=self.images("validation"),
                                   epochs=config.head_epochs, class_weight=self.class_weights,
                                   callbacks=self.callbacks("phase 1", config.head_epochs),
-                                  verbose=self.verbose)
+                                  shuffle=False, verbose=self.verbose)  # the data set shuffles itself
         else:
             features = {name: self.parts.feature_extractor.predict(self.images(name), verbose=0)
                         for name in ("train", "validation")}
@@ -210,7 +210,7 @@ class Trainer:
                               validation_data=self.images("validation"),
                               epochs=config.fine_tune_epochs, class_weight=self.class_weights,
                               callbacks=[*self.callbacks("phase 2", config.fine_tune_epochs), reduce_lr],
-                              verbose=self.verbose)
+                              shuffle=False, verbose=self.verbose)  # the data set shuffles itself
         return self._phase_record(history, started, 0.0, cached_features=False)
 
     def callbacks(self, phase: str, epochs: int) -> list[keras.callbacks.Callback]:

@@ -1,1 +1,93 @@
 """Shared fixtures: paths to the real data in ../shared, temporary data trees, and servers on loopback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+XRAY = SHARED / "data" / "chest_xray_pneumonia_224"
+XRAY_ORIGINALS = SHARED / "data" / "chest_xray_pneumonia_orig_sample"
+MOBILENET_V2_050 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+
+
+def require_shared(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (../shared beside the project root)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def xray_dir() -> Path:
+    return require_shared(XRAY)
+
+
+@pytest.fixture(scope="session")
+def xray_originals_dir() -> Path:
+    return require_shared(XRAY_ORIGINALS)
+
+
+@pytest.fixture(scope="session")
+def mobilenet_v2_weights() -> Path:
+    return require_shared(MOBILENET_V2_050)
+
+
+def link_subset(source: Path, target: Path, per_class: dict[str, int]) -> Path:
+    """Symlinks the first N images of each class of each split of source into target."""
+    for split, count in per_class.items():
+        for class_dir in sorted((source / split).iterdir()):
+            destination = target / split / class_dir.name
+            destination.mkdir(parents=True, exist_ok=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                (destination / image.name).symlink_to(image)
+    return target
+
+
+@pytest.fixture(scope="session")
+def xray_subset(xray_dir, tmp_path_factory) -> Path:
+    """A small, balanced slice of the real chest X-ray set, with its train/validation/test split."""
+    return link_subset(xray_dir, tmp_path_factory.mktemp("xray"),
+                       {"train": 80, "validation": 25, "test": 50})
+
+
+def write_class_images(root: Path, classes: list[str], per_class: int, size: int = 24,
+                       mode: str = "RGB", fmt: str = "PNG", seed: int = 0) -> Path:
+    """Writes per_class noisy images per class; each class has its own brightness, so it is learnable."""
+    rng = np.random.default_rng(seed)
+    for index, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        level = 40 + 170 * index / max(1, len(classes) - 1)
+        for number in range(per_class):
+            pixels = np.clip(rng.normal(level, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, "RGB").convert(mode).save(
+                folder / f"{name}_{number}.{fmt.lower()}", fmt)
+    return root
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    """Three classes of small generated images, no split folders."""
+    return write_class_images(tmp_path / "images", ["cat", "dog", "fox"], per_class=12)
+
+
+def run_job(env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs `python -m job` in a fresh interpreter with exactly these settings (plus PATH)."""
+    environ = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+               "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **env}
+    return subprocess.run([sys.executable, "-m", "job"], cwd=ROOT, env=environ, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def tiny_vgg16_settings(data_dir: Path, output_dir: Path, cache_dir: Path, **overrides) -> dict:
+    """The cheapest real run of the default backbone: VGG16, random weights, 32x32 images."""
+    return {"DATA_URI": str(data_dir), "OUTPUT_URI": str(output_dir), "RUN_ID": "tiny",
+            "CACHE_DIR": str(cache_dir), "BACKBONE": "vgg16", "WEIGHTS": "none",
+            "IMAGE_SIZE": "32", "BATCH_SIZE": "8", "HEAD_EPOCHS": "2", "FINE_TUNE_EPOCHS": "2",
+            **overrides}
