@@ -108,7 +108,7 @@ def test_metrics_record_config_history_evaluation_and_skipped_files(tiny_run):
     for phase in ("phase1", "phase2"):
         assert metrics[phase]["epochs_run"] == 2 and len(metrics[phase]["history"]["val_loss"]) == 2
         assert metrics[phase]["images_per_second"] > 0
-    assert metrics["phase1"]["cached_features"] is True
+    assert metrics["phase1"]["cached"] is True and metrics["phase2"]["cached"] is True
     test = metrics["test"]
     assert set(test["per_class"]) == {"cat", "dog", "fox"}
     assert np.array(test["confusion_matrix"]).sum() == test["images"] == 3
@@ -136,7 +136,7 @@ def test_augmented_binary_run_trains_both_phases_through_the_frozen_base(tmp_pat
                                          AUGMENT="1", HEAD_EPOCHS="1", FINE_TUNE_EPOCHS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "tiny" / "metrics.json").read_text())
-    assert metrics["phase1"]["cached_features"] is False
+    assert metrics["phase1"]["cached"] is False and metrics["phase2"]["cached"] is False
     assert metrics["test"]["roc_auc"] is not None
 
 
