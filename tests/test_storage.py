@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from job import storage
 from job.storage import StorageError
 
 QUICK = {"retry_deadline": 5.0}
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tree_contents(root: Path) -> dict[str, bytes]:
@@ -255,3 +259,30 @@ def test_sync_up_uploads_only_changes_and_deletes_what_is_gone(gcs_client, gcs_b
 def test_sync_down_of_a_prefix_with_nothing_yet_gives_an_empty_directory(gcs_bucket, tmp_path):
     stats = storage.sync_down(f"gs://{gcs_bucket}/ckpt", tmp_path / "restored")
     assert stats.objects == 0 and tree_contents(tmp_path / "restored") == {}
+
+
+# --- The whole job on gs:// ---
+
+REAL_DATA = REPO.parent / "shared" / "data" / "chest_xray_pneumonia_224"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real images not found at {REAL_DATA}")
+def test_job_reads_and_writes_gs_uris_and_publishes_the_marker_last(
+        gcs_client, gcs_bucket, gcs_endpoint, tmp_path):
+    for class_name in ("NORMAL", "PNEUMONIA"):
+        for image in sorted((REAL_DATA / "train" / class_name).glob("*.jpeg"))[:20]:
+            gcs_client.bucket(gcs_bucket).blob(f"data/{class_name}/{image.name}").upload_from_filename(image)
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": gcs_endpoint,
+           "DATA_URI": f"gs://{gcs_bucket}/data", "OUTPUT_URI": f"gs://{gcs_bucket}/runs",
+           "RUN_ID": "e2e", "CACHE_DIR": str(tmp_path / "cache"), "BACKBONE": "vgg16",
+           "WEIGHTS": "none", "IMAGE_SIZE": "32", "BATCH_SIZE": "8", "HEAD_EPOCHS": "1",
+           "FINE_TUNE_EPOCHS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    job = subprocess.run([sys.executable, "-m", "job"], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert job.returncode == 0, job.stderr[-3000:]
+    generations = {blob.name: blob.generation
+                   for blob in gcs_client.list_blobs(gcs_bucket, prefix="runs/e2e/")}
+    marker = generations.pop("runs/e2e/MANIFEST.json")
+    assert {"runs/e2e/metrics.json", "runs/e2e/saved_model/saved_model.pb"} <= set(generations)
+    assert all(generation < marker for generation in generations.values())
