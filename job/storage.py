@@ -426,9 +426,12 @@ def _remove_unlisted(local_dir: Path, listed: set[str]) -> int:
 
 
 def _copy_file(source: Path, target: Path) -> int:
+    """Copies under a temporary name and renames, so target is never seen half-written."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(source, target)
-    return source.stat().st_size
+    partial = target.with_name(target.name + PARTIAL_SUFFIX)
+    shutil.copy2(source, partial)
+    os.replace(partial, target)
+    return target.stat().st_size
 
 
 def _mirror_local(source: Path, target: Path, allow_empty: bool) -> TransferStats:

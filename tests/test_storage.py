@@ -179,6 +179,32 @@ def test_server_that_is_down_is_a_one_line_error_after_retrying(monkeypatch, tmp
     assert_one_line_error(error, "gs://bucket/data", f"{down} still failing after retrying for 1 s")
 
 
+def test_missing_credentials_are_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
+    with pytest.raises(StorageError) as error:
+        storage.fetch_tree("gs://bucket/data", tmp_path, **QUICK)
+    assert_one_line_error(error, "gs://bucket/data", "no Application Default Credentials")
+
+
+# --- Local paths ---
+
+def test_fetch_tree_of_a_local_directory_is_that_directory(file_tree, tmp_path):
+    assert storage.fetch_tree(str(file_tree), tmp_path / "cache") == file_tree
+
+
+def test_fetch_tree_of_a_missing_local_directory_is_an_error(tmp_path):
+    with pytest.raises(StorageError, match="no such directory"):
+        storage.fetch_tree(str(tmp_path / "missing"), tmp_path / "cache")
+
+
+def test_local_sync_up_mirrors_into_another_directory(file_tree, tmp_path):
+    (tmp_path / "mirror").mkdir()
+    (tmp_path / "mirror" / "stale.bin").write_bytes(b"old")
+    storage.sync_up(file_tree, str(tmp_path / "mirror"))
+    assert tree_contents(tmp_path / "mirror") == tree_contents(file_tree)
+
+
 # --- Files ---
 
 def test_fetch_file_downloads_a_remote_weights_file_into_the_cache(gcs_client, gcs_bucket, tmp_path):
