@@ -35,7 +35,7 @@ from google.auth import exceptions as auth_exceptions
 from google.cloud import storage as gcs
 from google.cloud.storage import transfer_manager
 from google.cloud.storage.retry import DEFAULT_RETRY
-from google.resumable_media import DataCorruption
+from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
 GCS_SCHEME = "gs://"
 DEFAULT_RETRY_DEADLINE_S = 120.0
@@ -332,7 +332,7 @@ def _remote(uri: str, retry_deadline: float,
             f"{uri}: {client.api_endpoint} still failing after retrying for {retry_deadline:g} s "
             f"({_one_line(error.cause or error)})") from None
     except (api_exceptions.GoogleAPICallError, auth_exceptions.GoogleAuthError,
-            DataCorruption, ConnectionError, OSError) as error:
+            DataCorruption, InvalidResponse, OSError) as error:
         raise StorageError(f"{uri}: {_one_line(error)}") from None
     finally:
         client.close()

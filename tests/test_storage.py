@@ -187,6 +187,11 @@ def test_missing_credentials_are_a_one_line_error(monkeypatch, tmp_path):
     assert_one_line_error(error, "gs://bucket/data", "no Application Default Credentials")
 
 
+def test_with_an_emulator_host_no_credentials_are_looked_up(remote_tree, monkeypatch, tmp_path):
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
+    assert storage.pull_tree(remote_tree, tmp_path / "local").objects == 5
+
+
 # --- Local paths ---
 
 def test_fetch_tree_of_a_local_directory_is_that_directory(file_tree, tmp_path):
