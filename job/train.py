@@ -54,7 +54,9 @@ def run(config: Config) -> dict:
     log.info("precision policy: %s (MIXED_PRECISION=%s, GPUs: %d)", precision,
              config.mixed_precision, len(tf.config.list_physical_devices("GPU")))
 
-    data_root = storage.fetch_tree(config.data_uri, config.cache_dir / "data")
+    data_root = storage.local_dir_for(config.data_uri, config.cache_dir / "data")
+    data_pull = storage.pull_tree(config.data_uri, data_root).as_dict() \
+        if storage.is_remote(config.data_uri) else None
     dataset = data.load_dataset(data_root, config.image_size, config.validation_split,
                                 config.test_split, config.seed)
     for note in dataset.notes:
@@ -87,6 +89,7 @@ def run(config: Config) -> dict:
         "hardware": _hardware(),
         "classes": dataset.class_names,
         "class_counts": dataset.counts(),
+        "data_pull": data_pull,
         "data_notes": dataset.notes,
         "skipped_files": dataset.skipped,
         "class_weights": trainer.class_weights,
