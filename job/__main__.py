@@ -1,7 +1,8 @@
 """Entrypoint: `python -m job` reads its settings from the environment and runs one training job.
 
 Exit codes: 0 done (or the run was already complete), 1 unexpected or storage failure,
-2 bad configuration or bad input (retrying cannot help).
+2 bad configuration or bad input (retrying cannot help), 75 stopped by SIGTERM with a checkpoint
+saved (run again with the same RUN_ID to resume).
 """
 from __future__ import annotations
 
@@ -24,12 +25,18 @@ def main(environ=os.environ) -> int:
         return _fail(f"configuration error: {error}", EXIT_BAD_INPUT)
 
     from job import train
+    from job.checkpoint import EXIT_PREEMPTED, Preempted, StopSignal
     from job.data import DataError
     from job.storage import StorageError
 
+    stop = StopSignal()
+    stop.install()
     try:
         train.validate(config)
-        train.run(config)
+        train.run(config, stop)
+    except Preempted as error:
+        return _fail(f"preempted: {error}; exit {EXIT_PREEMPTED}, rerun with RUN_ID={config.run_id} "
+                     "to resume", EXIT_PREEMPTED)
     except (ConfigError, DataError, train.SetupError) as error:
         return _fail(f"{error.__class__.__name__}: {error}", EXIT_BAD_INPUT)
     except StorageError as error:

@@ -141,10 +141,11 @@ def cached(examples: tf.data.Dataset, cache_file: str) -> tf.data.Dataset:
     Keras stops at the known number of batches without reading the end of the data, and tf.data
     throws away a cache that was not read to the end, so the cache is filled here instead.
     """
-    examples = examples.cache(cache_file)
     if not Path(f"{cache_file}.index").exists():
-        examples.reduce(0, lambda count, _: count + 1)
-    return examples
+        for partial in Path(cache_file).parent.glob(f"{Path(cache_file).name}*"):
+            partial.unlink()  # left by a process killed while filling it
+        examples.cache(cache_file).reduce(0, lambda count, _: count + 1)
+    return examples.cache(cache_file)
 
 
 def shuffle_buffer(examples: tf.data.Dataset, max_bytes: int = 256 * 2**20) -> int:

@@ -12,7 +12,7 @@ import logging
 import os
 import platform
 import sys
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from job import data, model, report, storage
+from job.checkpoint import Checkpoints, StopSignal
 from job.config import Config, ConfigError
 
 log = logging.getLogger("job")
@@ -41,8 +42,12 @@ def validate(config: Config) -> None:
                           f"{config.backbone}; top layers include {', '.join(conv_names)}")
 
 
-def run(config: Config) -> dict:
-    """Trains, evaluates and writes one run; returns its metrics (or the finished run's status)."""
+def run(config: Config, stop: StopSignal | None = None) -> dict:
+    """Trains, evaluates and writes one run; returns its metrics (or the finished run's status).
+
+    A run that an earlier attempt with the same RUN_ID left unfinished resumes from its
+    checkpoints; a complete run is left untouched.
+    """
     manifest_uri = storage.join(config.run_uri, report.MANIFEST)
     if storage.exists(manifest_uri):
         log.info("run %s is already complete at %s; nothing to do", config.run_id, config.run_uri)
@@ -71,14 +76,17 @@ def run(config: Config) -> dict:
                                    config.image_size, config.dense_units, config.dropout)
     work_dir = storage.local_dir_for(config.run_uri, config.cache_dir / "runs" / config.run_id)
     work_dir.mkdir(parents=True, exist_ok=True)
-    config.cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="decoded-", dir=config.cache_dir) as scratch_dir:
-        trainer = Trainer(config, dataset, parts, Path(scratch_dir))
-        phase1 = trainer.train_head()
-        summaries = {"phase1": _summary(parts.classifier)}
-        phase2 = trainer.fine_tune() if config.fine_tune_epochs > 0 else None
-        if phase2:
-            summaries["phase2"] = _summary(parts.classifier)
+    checkpoints = Checkpoints(
+        storage.local_dir_for(config.checkpoint_uri, config.cache_dir / "checkpoints" / config.run_id),
+        config.checkpoint_uri, stop or StopSignal())
+    scratch_dir = config.cache_dir / "scratch" / config.run_id  # decoded images, cached features
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, dataset, parts, scratch_dir, checkpoints)
+    phase1 = trainer.train_head()
+    summaries = {"phase1": _summary(parts.classifier)}
+    phase2 = trainer.fine_tune() if config.fine_tune_epochs > 0 else None
+    if phase2:
+        summaries["phase2"] = _summary(parts.classifier)
     final = phase2 or phase1
 
     metrics = {
@@ -105,6 +113,8 @@ def run(config: Config) -> dict:
     if config.model_uri != storage.join(config.run_uri, "saved_model"):
         storage.publish_tree(work_dir / "saved_model", config.model_uri)
     log.info("run complete: %s", config.run_uri)
+    checkpoints.clear()
+    shutil.rmtree(scratch_dir, ignore_errors=True)
     return metrics
 
 
@@ -144,8 +154,9 @@ class Trainer:
     """The two phases over one data set and one classifier."""
 
     def __init__(self, config: Config, dataset: data.DataSet, parts: model.Classifier,
-                 scratch_dir: Path):
+                 scratch_dir: Path, checkpoints: Checkpoints):
         self.config = config
+        self.checkpoints = checkpoints
         self.dataset = dataset
         self.parts = parts
         self.scratch_dir = scratch_dir
@@ -172,6 +183,8 @@ class Trainer:
         """
         outputs = self.images(split_name).map(
             lambda images, labels: (extractor(images, training=False), labels)).unbatch()
+        outputs = outputs.apply(tf.data.experimental.assert_cardinality(
+            len(getattr(self.dataset, split_name))))
         return data.cached(outputs, str(self.scratch_dir / f"{tag}-{split_name}"))
 
     def batches(self, examples: tf.data.Dataset, training: bool = False) -> tf.data.Dataset:
@@ -183,20 +196,30 @@ class Trainer:
     def train_head(self) -> dict:
         """Phase 1: the base frozen, only the new head learns."""
         config = self.config
+        if self.checkpoints.finished("phase 1"):
+            self.checkpoints.restore("phase 1", self.parts.classifier)
+            return self.checkpoints.finished("phase 1")
         if config.augment or not config.cache_features:
             trainer = self.parts.classifier
             if config.augment:
                 trainer = model.with_augmentation(trainer, model.build_augmentation(config.seed))
-            return self._fit("phase 1", trainer, keras.optimizers.Adam(config.head_learning_rate),
-                             config.head_epochs, self.images("train", training=True),
-                             self.images("validation"))
-        return self._fit_cached("phase 1", self.parts.feature_extractor, self.parts.head,
-                                keras.optimizers.Adam(config.head_learning_rate), config.head_epochs)
+            record = self._fit("phase 1", trainer, keras.optimizers.Adam(config.head_learning_rate),
+                               config.head_epochs, self.images("train", training=True),
+                               self.images("validation"))
+        else:
+            record = self._fit_cached("phase 1", self.parts.feature_extractor, self.parts.head,
+                                      keras.optimizers.Adam(config.head_learning_rate),
+                                      config.head_epochs)
+        self.checkpoints.finish("phase 1", self.parts.classifier, record)
+        return record
 
     def fine_tune(self) -> dict:
         """Phase 2: the top of the base unfrozen, at a low learning rate."""
         config = self.config
         optimizer = keras.optimizers.RMSprop(config.fine_tune_learning_rate)
+        if self.checkpoints.finished("phase 2"):
+            self.checkpoints.restore("phase 2", self.parts.classifier)
+            return self.checkpoints.finished("phase 2")
         if config.is_hub_backbone:
             self.parts.base.trainable = True
         else:
@@ -205,10 +228,13 @@ class Trainer:
             trainer = self.parts.classifier
             if config.augment:
                 trainer = model.with_augmentation(trainer, model.build_augmentation(config.seed + 1))
-            return self._fit("phase 2", trainer, optimizer, config.fine_tune_epochs,
-                             self.images("train", training=True), self.images("validation"))
-        bottom, top = model.split_for_fine_tuning(self.parts, config.fine_tune_from)
-        return self._fit_cached("phase 2", bottom, top, optimizer, config.fine_tune_epochs)
+            record = self._fit("phase 2", trainer, optimizer, config.fine_tune_epochs,
+                               self.images("train", training=True), self.images("validation"))
+        else:
+            bottom, top = model.split_for_fine_tuning(self.parts, config.fine_tune_from)
+            record = self._fit_cached("phase 2", bottom, top, optimizer, config.fine_tune_epochs)
+        self.checkpoints.finish("phase 2", self.parts.classifier, record)
+        return record
 
     def _fit_cached(self, phase: str, frozen: keras.Model, trained: keras.Model, optimizer,
                     epochs: int) -> dict:
@@ -237,21 +263,26 @@ class Trainer:
             callbacks.append(keras.callbacks.ReduceLROnPlateau(
                 monitor="val_loss", factor=0.2, patience=max(1, self.config.patience - 1),
                 min_lr=self.config.fine_tune_learning_rate / 100))
+        callbacks.extend(self.checkpoints.callbacks(phase))
+        history = self.checkpoints.history_so_far(phase)
         started = time.perf_counter()
-        history = trainer.fit(train_batches, validation_data=validation_batches, epochs=epochs,
-                              class_weight=self.class_weights, callbacks=callbacks,
-                              shuffle=False, verbose=self.verbose)  # the data set shuffles itself
+        fitted = trainer.fit(train_batches, validation_data=validation_batches, epochs=epochs,
+                             class_weight=self.class_weights, callbacks=callbacks,
+                             shuffle=False, verbose=self.verbose)  # the data set shuffles itself
         seconds = time.perf_counter() - started
-        epochs_run = len(history.history.get("loss", []))
-        return {
-            "epochs_run": epochs_run,
-            "history": {key: [float(v) for v in values] for key, values in history.history.items()},
+        epochs_now = len(fitted.history.get("loss", []))
+        for key, values in fitted.history.items():
+            history[key] = history.get(key, []) + [float(v) for v in values]
+        record = {
+            "epochs_run": len(history.get("loss", [])),
+            "history": history,
             "cached": False,
             "seconds": round(seconds, 2),
             "training_seconds": round(seconds, 2),
-            "images_per_second": round(epochs_run * len(self.dataset.train) / seconds, 1),
+            "images_per_second": round(epochs_now * len(self.dataset.train) / seconds, 1),
             **self.evaluate(phase, predict),
         }
+        return record
 
     def callbacks(self, phase: str, epochs: int) -> list[keras.callbacks.Callback]:
         callbacks = [

@@ -80,12 +80,22 @@ def image_tree(tmp_path) -> Path:
     return write_class_images(tmp_path / "images", ["cat", "dog", "fox"], per_class=12)
 
 
+def job_environment(env: dict[str, str]) -> dict[str, str]:
+    """Exactly these settings for `python -m job`, plus what any process needs."""
+    return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+            "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **env}
+
+
 def run_job(env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """Runs `python -m job` in a fresh interpreter with exactly these settings (plus PATH)."""
-    environ = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
-               "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **env}
-    return subprocess.run([sys.executable, "-m", "job"], cwd=ROOT, env=environ, text=True,
-                          capture_output=True, timeout=timeout)
+    """Runs `python -m job` in a fresh interpreter and waits for it."""
+    return subprocess.run([sys.executable, "-m", "job"], cwd=ROOT, env=job_environment(env),
+                          text=True, capture_output=True, timeout=timeout)
+
+
+def start_job(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Starts `python -m job` in the background, its log going to log_path."""
+    return subprocess.Popen([sys.executable, "-m", "job"], cwd=ROOT, env=job_environment(env),
+                            stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
 
 
 def tiny_vgg16_settings(data_dir: Path, output_dir: Path, cache_dir: Path, **overrides) -> dict:

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from job import data, model, report, train
+from job.checkpoint import Checkpoints, StopSignal
 from job.config import Config
 from tests.conftest import run_job, tiny_vgg16_settings, write_class_images
 
@@ -30,7 +31,7 @@ def phases(tmp_path_factory):
     keras.utils.set_random_seed(config.seed)
     dataset = data.load_dataset(root / "images", 32, 0.25, 0.0, seed=config.seed)
     parts = model.build_classifier(*model.build_base("vgg16", 1.0, None, 32), 2, 32, 16, 0.5)
-    trainer = train.Trainer(config, dataset, parts, root)
+    trainer = train.Trainer(config, dataset, parts, root, Checkpoints(root / "ckpt", str(root / "ckpt"), StopSignal()))
     snapshots = {"start": weights_by_layer(parts.base)}
     head_before = [np.array(w) for w in parts.head.get_weights()]
     trainer.train_head()
