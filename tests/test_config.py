@@ -88,7 +88,7 @@ def test_cache_dir_is_a_path():
 def test_bad_value_exits_2_with_one_line_before_any_work(tmp_path):
     result = run_job({"DATA_URI": str(tmp_path / "absent"), "HEAD_EPOCHS": "-1"}, timeout=120)
     assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    errors = [line for line in result.stderr.splitlines() if " ERROR job: " in line]
     assert len(errors) == 1 and "HEAD_EPOCHS='-1' is not valid" in errors[0]
 
 
