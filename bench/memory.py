@@ -1,0 +1,70 @@
+"""Peak memory of the job as the data set grows: one run on N training images, one on 4N.
+
+Runs `python -m job` under /usr/bin/time -v on two slices of the real chest X-ray set (same image
+size, same settings) and prints JSON with each run's peak RSS and their ratio. The pipeline
+streams decoded images through on-disk caches, so the ratio should stay near 1.
+
+    python bench/memory.py [--per-class 300] [--image-size 224]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data" / "chest_xray_pneumonia_224"
+WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+
+
+def link_slice(target: Path, train_per_class: int) -> Path:
+    """train: the first N images of each class; validation and test: 50 of each."""
+    for split, count in (("train", train_per_class), ("validation", 50), ("test", 50)):
+        for class_dir in sorted((DATA / split).iterdir()):
+            destination = target / split / class_dir.name
+            destination.mkdir(parents=True, exist_ok=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                (destination / image.name).symlink_to(image)
+    return target
+
+
+def peak_rss_of_job(data_dir: Path, work: Path, image_size: int) -> dict:
+    env = {**os.environ, "DATA_URI": str(data_dir), "OUTPUT_URI": str(work / "out"),
+           "RUN_ID": "memory", "CACHE_DIR": str(work / "cache"), "BACKBONE": "mobilenet_v2",
+           "ALPHA": "0.5", "WEIGHTS": str(WEIGHTS), "IMAGE_SIZE": str(image_size),
+           "HEAD_EPOCHS": "2", "FINE_TUNE_EPOCHS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "job"], env=env,
+                            cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(result.stderr[-3000:])
+    peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr).group(1))
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", result.stderr).group(1)
+    metrics = json.loads((work / "out" / "memory" / "metrics.json").read_text())
+    return {"train_images": sum(metrics["class_counts"]["train"].values()),
+            "peak_rss_mib": round(peak_kib / 1024, 1), "wall": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-class", type=int, default=290, help="N/2: training images per class")
+    parser.add_argument("--image-size", type=int, default=224)
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"real data not found at {DATA}")
+    runs = []
+    for per_class in (args.per_class, 4 * args.per_class):
+        with tempfile.TemporaryDirectory() as work:
+            data_dir = link_slice(Path(work) / "data", per_class)
+            runs.append(peak_rss_of_job(data_dir, Path(work), args.image_size))
+    print(json.dumps({"image_size": args.image_size, "runs": runs,
+                      "rss_ratio_4x_data": round(runs[1]["peak_rss_mib"] / runs[0]["peak_rss_mib"], 3)}))
+
+
+if __name__ == "__main__":
+    main()
