@@ -1,0 +1,178 @@
+"""Training speed on this machine: input pipeline, cached against uncached phases, step throughput.
+
+Every comparison is a ratio of two figures measured in this one run (medians of --repeats), on
+real chest X-rays from ../shared. Prints one JSON object.
+
+    python bench/speed.py [--backbone mobilenet_v2] [--images 256] [--repeats 3]
+        [--only pipeline,phase1,phase2,steps]
+
+- pipeline: decoded and resized images/s from local disk (no cache), against the model's own
+  training images/s in phase 2 (the pipeline should be at least 2x faster, never the bottleneck).
+- phase1: seconds per head epoch on cached features against running the frozen base every epoch.
+- phase2: seconds per fine-tuning epoch on cached activations of the frozen bottom against
+  running the whole model every epoch.
+- steps: training images/s of phase 1 with augmentation and of phase 2, float32 against mixed
+  precision (float16 and bfloat16), with and without XLA (jit_compile).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from job import data, model  # noqa: E402
+from job.config import default_fine_tune_from, default_image_size  # noqa: E402
+
+SHARED = REPO.parent / "shared"
+XRAY_TRAIN = SHARED / "data" / "chest_xray_pneumonia_224" / "train"
+WEIGHTS = {"mobilenet_v2": SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"}
+BATCH_SIZE = 32
+
+
+def median_seconds(work, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def real_images(count: int) -> data.Split:
+    per_class = count // 2
+    paths, labels = [], []
+    for label, class_dir in enumerate(sorted(XRAY_TRAIN.iterdir())):
+        chosen = sorted(class_dir.iterdir())[:per_class]
+        paths += [str(p) for p in chosen]
+        labels += [label] * len(chosen)
+    return data.Split(paths, labels)
+
+
+def build(backbone: str, image_size: int, policy: str = "float32") -> model.Classifier:
+    keras.mixed_precision.set_dtype_policy(policy)
+    weights = WEIGHTS.get(backbone)
+    base, mode = model.build_base(backbone, 0.5, str(weights) if weights else None, image_size)
+    return model.build_classifier(base, mode, 2, image_size, dense_units=256, dropout=0.5)
+
+
+def epoch_seconds(trainer: keras.Model, batches: tf.data.Dataset, repeats: int,
+                  jit_compile=False) -> float:
+    trainer.compile(optimizer=keras.optimizers.RMSprop(1e-5), loss="binary_crossentropy",
+                    jit_compile=jit_compile)
+    trainer.fit(batches.take(2), epochs=1, verbose=0)  # trace and warm up
+    return median_seconds(lambda: trainer.fit(batches, epochs=1, verbose=0), repeats)
+
+
+def labelled(split: data.Split, outputs: np.ndarray) -> tf.data.Dataset:
+    labels = np.asarray(split.labels, dtype=np.float32)
+    return tf.data.Dataset.from_tensor_slices((outputs, labels)).batch(BATCH_SIZE)
+
+
+def bench_pipeline(split, size, parts, backbone, repeats) -> dict:
+    pipeline = data.image_dataset(split, size, BATCH_SIZE, shuffle=True)
+    decode = median_seconds(lambda: sum(1 for _ in pipeline), repeats)
+    model.unfreeze_from(parts.base, default_fine_tune_from(backbone))
+    images = data.image_dataset(split, size, BATCH_SIZE).cache()
+    train = epoch_seconds(parts.classifier, images, repeats)
+    parts.base.trainable = False
+    return {"pipeline_images_per_s": round(len(split) / decode, 1),
+            "model_training_images_per_s": round(len(split) / train, 1),
+            "ratio": round(train / decode, 2)}
+
+
+def bench_phase1(split, size, parts, repeats) -> dict:
+    images = data.image_dataset(split, size, BATCH_SIZE).cache()
+    uncached = epoch_seconds(parts.classifier, images, repeats)
+    started = time.perf_counter()
+    features = parts.feature_extractor.predict(images, verbose=0)
+    extraction = time.perf_counter() - started
+    cached = epoch_seconds(parts.head, labelled(split, features), repeats)
+    return {"uncached_epoch_s": round(uncached, 3), "cached_epoch_s": round(cached, 4),
+            "one_time_feature_extraction_s": round(extraction, 2), "ratio": round(uncached / cached, 1)}
+
+
+def bench_phase2(split, size, parts, backbone, repeats) -> dict:
+    layer = default_fine_tune_from(backbone)
+    model.unfreeze_from(parts.base, layer)
+    images = data.image_dataset(split, size, BATCH_SIZE).cache()
+    uncached = epoch_seconds(parts.classifier, images, repeats)
+    bottom, top = model.split_for_fine_tuning(parts, layer)
+    started = time.perf_counter()
+    activations = bottom.predict(images, verbose=0)
+    extraction = time.perf_counter() - started
+    cached = epoch_seconds(top, labelled(split, activations), repeats)
+    parts.base.trainable = False
+    return {"fine_tune_from": layer, "uncached_epoch_s": round(uncached, 3),
+            "cached_epoch_s": round(cached, 3), "one_time_activation_pass_s": round(extraction, 2),
+            "ratio": round(uncached / cached, 2)}
+
+
+def bench_steps(split, size, backbone, repeats) -> list[dict]:
+    """images/s of training steps on one real batch, for each precision and XLA setting."""
+    batch = next(iter(data.image_dataset(split, size, BATCH_SIZE)))
+    rows = []
+    for policy in ("float32", "mixed_float16", "mixed_bfloat16"):
+        for jit in (False, True):
+            for phase in ("phase 1, augmented", "phase 2"):
+                keras.backend.clear_session()
+                parts = build(backbone, size, policy)
+                trainer = parts.classifier
+                if phase == "phase 2":
+                    model.unfreeze_from(parts.base, default_fine_tune_from(backbone))
+                else:
+                    trainer = model.with_augmentation(trainer, model.build_augmentation(0))
+                steps = tf.data.Dataset.from_tensors(batch).repeat(3)
+                try:
+                    seconds = epoch_seconds(trainer, steps, repeats, jit_compile=jit)
+                    rate = round(3 * BATCH_SIZE / seconds, 1)
+                except Exception as error:  # e.g. an op XLA cannot compile on this device
+                    rate = f"failed: {error.__class__.__name__}: {str(error).splitlines()[0][:120]}"
+                rows.append({"phase": phase, "precision": policy, "xla": jit, "images_per_s": rate})
+    keras.mixed_precision.set_dtype_policy("float32")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="mobilenet_v2", choices=["mobilenet_v2", "vgg16"])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default="pipeline,phase1,phase2,steps")
+    args = parser.parse_args()
+    if not XRAY_TRAIN.is_dir():
+        raise SystemExit(f"real data not found at {XRAY_TRAIN}")
+    size = default_image_size(args.backbone)
+    split = real_images(args.images)
+    wanted = args.only.split(",")
+    keras.utils.set_random_seed(0)
+    parts = build(args.backbone, size)
+    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "gpus": len(tf.config.list_physical_devices("GPU"))},
+              "backbone": args.backbone, "image_size": size, "images": len(split),
+              "batch_size": BATCH_SIZE, "repeats": args.repeats, "tensorflow": tf.__version__}
+    if "pipeline" in wanted:
+        result["pipeline"] = bench_pipeline(split, size, parts, args.backbone, args.repeats)
+    if "phase1" in wanted:
+        result["phase1"] = bench_phase1(split, size, parts, args.repeats)
+    if "phase2" in wanted:
+        result["phase2"] = bench_phase2(split, size, parts, args.backbone, args.repeats)
+    if "steps" in wanted:
+        result["steps"] = bench_steps(split, size, args.backbone, args.repeats)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
