@@ -1,0 +1,46 @@
+"""Entrypoint: `python -m job` reads its settings from the environment and runs one training job.
+
+Exit codes: 0 done (or the run was already complete), 1 unexpected or storage failure,
+2 bad configuration or bad input (retrying cannot help).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def main(environ=os.environ) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from job.config import Config, ConfigError
+
+    try:
+        config = Config.from_env(environ)
+    except ConfigError as error:
+        return _fail(f"configuration error: {error}", EXIT_BAD_INPUT)
+
+    from job import train
+    from job.data import DataError
+    from job.storage import StorageError
+
+    try:
+        train.validate(config)
+        train.run(config)
+    except (ConfigError, DataError, train.SetupError) as error:
+        return _fail(f"{error.__class__.__name__}: {error}", EXIT_BAD_INPUT)
+    except StorageError as error:
+        return _fail(f"storage error: {error}", EXIT_FAILED)
+    return EXIT_OK
+
+
+def _fail(message: str, code: int) -> int:
+    logging.getLogger("job").error(message)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Data: finds the labelled images in a local folder, splits them, and feeds them through tf.data.
+
+Layouts: `<class>/<image>` at the root (split here, seeded and stratified), or the same under
+`train/`, and optionally `validation/` and `test/` (used as they are). Classes are the sorted
+sub-folder names of the training folder. Every file is checked once with the same decoder the
+pipeline uses, so unusable files are skipped and named with a reason instead of failing mid-epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from job.images import ImageError, load_image
+
+SPLITS = ("train", "validation", "test")
+
+
+class DataError(ValueError):
+    """The data set cannot be trained on; the message names the folder or class at fault."""
+
+
+@dataclasses.dataclass
+class Split:
+    paths: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def class_counts(self, class_names: list[str]) -> dict[str, int]:
+        counts = np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(class_names))
+        return dict(zip(class_names, counts.tolist()))
+
+
+@dataclasses.dataclass
+class DataSet:
+    class_names: list[str]
+    train: Split
+    validation: Split
+    test: Split
+    skipped: dict[str, str]  # file path (relative to the data root) -> reason
+    notes: list[str]  # how the layout was read, for the log and metrics.json
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {name: getattr(self, name).class_counts(self.class_names) for name in SPLITS}
+
+
+def load_dataset(root: Path, image_size: int, validation_split: float, test_split: float,
+                 seed: int, workers: int = 8) -> DataSet:
+    """Discovers, checks and splits the images under root."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"DATA_URI {root}: is not a directory of class folders")
+    notes: list[str] = []
+    skipped: dict[str, str] = {}
+    split_dirs = {name: root / name for name in SPLITS if _has_class_folders(root / name)}
+    for name in SPLITS:
+        if (root / name).is_dir() and name not in split_dirs:
+            notes.append(f"{name}/ holds no class folders with files; ignored")
+    train_root = split_dirs.get("train", root)
+    class_names = _class_names(train_root)
+    if len(class_names) < 2:
+        raise DataError(f"{train_root}: found {len(class_names)} class folder(s) "
+                        f"{class_names}; need at least two, one per class")
+
+    def collect(split_root: Path) -> Split:
+        unknown = sorted(set(_class_names(split_root)) - set(class_names))
+        if unknown:
+            raise DataError(f"{split_root}: class folders {unknown} are not in the training classes "
+                            f"{class_names}")
+        paths, labels = [], []
+        for label, name in enumerate(class_names):
+            for path in _image_candidates(split_root / name, root, skipped):
+                paths.append(path)
+                labels.append(label)
+        return _checked(Split(paths, labels), image_size, root, skipped, workers)
+
+    train = collect(train_root)
+    _require_every_class(train, class_names, train_root)
+    validation = collect(split_dirs["validation"]) if "validation" in split_dirs else None
+    test = collect(split_dirs["test"]) if "test" in split_dirs else None
+    if validation is None:
+        train, validation = stratified_split(train, validation_split, seed)
+        notes.append(f"validation: {validation_split:.0%} of the training images, stratified, seed {seed}")
+    if test is None:
+        train, test = stratified_split(train, test_split, seed + 1)
+        notes.append(f"test: {test_split:.0%} of the training images, stratified, seed {seed + 1}")
+    _require_every_class(train, class_names, train_root)
+    return DataSet(class_names, train, validation, test, skipped, notes)
+
+
+def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Moves `fraction` of each class (at least one image when fraction > 0) into a second split."""
+    keep, take = Split([], []), Split([], [])
+    rng = random.Random(seed)
+    for label in sorted(set(split.labels)):
+        paths = sorted(p for p, l in zip(split.paths, split.labels) if l == label)
+        rng.shuffle(paths)
+        count = 0 if fraction == 0 else max(1, round(len(paths) * fraction))
+        count = min(count, len(paths) - 1)
+        for index, path in enumerate(paths):
+            target = take if index < count else keep
+            target.paths.append(path)
+            target.labels.append(label)
+    return keep, take
+
+
+def image_dataset(split: Split, image_size: int, batch_size: int, shuffle: bool = False,
+                  seed: int = 0, cache_file: str | None = None) -> tf.data.Dataset:
+    """Batches of (float32 RGB 0-255 images, labels), decoded in parallel by the shared decoder.
+
+    With cache_file the decoded uint8 images are written to disk during the first epoch and read
+    back afterwards; memory stays flat whatever the size of the data set.
+    """
+    def decode(path):
+        image = tf.numpy_function(lambda p: load_image(p.decode(), image_size), [path], tf.uint8)
+        image.set_shape((image_size, image_size, 3))
+        return image
+
+    images = tf.data.Dataset.from_tensor_slices(split.paths).map(
+        decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if cache_file:
+        images = images.cache(cache_file)
+    labels = tf.data.Dataset.from_tensor_slices(np.asarray(split.labels, dtype=np.int32))
+    dataset = tf.data.Dataset.zip((images, labels))
+    if shuffle:
+        dataset = dataset.shuffle(min(len(split), 2048), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def class_weights(split: Split, num_classes: int) -> dict[int, float]:
+    """Balanced weights (n / (k * count)), so each class counts equally in the loss."""
+    counts = np.bincount(np.asarray(split.labels), minlength=num_classes)
+    return {label: float(len(split) / (num_classes * count)) for label, count in enumerate(counts)}
+
+
+def _has_class_folders(path: Path) -> bool:
+    return path.is_dir() and any(
+        child.is_dir() and not child.name.startswith(".") and any(_walk_files(child))
+        for child in path.iterdir())
+
+
+def _class_names(root: Path) -> list[str]:
+    return sorted(child.name for child in root.iterdir()
+                  if child.is_dir() and not child.name.startswith(".") and child.name not in SPLITS)
+
+
+def _walk_files(folder: Path):
+    for directory, subdirs, files in os.walk(folder, followlinks=True):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in sorted(files):
+            yield Path(directory, name)
+
+
+def _image_candidates(class_dir: Path, root: Path, skipped: dict[str, str]) -> list[str]:
+    """Every file under a class folder, nested folders included; hidden files are skipped."""
+    candidates = []
+    for path in _walk_files(class_dir):
+        if path.name.startswith("."):
+            skipped[_relative(path, root)] = "hidden file"
+        elif path.stat().st_size == 0:
+            skipped[_relative(path, root)] = "empty file (0 bytes)"
+        else:
+            candidates.append(str(path))
+    return candidates
+
+
+def _checked(split: Split, image_size: int, root: Path, skipped: dict[str, str],
+             workers: int) -> Split:
+    """Keeps the files the shared decoder can read; records why each other one was skipped."""
+    def problem(path: str) -> str | None:
+        try:
+            load_image(path, image_size)
+            return None
+        except ImageError as error:
+            return str(error)
+
+    with ThreadPoolExecutor(workers) as pool:
+        problems = list(pool.map(problem, split.paths))
+    kept = Split([], [])
+    for path, label, reason in zip(split.paths, split.labels, problems):
+        if reason is None:
+            kept.paths.append(path)
+            kept.labels.append(label)
+        else:
+            skipped[_relative(Path(path), root)] = reason
+    return kept
+
+
+def _require_every_class(split: Split, class_names: list[str], folder: Path) -> None:
+    for name, count in split.class_counts(class_names).items():
+        if count == 0:
+            raise DataError(f"{folder / name}: class {name!r} has no usable image "
+                            "(see the skipped files in the log)")
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)

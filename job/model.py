@@ -1,0 +1,162 @@
+"""Model: the pretrained conv base, its preprocessing, the dense head, and what phase 2 unfreezes.
+
+The deployable classifier takes plain RGB pixel values 0-255 (`image`, float32, NHWC) and holds
+the backbone's own preprocessing, so callers never normalise. It is assembled from three parts
+that share weights: `feature_extractor` (preprocessing, conv base, global average pooling),
+`head` (Dense, Dropout, output) and `classifier` (both). Phase 1 can therefore train the head
+alone on cached features and the classifier sees the result.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+from keras import layers, ops
+
+# Per backbone: the Keras application and how it expects its pixels.
+_APPLICATIONS = {
+    "vgg16": (lambda **kw: keras.applications.VGG16(**kw), "caffe"),
+    "resnet50": (lambda **kw: keras.applications.ResNet50(**kw), "caffe"),
+    "mobilenet_v2": (lambda alpha, **kw: keras.applications.MobileNetV2(alpha=alpha, **kw), "tf"),
+    "efficientnet_b0": (lambda **kw: keras.applications.EfficientNetB0(**kw), "raw"),
+}
+_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+
+
+@keras.saving.register_keras_serializable(package="job")
+class Preprocess(layers.Layer):
+    """Maps RGB pixels 0-255 to what a backbone was trained on.
+
+    caffe: RGB->BGR and ImageNet mean subtraction (VGG16, ResNet50); tf: scaled to [-1, 1]
+    (MobileNetV2); unit: scaled to [0, 1] (TF-Hub image modules); raw: unchanged (EfficientNet
+    normalises inside the network).
+    """
+
+    MODES = ("caffe", "tf", "unit", "raw")
+
+    def __init__(self, mode: str, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in self.MODES:
+            raise ValueError(f"unknown preprocessing mode {mode!r}")
+        self.mode = mode
+
+    def call(self, images):
+        if self.mode == "caffe":
+            bgr = ops.flip(images, axis=-1)
+            return bgr - ops.convert_to_tensor(_CAFFE_BGR_MEAN, dtype=images.dtype)
+        if self.mode == "tf":
+            return images / 127.5 - 1.0
+        if self.mode == "unit":
+            return images / 255.0
+        return images
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+@dataclasses.dataclass
+class Classifier:
+    classifier: keras.Model
+    feature_extractor: keras.Model
+    head: keras.Model
+    base: keras.Model | layers.Layer
+
+
+def build_base(backbone: str, alpha: float, weights: str | None, image_size: int):
+    """Returns (conv base without top, preprocessing mode).
+
+    weights: "imagenet", None (random), or a local path of a Keras .h5 weights file. A backbone
+    that is not built in is a TF-Hub/Kaggle handle or SavedModel path of an image feature-vector
+    module, loaded through tensorflow_hub and wrapped in keras.layers.TFSMLayer.
+    """
+    if backbone not in _APPLICATIONS:
+        return _hub_base(backbone), "unit"
+    application, mode = _APPLICATIONS[backbone]
+    kwargs = dict(include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+    if backbone == "mobilenet_v2":
+        kwargs["alpha"] = alpha
+    base = application(**kwargs)
+    base.trainable = False
+    return base, mode
+
+
+def _hub_base(handle: str) -> layers.Layer:
+    import tensorflow_hub as hub
+
+    path = hub.resolve(handle)
+    return layers.TFSMLayer(path, call_endpoint="serving_default", trainable=False, name="hub_module")
+
+
+def build_classifier(base, preprocess_mode: str, num_classes: int, image_size: int,
+                     dense_units: int, dropout: float) -> Classifier:
+    """Assembles preprocessing, base, pooling and a new head; two classes give one sigmoid unit."""
+    images = keras.Input((image_size, image_size, 3), name="image")
+    x = Preprocess(preprocess_mode, name="preprocess")(images)
+    x = base(x, training=False)  # BatchNormalization stays in inference mode, also when fine-tuned
+    if isinstance(x, dict):  # a hub module's serving signature returns a dict of named outputs
+        x = next(iter(x.values()))
+    features = layers.GlobalAveragePooling2D(name="pool")(x) if len(x.shape) == 4 else x
+    head = build_head(features.shape[-1], num_classes, dense_units, dropout)
+    outputs = head(features)
+    return Classifier(
+        classifier=keras.Model(images, outputs, name="classifier"),
+        feature_extractor=keras.Model(images, features, name="feature_extractor"),
+        head=head,
+        base=base,
+    )
+
+
+def build_head(feature_dim: int, num_classes: int, dense_units: int, dropout: float) -> keras.Model:
+    """Dense + Dropout + output; the output stays float32 under mixed precision."""
+    binary = num_classes == 2
+    features = keras.Input((feature_dim,), name="features")
+    x = layers.Dense(dense_units, activation="relu", name="dense")(features)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(1 if binary else num_classes,
+                           activation="sigmoid" if binary else "softmax",
+                           dtype="float32", name="probabilities")(x)
+    return keras.Model(features, outputs, name="head")
+
+
+def build_augmentation(seed: int) -> keras.Sequential:
+    """Random flip, rotation, zoom and translation; active in training only."""
+    return keras.Sequential([
+        layers.RandomFlip("horizontal", seed=seed),
+        layers.RandomRotation(0.05, seed=seed),
+        layers.RandomZoom(0.1, seed=seed),
+        layers.RandomTranslation(0.1, 0.1, seed=seed),
+    ], name="augmentation")
+
+
+def with_augmentation(classifier: keras.Model, augmentation: keras.Sequential) -> keras.Model:
+    """A training-only wrapper: augmentation in front of the deployable classifier."""
+    images = keras.Input(classifier.input_shape[1:], name="image")
+    return keras.Model(images, classifier(augmentation(images)), name="augmented_classifier")
+
+
+def unfreeze_from(base: keras.Model, layer_name: str) -> None:
+    """Makes the layers from layer_name to the top trainable; BatchNormalization stays frozen."""
+    names = [layer.name for layer in base.layers]
+    start = names.index(layer_name)
+    base.trainable = True
+    for index, layer in enumerate(base.layers):
+        layer.trainable = index >= start and not isinstance(layer, layers.BatchNormalization)
+
+
+def base_layer_names(backbone: str, alpha: float, image_size: int) -> list[str]:
+    """Layer names of a built-in backbone, from its architecture alone (no weights are loaded)."""
+    base, _ = build_base(backbone, alpha, None, image_size)
+    return [layer.name for layer in base.layers]
+
+
+def loss_and_metrics(num_classes: int):
+    if num_classes == 2:
+        return keras.losses.BinaryCrossentropy(), [keras.metrics.BinaryAccuracy(name="accuracy")]
+    return (keras.losses.SparseCategoricalCrossentropy(),
+            [keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+
+
+def parameter_counts(model: keras.Model) -> dict[str, int]:
+    trainable = sum(int(ops.size(w)) for w in model.trainable_weights)
+    frozen = sum(int(ops.size(w)) for w in model.non_trainable_weights)
+    return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen}
