@@ -30,8 +30,11 @@ RUN python -m pip install --no-cache-dir pip==25.3 \
     && python -m pip install --no-cache-dir -r /tmp/requirements/requirements.txt
 RUN python -m pip install --no-cache-dir --no-deps -r /tmp/requirements/requirements-gpu.txt
 COPY job/ /app/job/
-# Downloaded backbone weights and pulled gs:// data go here (an emptyDir in Kubernetes).
+# Everything the job writes goes under /tmp (an emptyDir in Kubernetes; the root file system is
+# read-only there): pulled data, backbone weights (Keras), matplotlib's cache, local outputs.
 ENV CACHE_DIR=/tmp/image-classifier-cache \
+    KERAS_HOME=/tmp/image-classifier-cache/keras \
+    MPLCONFIGDIR=/tmp/image-classifier-cache/matplotlib \
     OUTPUT_URI=/tmp/outputs
 USER 10001:10001
 ENTRYPOINT ["python", "-m", "job"]

@@ -24,6 +24,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import dockerfile_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 OVERLAYS = ("dev", "prod")
@@ -341,27 +343,8 @@ def test_every_hadolint_ignore_says_why():
                 assert "#" in line or (i > 0 and text[i - 1].strip().startswith("#")), line
 
 
-def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
-    """Stage name -> [(INSTRUCTION, arguments)], continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
-    stages: dict[str, list[tuple[str, str]]] = {}
-    current = None
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        instruction, _, args = line.partition(" ")
-        if instruction.upper() == "FROM":
-            match = re.match(r"(\S+)(?:\s+AS\s+(\S+))?", args.strip(), re.I)
-            current = match.group(2) or match.group(1)
-            stages[current] = [("FROM", match.group(1))]
-        elif current:
-            stages[current].append((instruction.upper(), args.strip()))
-    return stages
-
-
 def test_images_run_as_non_root_with_the_right_entrypoints():
-    stages = dockerfile_stages()
+    stages = dockerfile_recipe.stages()
     for stage, entrypoint in (("train", ["python", "-m", "job"]), ("edge", ["python", "-m", "export.predict"])):
         instructions = stages[stage]
         users = [a for i, a in instructions if i == "USER"]
@@ -371,7 +354,7 @@ def test_images_run_as_non_root_with_the_right_entrypoints():
 
 
 def test_edge_image_gets_only_the_edge_lock_and_predictor_code():
-    edge = dockerfile_stages()["edge"]
+    edge = dockerfile_recipe.stages()["edge"]
     copies = [a for i, a in edge if i == "COPY"]
     assert copies == ["requirements-edge.txt /tmp/requirements/",
                       "job/__init__.py job/images.py /app/job/", "export/ /app/export/"]
@@ -406,7 +389,7 @@ def test_gpu_lock_adds_only_nvidia_libraries_tensorflow_asks_for():
     wanted = {re.split(r"[ ;<>=!~]", r, maxsplit=1)[0].lower() for r in requires("tensorflow")
               if 'extra == "and-cuda"' in r}
     assert set(_pins(ROOT / "requirements-gpu.txt")) == wanted
-    train = " ".join(a for i, a in dockerfile_stages()["train"] if i == "RUN")
+    train = " ".join(a for i, a in dockerfile_recipe.stages()["train"] if i == "RUN")
     assert "--no-deps -r /tmp/requirements/requirements-gpu.txt" in train
 
 
@@ -439,5 +422,5 @@ def test_dockerignore_keeps_data_environments_outputs_caches_and_git_out():
 def test_dockerfile_bakes_in_no_credentials():
     text = (ROOT / "Dockerfile").read_text()
     assert not re.search(r"GOOGLE_APPLICATION_CREDENTIALS|\.json\b|_KEY\b|SECRET|PASSWORD|TOKEN", text, re.I)
-    copied = [a for stage in dockerfile_stages().values() for i, a in stage if i in ("COPY", "ADD")]
+    copied = [a for stage in dockerfile_recipe.stages().values() for i, a in stage if i in ("COPY", "ADD")]
     assert all(not a.startswith(". ") and " . " not in a for a in copied), "copy only named paths"
