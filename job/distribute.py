@@ -117,6 +117,49 @@ def make_strategy(tf_config: str = "", cluster_spec: str = ""):
     return tf.distribute.get_strategy()
 
 
+_STRATEGIES: dict[tuple[str, str], object] = {}
+
+
+def strategy_for(tf_config: str = "", cluster_spec: str = ""):
+    """make_strategy(), once per process: the job asks for it first thing (MultiWorkerMirrored
+    must exist before any other TensorFlow op) and again wherever it needs it."""
+    key = (tf_config, cluster_spec)
+    if key not in _STRATEGIES:
+        _STRATEGIES[key] = make_strategy(tf_config, cluster_spec)
+    return _STRATEGIES[key]
+
+
+def is_multi_worker(strategy) -> bool:
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def predict(model, dataset, strategy):
+    """model.predict(dataset), except across workers: there every worker runs the whole data set
+    through its own (identical, all-reduced) copy of the model, in order. Keras's multi-worker
+    predict shards the data across workers and gathers the pieces, which would not keep rows
+    aligned with the labels the caller holds."""
+    if not is_multi_worker(strategy):
+        return model.predict(dataset, verbose=0)
+    import numpy as np
+    import tensorflow as tf
+
+    step = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+    batches = [step(images).numpy() for images, *_ in dataset]
+    return np.concatenate(batches) if batches else np.zeros((0, *model.output_shape[1:]), "float32")
+
+
+def weights_digest(model) -> str:
+    """sha256 of a model's weights, equal on every worker when they train in sync (logged)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weights in model.get_weights():
+        digest.update(weights.tobytes())
+    return digest.hexdigest()
+
+
 def _multi_worker_strategy_class(tf):
     """MultiWorkerMirroredStrategy whose reduce() takes what Keras 3's fit() gives it.
 

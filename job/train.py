@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from job import data, model, report, storage
+from job import data, distribute, model, report, storage
 from job.config import Config, ConfigError
 
 log = logging.getLogger("job")
@@ -32,6 +32,7 @@ class SetupError(Exception):
 
 def validate(config: Config) -> None:
     """Checks what the environment alone cannot: that FINE_TUNE_FROM names a layer of the base."""
+    distribute.strategy_for(config.tf_config, config.cluster_spec)  # before any other TF op
     if config.is_hub_backbone or config.fine_tune_epochs == 0:
         return
     names = model.base_layer_names(config.backbone, config.alpha, config.image_size)
@@ -48,6 +49,10 @@ def run(config: Config) -> dict:
         log.info("run %s is already complete at %s; nothing to do", config.run_id, config.run_uri)
         return {"status": "already complete", "run_uri": config.run_uri}
 
+    strategy = distribute.strategy_for(config.tf_config, config.cluster_spec)
+    chief = distribute.is_chief(config.tf_config, config.cluster_spec)
+    log.info("strategy: %s, %d replica(s) in sync, %s", type(strategy).__name__,
+             strategy.num_replicas_in_sync, "chief" if chief else "worker (writes nothing)")
     precision = choose_precision(config.mixed_precision)
     keras.mixed_precision.set_dtype_policy(precision)
     keras.utils.set_random_seed(config.seed)
@@ -64,14 +69,18 @@ def run(config: Config) -> dict:
     log.info("classes %s; images per split %s; skipped %d", dataset.class_names,
              {name: len(getattr(dataset, name)) for name in data.SPLITS}, len(dataset.skipped))
 
-    base, preprocess_mode = build_base(config)
-    parts = model.build_classifier(base, preprocess_mode, len(dataset.class_names),
-                                   config.image_size, config.dense_units, config.dropout)
-    work_dir = storage.local_dir_for(config.run_uri, config.cache_dir / "runs" / config.run_id)
+    with strategy.scope():  # variables (model, optimizers, metrics) mirrored across replicas
+        base, preprocess_mode = build_base(config)
+        parts = model.build_classifier(base, preprocess_mode, len(dataset.class_names),
+                                       config.image_size, config.dense_units, config.dropout)
+    # Only the chief writes the run; other workers save into a throwaway directory.
+    work_dir = distribute.write_dir(
+        storage.local_dir_for(config.run_uri, config.cache_dir / "runs" / config.run_id), chief)
     work_dir.mkdir(parents=True, exist_ok=True)
     config.cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="decoded-", dir=config.cache_dir) as scratch_dir:
-        trainer = Trainer(config, dataset, parts, Path(scratch_dir))
+    with tempfile.TemporaryDirectory(prefix="decoded-", dir=config.cache_dir) as scratch_dir, \
+            strategy.scope():
+        trainer = Trainer(config, dataset, parts, Path(scratch_dir), strategy)
         phase1 = trainer.train_head()
         summaries = {"phase1": _summary(parts.classifier)}
         phase2 = trainer.fine_tune() if config.fine_tune_epochs > 0 else None
@@ -95,7 +104,12 @@ def run(config: Config) -> dict:
         **evaluation,
         "parameters": {phase: s["parameters"] for phase, s in summaries.items()},
     }
+    log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
     write_run(work_dir, config, parts.classifier, dataset.class_names, metrics, summaries)
+    if not chief:
+        distribute.discard(work_dir, chief)
+        log.info("worker done; the chief publishes the run")
+        return metrics
     storage.publish_tree(work_dir, config.run_uri, last=report.MANIFEST)
     if config.model_uri != storage.join(config.run_uri, "saved_model"):
         storage.publish_tree(work_dir / "saved_model", config.model_uri)
@@ -139,11 +153,14 @@ class Trainer:
     """The two phases over one data set and one classifier."""
 
     def __init__(self, config: Config, dataset: data.DataSet, parts: model.Classifier,
-                 scratch_dir: Path):
+                 scratch_dir: Path, strategy=None):
         self.config = config
         self.dataset = dataset
         self.parts = parts
         self.scratch_dir = scratch_dir
+        self.strategy = strategy or tf.distribute.get_strategy()
+        # BATCH_SIZE is per replica; tf.data and fit() take the global batch.
+        self.batch_size = distribute.global_batch_size(config.batch_size, self.strategy)
         self.num_classes = len(dataset.class_names)
         self.class_weights = (data.class_weights(dataset.train, self.num_classes)
                               if config.class_weights == "auto" and _imbalanced(dataset.train)
@@ -152,7 +169,7 @@ class Trainer:
 
     def images(self, split_name: str, training: bool = False) -> tf.data.Dataset:
         split = getattr(self.dataset, split_name)
-        return data.image_dataset(split, self.config.image_size, self.config.batch_size,
+        return data.image_dataset(split, self.config.image_size, self.batch_size,
                                   shuffle=training, seed=self.config.seed,
                                   cache_file=str(self.scratch_dir / split_name))
 
@@ -175,14 +192,15 @@ class Trainer:
                                   callbacks=self.callbacks("phase 1", config.head_epochs),
                                   verbose=self.verbose)
         else:
-            features = {name: self.parts.feature_extractor.predict(self.images(name), verbose=0)
+            features = {name: distribute.predict(self.parts.feature_extractor, self.images(name),
+                                                 self.strategy)
                         for name in ("train", "validation")}
             extraction_seconds = time.perf_counter() - started
             log.info("phase 1: features of %d images computed once in %.1f s",
                      len(features["train"]) + len(features["validation"]), extraction_seconds)
             self.parts.head.compile(optimizer=optimizer, loss=loss, metrics=metrics)
             history = self.parts.head.fit(
-                features["train"], self.labels("train"), batch_size=config.batch_size,
+                features["train"], self.labels("train"), batch_size=self.batch_size,
                 validation_data=(features["validation"], self.labels("validation")),
                 epochs=config.head_epochs, class_weight=self.class_weights, shuffle=True,
                 callbacks=self.callbacks("phase 1", config.head_epochs), verbose=self.verbose)
@@ -231,7 +249,7 @@ class Trainer:
             if len(getattr(self.dataset, name)) == 0:
                 result[name] = None
                 continue
-            probabilities = self.parts.classifier.predict(self.images(name), verbose=0)
+            probabilities = distribute.predict(self.parts.classifier, self.images(name), self.strategy)
             result[name] = report.classification_metrics(
                 self.labels(name), probabilities, self.dataset.class_names)
             log.info("%s: accuracy %.4f, loss %.4f%s", name, result[name]["accuracy"],
