@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-import dockerfile_recipe
+from tests import dockerfile_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -253,6 +253,7 @@ def test_multiworker_job_gives_each_indexed_worker_a_stable_host_name(overlay):
     service = by_kind(docs, "Service", "image-classifier-workers")
     env = {e["name"]: e for e in container(job)["env"]}
     assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["suspend"] is True  # deploying must not take N GPU nodes by itself
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == int(env["TFCONFIG_WORKERS"]["value"])
     assert service["spec"]["clusterIP"] == "None"
     assert pod_spec(job)["subdomain"] == service["metadata"]["name"] == env["TFCONFIG_SERVICE"]["value"]
