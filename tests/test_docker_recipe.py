@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-import dockerfile_recipe as recipe
+from tests import dockerfile_recipe as recipe
 
 ROOT = recipe.ROOT
 BASE_PYTHON = getattr(sys, "_base_executable", sys.executable)
@@ -128,3 +128,39 @@ def test_edge_image_entrypoint_starts_without_tensorflow(tmp_path):
     result = subprocess.run([*entrypoint, "--help"], cwd=workdir, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_gpu_layer_pins_are_what_tensorflow_and_cuda_resolves_to(tmp_path):
+    """The CUDA layer is not installed here (3 GB, and no GPU to run it), but pip's resolver proves
+    that requirements.txt + requirements-gpu.txt satisfy `tensorflow[and-cuda]==2.21.0` for this
+    Python and platform, with nothing else added or changed."""
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+         "--report", str(report), "-r", str(ROOT / "requirements.txt"),
+         "-r", str(ROOT / "requirements-gpu.txt"), "tensorflow[and-cuda]==2.21.0"],
+        capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resolved = {_norm(i["metadata"]["name"]): i["metadata"]["version"]
+                for i in json.loads(report.read_text())["install"]}
+    pins = {**_pins(ROOT / "requirements.txt"), **_pins(ROOT / "requirements-gpu.txt")}
+    # Build tools that TensorFlow and astunparse require but the runtime lock leaves to the base
+    # image and venv (both ship them): reported, not pinned here.
+    unpinned = set(resolved) - set(pins)
+    assert unpinned <= {"setuptools", "wheel"}, unpinned
+    assert {name: resolved[name] for name in pins} == pins
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            pins[_norm(name)] = version
+    return pins
