@@ -42,6 +42,7 @@ class Config:
     dense_units: int = 256
     dropout: float = 0.5
     augment: bool = False
+    cache_features: bool = True
     validation_split: float = 0.2
     test_split: float = 0.1
     patience: int = 3
@@ -95,6 +96,7 @@ class Config:
             dense_units=env.integer("DENSE_UNITS", 256, minimum=1),
             dropout=env.fraction("DROPOUT", 0.5),
             augment=env.flag("AUGMENT", False),
+            cache_features=env.flag("CACHE_FEATURES", True),
             validation_split=env.fraction("VALIDATION_SPLIT", 0.2, open_high=True),
             test_split=env.fraction("TEST_SPLIT", 0.1, open_high=True),
             patience=env.integer("PATIENCE", 3, minimum=1),

@@ -126,13 +126,34 @@ def image_dataset(split: Split, image_size: int, batch_size: int, shuffle: bool 
     images = tf.data.Dataset.from_tensor_slices(split.paths).map(
         decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if cache_file:
-        images = images.cache(cache_file)
+        images = cached(images, cache_file)
     labels = tf.data.Dataset.from_tensor_slices(np.asarray(split.labels, dtype=np.int32))
     dataset = tf.data.Dataset.zip((images, labels))
     if shuffle:
         dataset = dataset.shuffle(min(len(split), 2048), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def cached(examples: tf.data.Dataset, cache_file: str) -> tf.data.Dataset:
+    """The data set cached in a file, filled now by one full pass.
+
+    Keras stops at the known number of batches without reading the end of the data, and tf.data
+    throws away a cache that was not read to the end, so the cache is filled here instead.
+    """
+    examples = examples.cache(cache_file)
+    if not Path(f"{cache_file}.index").exists():
+        examples.reduce(0, lambda count, _: count + 1)
+    return examples
+
+
+def shuffle_buffer(examples: tf.data.Dataset, max_bytes: int = 256 * 2**20) -> int:
+    """A shuffle buffer as large as the data set, or as fits in max_bytes of memory."""
+    features = examples.element_spec[0]
+    example_bytes = int(np.prod(features.shape)) * features.dtype.size
+    count = int(examples.cardinality())
+    limit = max(256, max_bytes // max(example_bytes, 1))
+    return limit if count < 0 else max(1, min(count, limit))
 
 
 def class_weights(split: Split, num_classes: int) -> dict[int, float]:

@@ -143,6 +143,25 @@ def unfreeze_from(base: keras.Model, layer_name: str) -> None:
         layer.trainable = index >= start and not isinstance(layer, layers.BatchNormalization)
 
 
+def split_for_fine_tuning(parts: Classifier, layer_name: str) -> tuple[keras.Model, keras.Model]:
+    """Cuts the classifier where fine-tuning starts: (frozen bottom, trainable top).
+
+    bottom maps images to the input of layer_name; top maps that to probabilities through the
+    unfrozen layers, the pooling and the head. Both share their layers (and weights) with
+    parts.classifier, so training top trains the classifier.
+    """
+    cut = parts.base.get_layer(layer_name).input
+    base_bottom = keras.Model(parts.base.input, cut, name="base_bottom")
+    base_top = keras.Model(cut, parts.base.output, name="base_top")
+    images = parts.classifier.inputs[0]
+    preprocess = parts.classifier.get_layer("preprocess")
+    bottom = keras.Model(images, base_bottom(preprocess(images), training=False), name="bottom")
+    activations = keras.Input(cut.shape[1:], name="activations")
+    features = parts.classifier.get_layer("pool")(base_top(activations, training=False))
+    top = keras.Model(activations, parts.head(features), name="top")
+    return bottom, top
+
+
 def base_layer_names(backbone: str, alpha: float, image_size: int) -> list[str]:
     """Layer names of a built-in backbone, from its architecture alone (no weights are loaded)."""
     base, _ = build_base(backbone, alpha, None, image_size)

@@ -43,6 +43,16 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
     return result
 
 
+def balanced_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The threshold on class-1 scores with the best balanced accuracy (Youden's J) on these labels."""
+    labels = np.asarray(labels).astype(int)
+    if len(set(labels.tolist())) < 2:
+        return 0.5
+    false_positive_rate, true_positive_rate, thresholds = skm.roc_curve(labels, scores)
+    best = int(np.argmax(true_positive_rate - false_positive_rate))
+    return float(np.clip(thresholds[best], 0.0, 1.0))
+
+
 def predict_labels(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Class indices from the model's output: one sigmoid unit, or a softmax row."""
     probabilities = np.asarray(probabilities)

@@ -3,7 +3,7 @@
 Phase 1 (feature extraction) trains a new head on a frozen conv base: on features computed once
 when AUGMENT is off, or through the frozen base behind augmentation layers when it is on.
 Phase 2 (fine-tuning) unfreezes the base from FINE_TUNE_FROM up and trains at a low learning
-rate. The run directory gets the SavedModel, labels, metrics, plots and summary, then MANIFEST.json.
+rate; with AUGMENT off it too trains on the outputs of the frozen layers below, computed once. The run directory gets the SavedModel, labels, metrics, plots and summary, then MANIFEST.json.
 """
 from __future__ import annotations
 
@@ -59,7 +59,9 @@ def run(config: Config) -> dict:
     log.info("precision policy: %s (MIXED_PRECISION=%s, GPUs: %d)", precision,
              config.mixed_precision, len(tf.config.list_physical_devices("GPU")))
 
-    data_root = storage.fetch_tree(config.data_uri, config.cache_dir / "data")
+    data_root = storage.local_dir_for(config.data_uri, config.cache_dir / "data")
+    data_pull = storage.pull_tree(config.data_uri, data_root).as_dict() \
+        if storage.is_remote(config.data_uri) else None
     dataset = data.load_dataset(data_root, config.image_size, config.validation_split,
                                 config.test_split, config.seed)
     for note in dataset.notes:
@@ -86,7 +88,7 @@ def run(config: Config) -> dict:
         phase2 = trainer.fine_tune() if config.fine_tune_epochs > 0 else None
         if phase2:
             summaries["phase2"] = _summary(parts.classifier)
-        evaluation = trainer.evaluate()
+    final = phase2 or phase1
 
     metrics = {
         "run_id": config.run_id,
@@ -96,12 +98,15 @@ def run(config: Config) -> dict:
         "hardware": _hardware(),
         "classes": dataset.class_names,
         "class_counts": dataset.counts(),
+        "data_pull": data_pull,
         "data_notes": dataset.notes,
         "skipped_files": dataset.skipped,
         "class_weights": trainer.class_weights,
         "phase1": phase1,
         "phase2": phase2,
-        **evaluation,
+        "validation": final["validation"],
+        "test": final["test"],
+        "decision_threshold": final["decision_threshold"],
         "parameters": {phase: s["parameters"] for phase, s in summaries.items()},
     }
     log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
@@ -176,60 +181,95 @@ class Trainer:
     def labels(self, split_name: str) -> np.ndarray:
         return np.asarray(getattr(self.dataset, split_name).labels, dtype=np.int32)
 
+    def outputs(self, extractor: keras.Model, split_name: str, tag: str) -> tf.data.Dataset:
+        """(extractor output, label) per image, computed once and cached on disk.
+
+        The frozen layers below what is trained are deterministic (BatchNormalization runs in
+        inference mode), so running them once gives exactly what every epoch would compute.
+        """
+        outputs = self.images(split_name).map(
+            lambda images, labels: (extractor(images, training=False), labels)).unbatch()
+        return data.cached(outputs, str(self.scratch_dir / f"{tag}-{split_name}"))
+
+    def batches(self, examples: tf.data.Dataset, training: bool = False) -> tf.data.Dataset:
+        if training:
+            examples = examples.shuffle(data.shuffle_buffer(examples), seed=self.config.seed,
+                                        reshuffle_each_iteration=True)
+        return examples.batch(self.batch_size).prefetch(tf.data.AUTOTUNE)
+
     def train_head(self) -> dict:
         """Phase 1: the base frozen, only the new head learns."""
         config = self.config
-        loss, metrics = model.loss_and_metrics(self.num_classes)
-        optimizer = keras.optimizers.Adam(config.head_learning_rate)
-        started = time.perf_counter()
-        extraction_seconds = 0.0
-        if config.augment:
-            trainer = model.with_augmentation(self.parts.classifier, model.build_augmentation(config.seed))
-            trainer.compile(optimizer=optimizer, loss=loss, metrics=metrics)
-            history = trainer.fit(self.images("train", training=True),
-                                  validation_data=self.images("validation"),
-                                  epochs=config.head_epochs, class_weight=self.class_weights,
-                                  callbacks=self.callbacks("phase 1", config.head_epochs),
-                                  verbose=self.verbose)
-        else:
-            features = {name: distribute.predict(self.parts.feature_extractor, self.images(name),
-                                                 self.strategy)
-                        for name in ("train", "validation")}
-            extraction_seconds = time.perf_counter() - started
-            log.info("phase 1: features of %d images computed once in %.1f s",
-                     len(features["train"]) + len(features["validation"]), extraction_seconds)
-            self.parts.head.compile(optimizer=optimizer, loss=loss, metrics=metrics)
-            history = self.parts.head.fit(
-                features["train"], self.labels("train"), batch_size=self.batch_size,
-                validation_data=(features["validation"], self.labels("validation")),
-                epochs=config.head_epochs, class_weight=self.class_weights, shuffle=True,
-                callbacks=self.callbacks("phase 1", config.head_epochs), verbose=self.verbose)
-        return self._phase_record(history, started, extraction_seconds,
-                                  cached_features=not config.augment)
+        if config.augment or not config.cache_features:
+            trainer = self.parts.classifier
+            if config.augment:
+                trainer = model.with_augmentation(trainer, model.build_augmentation(config.seed))
+            return self._fit("phase 1", trainer, keras.optimizers.Adam(config.head_learning_rate),
+                             config.head_epochs, self.images("train", training=True),
+                             self.images("validation"))
+        return self._fit_cached("phase 1", self.parts.feature_extractor, self.parts.head,
+                                keras.optimizers.Adam(config.head_learning_rate), config.head_epochs)
 
     def fine_tune(self) -> dict:
         """Phase 2: the top of the base unfrozen, at a low learning rate."""
         config = self.config
+        optimizer = keras.optimizers.RMSprop(config.fine_tune_learning_rate)
         if config.is_hub_backbone:
             self.parts.base.trainable = True
         else:
             model.unfreeze_from(self.parts.base, config.fine_tune_from)
-        loss, metrics = model.loss_and_metrics(self.num_classes)
-        trainer = self.parts.classifier
-        if config.augment:
-            trainer = model.with_augmentation(trainer, model.build_augmentation(config.seed + 1))
-        trainer.compile(optimizer=keras.optimizers.RMSprop(config.fine_tune_learning_rate),
-                        loss=loss, metrics=metrics)
+        if config.augment or not config.cache_features or config.is_hub_backbone:
+            trainer = self.parts.classifier
+            if config.augment:
+                trainer = model.with_augmentation(trainer, model.build_augmentation(config.seed + 1))
+            return self._fit("phase 2", trainer, optimizer, config.fine_tune_epochs,
+                             self.images("train", training=True), self.images("validation"))
+        bottom, top = model.split_for_fine_tuning(self.parts, config.fine_tune_from)
+        return self._fit_cached("phase 2", bottom, top, optimizer, config.fine_tune_epochs)
+
+    def _fit_cached(self, phase: str, frozen: keras.Model, trained: keras.Model, optimizer,
+                    epochs: int) -> dict:
+        """Trains `trained` on the cached outputs of `frozen`, then evaluates on them too."""
         started = time.perf_counter()
-        reduce_lr = keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=0.2, patience=max(1, config.patience - 1),
-            min_lr=config.fine_tune_learning_rate / 100)
-        history = trainer.fit(self.images("train", training=True),
-                              validation_data=self.images("validation"),
-                              epochs=config.fine_tune_epochs, class_weight=self.class_weights,
-                              callbacks=[*self.callbacks("phase 2", config.fine_tune_epochs), reduce_lr],
-                              verbose=self.verbose)
-        return self._phase_record(history, started, 0.0, cached_features=False)
+        cached = {name: self.outputs(frozen, name, phase.replace(" ", ""))
+                  for name in data.SPLITS if len(getattr(self.dataset, name))}
+        extraction_seconds = time.perf_counter() - started
+        log.info("%s: outputs of the frozen layers for %d images computed once in %.1f s", phase,
+                 sum(len(getattr(self.dataset, name)) for name in cached), extraction_seconds)
+        record = self._fit(phase, trained, optimizer, epochs, self.batches(cached["train"], True),
+                           self.batches(cached["validation"]),
+                           predict=lambda name: distribute.predict(trained, self.batches(cached[name]),
+                                                                   self.strategy))
+        record["seconds"] = round(time.perf_counter() - started, 2)
+        record["cached"] = True
+        record["cache_seconds"] = round(extraction_seconds, 2)
+        return record
+
+    def _fit(self, phase: str, trainer: keras.Model, optimizer, epochs: int,
+             train_batches: tf.data.Dataset, validation_batches: tf.data.Dataset,
+             predict=None) -> dict:
+        loss, metrics = model.loss_and_metrics(self.num_classes)
+        trainer.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+        callbacks = self.callbacks(phase, epochs)
+        if phase == "phase 2":
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=0.2, patience=max(1, self.config.patience - 1),
+                min_lr=self.config.fine_tune_learning_rate / 100))
+        started = time.perf_counter()
+        history = trainer.fit(train_batches, validation_data=validation_batches, epochs=epochs,
+                              class_weight=self.class_weights, callbacks=callbacks,
+                              shuffle=False, verbose=self.verbose)  # the data set shuffles itself
+        seconds = time.perf_counter() - started
+        epochs_run = len(history.history.get("loss", []))
+        return {
+            "epochs_run": epochs_run,
+            "history": {key: [float(v) for v in values] for key, values in history.history.items()},
+            "cached": False,
+            "seconds": round(seconds, 2),
+            "training_seconds": round(seconds, 2),
+            "images_per_second": round(epochs_run * len(self.dataset.train) / seconds, 1),
+            **self.evaluate(phase, predict),
+        }
 
     def callbacks(self, phase: str, epochs: int) -> list[keras.callbacks.Callback]:
         callbacks = [
@@ -242,34 +282,36 @@ class Trainer:
                 log_dir=storage.join(self.config.tensorboard_uri, phase.replace(" ", ""))))
         return callbacks
 
-    def evaluate(self) -> dict:
-        """Validation and test metrics of the final classifier."""
-        result = {}
+    def evaluate(self, phase: str, predict=None) -> dict:
+        """Validation and test metrics of the classifier as it stands after a phase.
+
+        For two classes the decision threshold that maximises balanced accuracy on the validation
+        split is chosen, and the test split is scored at 0.5 and at that threshold.
+        """
+        predict = predict or (lambda name: distribute.predict(self.parts.classifier, self.images(name),
+                                                              self.strategy))
+        probabilities = {name: predict(name) for name in ("validation", "test")
+                         if len(getattr(self.dataset, name))}
+        threshold = 0.5
+        if self.num_classes == 2 and "validation" in probabilities:
+            threshold = report.balanced_threshold(self.labels("validation"),
+                                                  probabilities["validation"][:, 0])
+        result = {"decision_threshold": threshold}
         for name in ("validation", "test"):
-            if len(getattr(self.dataset, name)) == 0:
+            if name not in probabilities:
                 result[name] = None
                 continue
-            probabilities = distribute.predict(self.parts.classifier, self.images(name), self.strategy)
-            result[name] = report.classification_metrics(
-                self.labels(name), probabilities, self.dataset.class_names)
-            log.info("%s: accuracy %.4f, loss %.4f%s", name, result[name]["accuracy"],
-                     result[name]["loss"],
-                     f", ROC AUC {result[name]['roc_auc']:.4f}" if result[name].get("roc_auc") else "")
+            scores = report.classification_metrics(self.labels(name), probabilities[name],
+                                                   self.dataset.class_names)
+            if self.num_classes == 2:
+                scores["at_decision_threshold"] = report.classification_metrics(
+                    self.labels(name), probabilities[name], self.dataset.class_names, threshold)
+            result[name] = scores
+            log.info("%s after %s: accuracy %.4f, loss %.4f%s", name, phase, scores["accuracy"],
+                     scores["loss"], f", ROC AUC {scores['roc_auc']:.4f}, accuracy at threshold "
+                     f"{threshold:.3f}: {scores['at_decision_threshold']['accuracy']:.4f}"
+                     if scores.get("roc_auc") is not None else "")
         return result
-
-    def _phase_record(self, history, started: float, extraction_seconds: float,
-                      cached_features: bool) -> dict:
-        seconds = time.perf_counter() - started
-        epochs = len(history.history.get("loss", []))
-        trained = epochs * len(self.dataset.train)
-        return {
-            "epochs_run": epochs,
-            "history": {key: [float(v) for v in values] for key, values in history.history.items()},
-            "cached_features": cached_features,
-            "seconds": round(seconds, 2),
-            "feature_extraction_seconds": round(extraction_seconds, 2),
-            "images_per_second": round(trained / max(seconds - extraction_seconds, 1e-9), 1),
-        }
 
 
 class EpochLog(keras.callbacks.Callback):

@@ -1,14 +1,159 @@
 """Shared fixtures: paths to the real data in ../shared, temporary data trees, and servers on loopback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import gcs_emulator
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+XRAY = SHARED / "data" / "chest_xray_pneumonia_224"
+XRAY_ORIGINALS = SHARED / "data" / "chest_xray_pneumonia_orig_sample"
+MOBILENET_V2_050 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+
+
+def require_shared(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (../shared beside the project root)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def xray_dir() -> Path:
+    return require_shared(XRAY)
+
+
+@pytest.fixture(scope="session")
+def xray_originals_dir() -> Path:
+    return require_shared(XRAY_ORIGINALS)
+
+
+@pytest.fixture(scope="session")
+def mobilenet_v2_weights() -> Path:
+    return require_shared(MOBILENET_V2_050)
+
+
+def link_subset(source: Path, target: Path, per_class: dict[str, int]) -> Path:
+    """Symlinks the first N images of each class of each split of source into target."""
+    for split, count in per_class.items():
+        for class_dir in sorted((source / split).iterdir()):
+            destination = target / split / class_dir.name
+            destination.mkdir(parents=True, exist_ok=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                (destination / image.name).symlink_to(image)
+    return target
+
+
+@pytest.fixture(scope="session")
+def xray_subset(xray_dir, tmp_path_factory) -> Path:
+    """A small, balanced slice of the real chest X-ray set, with its train/validation/test split."""
+    return link_subset(xray_dir, tmp_path_factory.mktemp("xray"),
+                       {"train": 80, "validation": 25, "test": 50})
+
+
+def write_class_images(root: Path, classes: list[str], per_class: int, size: int = 24,
+                       mode: str = "RGB", fmt: str = "PNG", seed: int = 0) -> Path:
+    """Writes per_class noisy images per class; each class has its own brightness, so it is learnable."""
+    rng = np.random.default_rng(seed)
+    for index, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        level = 40 + 170 * index / max(1, len(classes) - 1)
+        for number in range(per_class):
+            pixels = np.clip(rng.normal(level, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, "RGB").convert(mode).save(
+                folder / f"{name}_{number}.{fmt.lower()}", fmt)
+    return root
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    """Three classes of small generated images, no split folders."""
+    return write_class_images(tmp_path / "images", ["cat", "dog", "fox"], per_class=12)
+
+
+def run_job(env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs `python -m job` in a fresh interpreter with exactly these settings (plus PATH)."""
+    environ = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+               "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **env}
+    return subprocess.run([sys.executable, "-m", "job"], cwd=ROOT, env=environ, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def tiny_vgg16_settings(data_dir: Path, output_dir: Path, cache_dir: Path, **overrides) -> dict:
+    """The cheapest real run of the default backbone: VGG16, random weights, 32x32 images."""
+    return {"DATA_URI": str(data_dir), "OUTPUT_URI": str(output_dir), "RUN_ID": "tiny",
+            "CACHE_DIR": str(cache_dir), "BACKBONE": "vgg16", "WEIGHTS": "none",
+            "IMAGE_SIZE": "32", "BATCH_SIZE": "8", "HEAD_EPOCHS": "2", "FINE_TUNE_EPOCHS": "2",
+            **overrides}
+
+
+# --- Storage (job/storage.py): a GCS emulator on loopback and trees to move through it. ---
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator_url():
+    """A GCS-compatible server (gcp-storage-emulator) on a free loopback port, for the session."""
+    with gcs_emulator.running() as url:
+        yield url
+
+
+@pytest.fixture
+def gcs_endpoint(gcs_emulator_url, monkeypatch):
+    """Points google-cloud-storage at the emulator, as STORAGE_EMULATOR_HOST does in a deployment."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator_url)
+    return gcs_emulator_url
+
+
+@pytest.fixture
+def gcs_client(gcs_endpoint):
+    from google.cloud import storage
+
+    client = storage.Client(project="test-project")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_client):
+    """The name of a new, empty bucket on the emulator."""
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    gcs_client.create_bucket(name)
+    return name
+
+
+@pytest.fixture
+def faulty_gcs(gcs_endpoint, monkeypatch):
+    """A proxy in front of the emulator that injects HTTP errors; the client goes through it."""
+    with gcs_emulator.FaultyProxy(gcs_endpoint) as proxy:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        yield proxy
+
+
+@pytest.fixture
+def file_tree(tmp_path):
+    """A small directory tree of distinct binary files, nested like class folders."""
+    root = tmp_path / "tree"
+    for relative in ("NORMAL/a.jpeg", "NORMAL/b.jpeg", "PNEUMONIA/c.jpeg", "PNEUMONIA/sub/d.jpeg",
+                     "labels.txt"):
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(relative.encode() + uuid.uuid4().bytes * 50)
+    return root
 
 
 # --- infra: containers, manifests, multi-worker training (branch infra) -------------------------
-import socket
-import sys
-from pathlib import Path
+import socket  # noqa: E402
 
-import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = ROOT
 
 
 @pytest.fixture
@@ -35,27 +180,13 @@ def free_ports():
 
 @pytest.fixture
 def tiny_image_tree(tmp_path):
-    """A few dozen tiny generated PNGs in two class folders (cats/, dogs/): a dark and a light
-    class with noise, so a model can learn something in one epoch."""
-    import numpy as np
-    from PIL import Image
-
-    root = tmp_path / "images"
-    rng = np.random.default_rng(0)
-    for label, base in (("cats", 60), ("dogs", 190)):
-        folder = root / label
-        folder.mkdir(parents=True)
-        for i in range(16):
-            pixels = np.clip(base + rng.normal(0, 25, size=(40, 40, 3)), 0, 255).astype("uint8")
-            Image.fromarray(pixels).save(folder / f"{label}_{i:02d}.png")
-    return root
+    """A few dozen tiny generated PNGs in two class folders (cats/, dogs/), learnable by brightness."""
+    return write_class_images(tmp_path / "images", ["cats", "dogs"], per_class=16, size=40)
 
 
 @pytest.fixture
 def cpu_subprocess_env():
     """Environment for TensorFlow child processes: CPU only, quiet, unbuffered, this repo first."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CONFIG", "CLUSTER_SPEC"))}
     env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
                PYTHONPATH=str(REPO_ROOT))

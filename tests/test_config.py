@@ -1,0 +1,100 @@
+"""The job's settings: defaults, per-backbone choices, and one clear error per bad value."""
+from pathlib import Path
+
+import pytest
+
+from job.config import Config, ConfigError
+from tests.conftest import run_job
+
+
+def config(**env) -> Config:
+    return Config.from_env({"DATA_URI": "/data", **env})
+
+
+def test_missing_data_uri_names_the_variable():
+    with pytest.raises(ConfigError, match="DATA_URI is required"):
+        Config.from_env({})
+
+
+@pytest.mark.parametrize("name, value, accepts", [
+    ("BATCH_SIZE", "abc", "an integer >= 1"),
+    ("BATCH_SIZE", "0", "an integer >= 1"),
+    ("HEAD_EPOCHS", "-1", "an integer >= 0"),
+    ("FINE_TUNE_EPOCHS", "2.5", "an integer >= 0"),
+    ("IMAGE_SIZE", "16", "an integer >= 32"),
+    ("BACKBONE", "alexnet", "one of vgg16, mobilenet_v2, resnet50, efficientnet_b0"),
+    ("ALPHA", "0.6", "one of 0.35, 0.5"),
+    ("WEIGHTS", "random", "imagenet, none, or a path"),
+    ("HEAD_LEARNING_RATE", "-0.1", "a positive number"),
+    ("FINE_TUNE_LEARNING_RATE", "nan", "a positive number"),
+    ("DROPOUT", "1.5", "a number from 0 to 1"),
+    ("VALIDATION_SPLIT", "1", "a number from 0 to below 1"),
+    ("AUGMENT", "maybe", "one of 1, 0, true, false"),
+    ("MIXED_PRECISION", "half", "one of auto, off, float16, bfloat16"),
+    ("CLASS_WEIGHTS", "balanced", "one of auto, off"),
+    ("SEED", "-3", "an integer >= 0"),
+    ("RUN_ID", "../escape", "letters, digits"),
+])
+def test_bad_value_names_the_variable_and_what_it_accepts(name, value, accepts):
+    with pytest.raises(ConfigError) as error:
+        config(**{name: value})
+    message = str(error.value)
+    assert message.startswith(f"{name}={value!r} is not valid")
+    assert accepts in message
+    assert "\n" not in message
+
+
+def test_vgg16_defaults_follow_the_classic_recipe():
+    settings = config()
+    assert (settings.backbone, settings.image_size, settings.fine_tune_from) == \
+        ("vgg16", 150, "block5_conv1")
+    assert settings.fine_tune_learning_rate == 1e-5
+
+
+@pytest.mark.parametrize("backbone, layer", [
+    ("mobilenet_v2", "block_16_expand"),
+    ("resnet50", "conv5_block1_1_conv"),
+    ("efficientnet_b0", "block7a_expand_conv"),
+])
+def test_other_backbones_default_to_native_size_and_their_top_block(backbone, layer):
+    settings = config(BACKBONE=backbone)
+    assert (settings.image_size, settings.fine_tune_from) == (224, layer)
+
+
+def test_outputs_go_under_output_uri_and_run_id():
+    settings = config(OUTPUT_URI="gs://bucket/runs", RUN_ID="nightly-7")
+    assert settings.run_uri == "gs://bucket/runs/nightly-7"
+    assert settings.model_uri == "gs://bucket/runs/nightly-7/saved_model"
+    assert settings.checkpoint_uri == "gs://bucket/runs/nightly-7/checkpoints"
+
+
+def test_vertex_ai_directories_are_honoured():
+    settings = config(AIP_MODEL_DIR="gs://b/model", AIP_CHECKPOINT_DIR="gs://b/ckpt",
+                      AIP_TENSORBOARD_LOG_DIR="gs://b/tb")
+    assert (settings.model_uri, settings.checkpoint_uri, settings.tensorboard_uri) == \
+        ("gs://b/model", "gs://b/ckpt", "gs://b/tb")
+
+
+def test_hub_handle_is_accepted_as_a_backbone():
+    handle = "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5"
+    settings = config(BACKBONE=handle)
+    assert settings.is_hub_backbone and settings.image_size == 224 and settings.fine_tune_from == ""
+
+
+def test_cache_dir_is_a_path():
+    assert config(CACHE_DIR="/tmp/c").cache_dir == Path("/tmp/c")
+
+
+def test_bad_value_exits_2_with_one_line_before_any_work(tmp_path):
+    result = run_job({"DATA_URI": str(tmp_path / "absent"), "HEAD_EPOCHS": "-1"}, timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "HEAD_EPOCHS='-1' is not valid" in errors[0]
+
+
+def test_fine_tune_from_naming_no_layer_exits_2_before_touching_data(tmp_path):
+    result = run_job({"DATA_URI": str(tmp_path / "absent"), "FINE_TUNE_FROM": "block9_conv1",
+                      "WEIGHTS": "none", "IMAGE_SIZE": "32"}, timeout=120)
+    assert result.returncode == 2
+    assert "FINE_TUNE_FROM='block9_conv1' names no layer of vgg16" in result.stderr
+    assert "block5_conv1" in result.stderr

@@ -1,0 +1,166 @@
+"""Training runs: what each phase changes, what a run writes, and accuracy on real X-rays."""
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from job import data, model, report, train
+from job.config import Config
+from tests.conftest import run_job, tiny_vgg16_settings, write_class_images
+
+
+def weights_by_layer(base):
+    return {layer.name: [np.array(w) for w in layer.get_weights()]
+            for layer in base.layers if layer.weights}
+
+
+def changed(before, after):
+    return sorted(name for name in before
+                  if any(not np.array_equal(b, a) for b, a in zip(before[name], after[name])))
+
+
+@pytest.fixture(scope="module")
+def phases(tmp_path_factory):
+    """A VGG16 (random weights) trained in-process, with the base's weights before and after each phase."""
+    root = tmp_path_factory.mktemp("phases")
+    write_class_images(root / "images", ["a", "b"], per_class=16)
+    config = Config.from_env(tiny_vgg16_settings(root / "images", root / "out", root / "cache"))
+    keras.utils.set_random_seed(config.seed)
+    dataset = data.load_dataset(root / "images", 32, 0.25, 0.0, seed=config.seed)
+    parts = model.build_classifier(*model.build_base("vgg16", 1.0, None, 32), 2, 32, 16, 0.5)
+    trainer = train.Trainer(config, dataset, parts, root)
+    snapshots = {"start": weights_by_layer(parts.base)}
+    head_before = [np.array(w) for w in parts.head.get_weights()]
+    trainer.train_head()
+    snapshots["phase1"] = weights_by_layer(parts.base)
+    head_after = [np.array(w) for w in parts.head.get_weights()]
+    trainer.fine_tune()
+    snapshots["phase2"] = weights_by_layer(parts.base)
+    return {"parts": parts, "snapshots": snapshots, "head": (head_before, head_after),
+            "root": root, "dataset": dataset}
+
+
+def test_phase1_trains_the_head_and_leaves_the_base_unchanged(phases):
+    snapshots = phases["snapshots"]
+    assert changed(snapshots["start"], snapshots["phase1"]) == []
+    before, after = phases["head"]
+    assert any(not np.array_equal(b, a) for b, a in zip(before, after))
+
+
+def test_phase2_changes_only_the_layers_from_fine_tune_from_up(phases):
+    snapshots = phases["snapshots"]
+    assert changed(snapshots["phase1"], snapshots["phase2"]) == \
+        ["block5_conv1", "block5_conv2", "block5_conv3"]
+
+
+def test_saved_model_predicts_what_the_in_memory_model_predicts(phases, tmp_path):
+    classifier = phases["parts"].classifier
+    images = next(iter(data.image_dataset(phases["dataset"].train, 32, 8)))[0].numpy()
+    classifier.export(str(tmp_path / "saved_model"), verbose=False)
+    reloaded = tf.saved_model.load(str(tmp_path / "saved_model"))
+    served = reloaded.signatures["serving_default"](image=tf.constant(images))["output_0"].numpy()
+    np.testing.assert_allclose(served, classifier.predict(images, verbose=0), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """`python -m job` end to end: VGG16 with random weights at 32x32, both phases, 3 classes."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    images = write_class_images(root / "images", ["cat", "dog", "fox"], per_class=14)
+    (images / "dog" / "broken.jpg").write_text("not a jpeg")
+    settings = tiny_vgg16_settings(images, root / "out", root / "cache")
+    result = run_job(settings)
+    return {"result": result, "run_dir": root / "out" / "tiny", "settings": settings}
+
+
+def test_job_exits_0_and_logs_one_line_per_epoch(tiny_run):
+    result = tiny_run["result"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    for phase in ("phase 1", "phase 2"):
+        lines = [l for l in result.stderr.splitlines() if f"INFO job: {phase} epoch" in l]
+        assert len(lines) == 2 and "val_accuracy=" in lines[0]
+
+
+def test_job_writes_every_output_and_the_manifest_lists_them(tiny_run):
+    run_dir = tiny_run["run_dir"]
+    expected = {"MANIFEST.json", "metrics.json", "labels.txt", "model.keras", "model_summary.txt",
+                "curves_phase1.png", "curves_phase2.png", "saved_model"}
+    assert expected <= {p.name for p in run_dir.iterdir()}
+    manifest = json.loads((run_dir / report.MANIFEST).read_text())["files"]
+    assert "saved_model/saved_model.pb" in manifest and "metrics.json" in manifest
+    for name, entry in manifest.items():
+        assert (run_dir / name).stat().st_size == entry["bytes"]
+        assert report._sha256(run_dir / name) == entry["sha256"]
+
+
+def test_labels_are_the_sorted_class_names(tiny_run):
+    assert (tiny_run["run_dir"] / "labels.txt").read_text().split() == ["cat", "dog", "fox"]
+
+
+def test_metrics_record_config_history_evaluation_and_skipped_files(tiny_run):
+    metrics = json.loads((tiny_run["run_dir"] / "metrics.json").read_text())
+    assert metrics["config"]["backbone"] == "vgg16" and metrics["precision_policy"] == "float32"
+    assert metrics["versions"]["tensorflow"] == tf.__version__
+    assert metrics["skipped_files"] == {"dog/broken.jpg": "not an image (unknown format)"}
+    assert metrics["class_counts"]["train"] == {"cat": 10, "dog": 10, "fox": 10}
+    for phase in ("phase1", "phase2"):
+        assert metrics[phase]["epochs_run"] == 2 and len(metrics[phase]["history"]["val_loss"]) == 2
+        assert metrics[phase]["images_per_second"] > 0
+    assert metrics["phase1"]["cached"] is True and metrics["phase2"]["cached"] is True
+    test = metrics["test"]
+    assert set(test["per_class"]) == {"cat", "dog", "fox"}
+    assert np.array(test["confusion_matrix"]).sum() == test["images"] == 3
+    assert 0 <= test["accuracy"] <= 1
+    assert metrics["parameters"]["phase2"]["trainable"] > metrics["parameters"]["phase1"]["trainable"]
+
+
+def test_model_summary_counts_trainable_and_frozen_parameters(tiny_run):
+    text = (tiny_run["run_dir"] / "model_summary.txt").read_text()
+    assert "== after phase1 ==" in text and "== after phase2 ==" in text and "'frozen'" in text
+
+
+def test_a_completed_run_is_left_untouched(tiny_run):
+    run_dir = tiny_run["run_dir"]
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    result = run_job(tiny_run["settings"], timeout=120)
+    assert result.returncode == 0
+    assert "already complete" in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
+def test_augmented_binary_run_trains_both_phases_through_the_frozen_base(tmp_path):
+    images = write_class_images(tmp_path / "images", ["no", "yes"], per_class=10)
+    result = run_job(tiny_vgg16_settings(images, tmp_path / "out", tmp_path / "cache",
+                                         AUGMENT="1", HEAD_EPOCHS="1", FINE_TUNE_EPOCHS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "tiny" / "metrics.json").read_text())
+    assert metrics["phase1"]["cached"] is False and metrics["phase2"]["cached"] is False
+    assert metrics["test"]["roc_auc"] is not None
+
+
+def test_imagenet_weights_that_cannot_be_downloaded_fail_fast_naming_weights(tmp_path):
+    images = write_class_images(tmp_path / "images", ["a", "b"], per_class=4)
+    settings = tiny_vgg16_settings(images, tmp_path / "out", tmp_path / "cache", WEIGHTS="imagenet",
+                                   KERAS_HOME=str(tmp_path / "keras"),
+                                   HTTPS_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
+    result = run_job(settings, timeout=180)
+    assert result.returncode == 2
+    assert "WEIGHTS=imagenet: could not get the ImageNet weights of vgg16" in result.stderr
+    assert not (tmp_path / "out" / "tiny" / report.MANIFEST).exists()
+
+
+@pytest.mark.slow
+def test_real_xrays_with_pretrained_mobilenet_v2_beat_chance_clearly(xray_subset, mobilenet_v2_weights,
+                                                                     tmp_path):
+    result = run_job({
+        "DATA_URI": str(xray_subset), "OUTPUT_URI": str(tmp_path / "out"), "RUN_ID": "xray",
+        "CACHE_DIR": str(tmp_path / "cache"), "BACKBONE": "mobilenet_v2", "ALPHA": "0.5",
+        "WEIGHTS": str(mobilenet_v2_weights), "IMAGE_SIZE": "160", "HEAD_EPOCHS": "15",
+        "FINE_TUNE_EPOCHS": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "xray" / "metrics.json").read_text())
+    assert metrics["test"]["images"] == 100
+    assert metrics["test"]["accuracy"] >= 0.75, metrics["test"]
+    assert metrics["test"]["roc_auc"] >= 0.85, metrics["test"]
