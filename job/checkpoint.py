@@ -45,12 +45,16 @@ class StopSignal:
 
 
 class Checkpoints:
-    """The checkpoint directory of one run, mirrored to its URI."""
+    """The checkpoint directory of one run, mirrored to its URI.
 
-    def __init__(self, local_dir: Path, uri: str, stop: StopSignal):
-        self.local_dir, self.uri, self.stop = Path(local_dir), uri, stop
+    Every worker of a multi-worker run restores from the URI; only the writer (the chief)
+    mirrors its saves back to it.
+    """
+
+    def __init__(self, local_dir: Path, uri: str, stop: StopSignal, writer: bool = True):
+        self.local_dir, self.uri, self.stop, self.writer = Path(local_dir), uri, stop, writer
         self.local_dir.mkdir(parents=True, exist_ok=True)
-        if storage.is_remote(uri):
+        if storage.is_remote(uri) or not writer:
             storage.sync_down(uri, self.local_dir)
         state_file = self.local_dir / "state.json"
         self.state = json.loads(state_file.read_text()) if state_file.exists() else {"phases": {}}
@@ -90,13 +94,13 @@ class Checkpoints:
         return {key: values[:epochs_saved] for key, values in history.items()}
 
     def sync(self) -> None:
-        if storage.is_remote(self.uri):
+        if self.writer and storage.is_remote(self.uri):
             storage.sync_up(self.local_dir, self.uri)
 
     def clear(self) -> None:
         """Removes every checkpoint once the run is complete."""
         shutil.rmtree(self.local_dir, ignore_errors=True)
-        if storage.is_remote(self.uri):
+        if self.writer and storage.is_remote(self.uri):
             self.local_dir.mkdir(parents=True, exist_ok=True)
             storage.sync_up(self.local_dir, self.uri)
             shutil.rmtree(self.local_dir, ignore_errors=True)

@@ -52,6 +52,12 @@ class Config:
     model_uri: str = ""
     checkpoint_uri: str = ""
     tensorboard_uri: str = ""
+    # Multi-worker training (job/distribute.py). TF_CONFIG: the tf.distribute cluster, JSON
+    # {"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}, set by
+    # job/tfconfig.py on Kubernetes and by Vertex AI. CLUSTER_SPEC: Vertex AI's own form of it
+    # (workerpool0..3), used when TF_CONFIG is unset. Neither set: one machine.
+    tf_config: str = ""
+    cluster_spec: str = ""
 
     @property
     def run_uri(self) -> str:
@@ -102,7 +108,15 @@ class Config:
                 "CHECKPOINT_URI", env.text("AIP_CHECKPOINT_DIR", _join(run_uri, "checkpoints"))
             ),
             tensorboard_uri=env.text("AIP_TENSORBOARD_LOG_DIR", ""),
+            tf_config=env.text("TF_CONFIG", ""),
+            cluster_spec=env.text("CLUSTER_SPEC", ""),
         )
+        try:
+            from job import distribute
+
+            distribute.parse_cluster(config.tf_config, config.cluster_spec)
+        except distribute.ClusterError as error:
+            raise ConfigError(str(error)) from None
         if is_hub and config.fine_tune_from:
             raise ConfigError(
                 "FINE_TUNE_FROM applies to the built-in backbones only; "

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from job import data, model, report, storage
+from job import data, distribute, model, report, storage
 from job.checkpoint import Checkpoints, StopSignal
 from job.config import Config, ConfigError
 
@@ -33,6 +33,7 @@ class SetupError(Exception):
 
 def validate(config: Config) -> None:
     """Checks what the environment alone cannot: that FINE_TUNE_FROM names a layer of the base."""
+    distribute.strategy_for(config.tf_config, config.cluster_spec)  # before any other TF op
     if config.is_hub_backbone or config.fine_tune_epochs == 0:
         return
     names = model.base_layer_names(config.backbone, config.alpha, config.image_size)
@@ -53,6 +54,10 @@ def run(config: Config, stop: StopSignal | None = None) -> dict:
         log.info("run %s is already complete at %s; nothing to do", config.run_id, config.run_uri)
         return {"status": "already complete", "run_uri": config.run_uri}
 
+    strategy = distribute.strategy_for(config.tf_config, config.cluster_spec)
+    chief = distribute.is_chief(config.tf_config, config.cluster_spec)
+    log.info("strategy: %s, %d replica(s) in sync, %s", type(strategy).__name__,
+             strategy.num_replicas_in_sync, "chief" if chief else "worker (writes nothing)")
     precision = choose_precision(config.mixed_precision)
     keras.mixed_precision.set_dtype_policy(precision)
     keras.utils.set_random_seed(config.seed)
@@ -71,22 +76,28 @@ def run(config: Config, stop: StopSignal | None = None) -> dict:
     log.info("classes %s; images per split %s; skipped %d", dataset.class_names,
              {name: len(getattr(dataset, name)) for name in data.SPLITS}, len(dataset.skipped))
 
-    base, preprocess_mode = build_base(config)
-    parts = model.build_classifier(base, preprocess_mode, len(dataset.class_names),
-                                   config.image_size, config.dense_units, config.dropout)
-    work_dir = storage.local_dir_for(config.run_uri, config.cache_dir / "runs" / config.run_id)
+    with strategy.scope():  # variables (model, optimizers, metrics) mirrored across replicas
+        base, preprocess_mode = build_base(config)
+        parts = model.build_classifier(base, preprocess_mode, len(dataset.class_names),
+                                       config.image_size, config.dense_units, config.dropout)
+    # Only the chief writes the run; other workers save into a throwaway directory.
+    work_dir = distribute.write_dir(
+        storage.local_dir_for(config.run_uri, config.cache_dir / "runs" / config.run_id), chief)
     work_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpoints(
-        storage.local_dir_for(config.checkpoint_uri, config.cache_dir / "checkpoints" / config.run_id),
-        config.checkpoint_uri, stop or StopSignal())
-    scratch_dir = config.cache_dir / "scratch" / config.run_id  # decoded images, cached features
+    checkpoint_dir = storage.local_dir_for(config.checkpoint_uri,
+                                           config.cache_dir / "checkpoints" / config.run_id)
+    checkpoints = Checkpoints(distribute.write_dir(checkpoint_dir, chief), config.checkpoint_uri,
+                              stop or StopSignal(), writer=chief)
+    # decoded images and cached features, kept until the run is complete so a restart reuses them
+    scratch_dir = distribute.write_dir(config.cache_dir / "scratch" / config.run_id, chief)
     scratch_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, dataset, parts, scratch_dir, checkpoints)
-    phase1 = trainer.train_head()
-    summaries = {"phase1": _summary(parts.classifier)}
-    phase2 = trainer.fine_tune() if config.fine_tune_epochs > 0 else None
-    if phase2:
-        summaries["phase2"] = _summary(parts.classifier)
+    with strategy.scope():
+        trainer = Trainer(config, dataset, parts, scratch_dir, checkpoints, strategy)
+        phase1 = trainer.train_head()
+        summaries = {"phase1": _summary(parts.classifier)}
+        phase2 = trainer.fine_tune() if config.fine_tune_epochs > 0 else None
+        if phase2:
+            summaries["phase2"] = _summary(parts.classifier)
     final = phase2 or phase1
 
     metrics = {
@@ -108,7 +119,13 @@ def run(config: Config, stop: StopSignal | None = None) -> dict:
         "decision_threshold": final["decision_threshold"],
         "parameters": {phase: s["parameters"] for phase, s in summaries.items()},
     }
+    log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
     write_run(work_dir, config, parts.classifier, dataset.class_names, metrics, summaries)
+    if not chief:
+        for throwaway in (work_dir, checkpoints.local_dir, scratch_dir):
+            distribute.discard(throwaway, chief)
+        log.info("worker done; the chief publishes the run")
+        return metrics
     storage.publish_tree(work_dir, config.run_uri, last=report.MANIFEST)
     if config.model_uri != storage.join(config.run_uri, "saved_model"):
         storage.publish_tree(work_dir / "saved_model", config.model_uri)
@@ -154,12 +171,15 @@ class Trainer:
     """The two phases over one data set and one classifier."""
 
     def __init__(self, config: Config, dataset: data.DataSet, parts: model.Classifier,
-                 scratch_dir: Path, checkpoints: Checkpoints):
+                 scratch_dir: Path, checkpoints: Checkpoints, strategy=None):
         self.config = config
         self.checkpoints = checkpoints
         self.dataset = dataset
         self.parts = parts
         self.scratch_dir = scratch_dir
+        self.strategy = strategy or tf.distribute.get_strategy()
+        # BATCH_SIZE is per replica; tf.data and fit() take the global batch.
+        self.batch_size = distribute.global_batch_size(config.batch_size, self.strategy)
         self.num_classes = len(dataset.class_names)
         self.class_weights = (data.class_weights(dataset.train, self.num_classes)
                               if config.class_weights == "auto" and _imbalanced(dataset.train)
@@ -168,7 +188,7 @@ class Trainer:
 
     def images(self, split_name: str, training: bool = False) -> tf.data.Dataset:
         split = getattr(self.dataset, split_name)
-        return data.image_dataset(split, self.config.image_size, self.config.batch_size,
+        return data.image_dataset(split, self.config.image_size, self.batch_size,
                                   shuffle=training, seed=self.config.seed,
                                   cache_file=str(self.scratch_dir / split_name))
 
@@ -191,7 +211,7 @@ class Trainer:
         if training:
             examples = examples.shuffle(data.shuffle_buffer(examples), seed=self.config.seed,
                                         reshuffle_each_iteration=True)
-        return examples.batch(self.config.batch_size).prefetch(tf.data.AUTOTUNE)
+        return examples.batch(self.batch_size).prefetch(tf.data.AUTOTUNE)
 
     def train_head(self) -> dict:
         """Phase 1: the base frozen, only the new head learns."""
@@ -247,7 +267,8 @@ class Trainer:
                  sum(len(getattr(self.dataset, name)) for name in cached), extraction_seconds)
         record = self._fit(phase, trained, optimizer, epochs, self.batches(cached["train"], True),
                            self.batches(cached["validation"]),
-                           predict=lambda name: trained.predict(self.batches(cached[name]), verbose=0))
+                           predict=lambda name: distribute.predict(trained, self.batches(cached[name]),
+                                                                   self.strategy))
         record["seconds"] = round(time.perf_counter() - started, 2)
         record["cached"] = True
         record["cache_seconds"] = round(extraction_seconds, 2)
@@ -301,7 +322,8 @@ class Trainer:
         For two classes the decision threshold that maximises balanced accuracy on the validation
         split is chosen, and the test split is scored at 0.5 and at that threshold.
         """
-        predict = predict or (lambda name: self.parts.classifier.predict(self.images(name), verbose=0))
+        predict = predict or (lambda name: distribute.predict(self.parts.classifier, self.images(name),
+                                                              self.strategy))
         probabilities = {name: predict(name) for name in ("validation", "test")
                          if len(getattr(self.dataset, name))}
         threshold = 0.5

@@ -158,3 +158,46 @@ def file_tree(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(relative.encode() + uuid.uuid4().bytes * 50)
     return root
+
+
+# --- infra: containers, manifests, multi-worker training (branch infra) -------------------------
+import socket  # noqa: E402
+
+REPO_ROOT = ROOT
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture
+def free_ports():
+    """free_ports(n): n distinct TCP ports on 127.0.0.1 that were free a moment ago."""
+
+    def pick(n: int) -> list[int]:
+        sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+        try:
+            for s in sockets:
+                s.bind(("127.0.0.1", 0))
+            return [s.getsockname()[1] for s in sockets]
+        finally:
+            for s in sockets:
+                s.close()
+
+    return pick
+
+
+@pytest.fixture
+def tiny_image_tree(tmp_path):
+    """A few dozen tiny generated PNGs in two class folders (cats/, dogs/), learnable by brightness."""
+    return write_class_images(tmp_path / "images", ["cats", "dogs"], per_class=16, size=40)
+
+
+@pytest.fixture
+def cpu_subprocess_env():
+    """Environment for TensorFlow child processes: CPU only, quiet, unbuffered, this repo first."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CONFIG", "CLUSTER_SPEC"))}
+    env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(REPO_ROOT))
+    return env

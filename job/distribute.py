@@ -1,0 +1,232 @@
+"""Distribute: which tf.distribute strategy a run uses, and which replica publishes outputs.
+
+The caller passes the cluster description in (`Config.tf_config` / `Config.cluster_spec`, read
+from TF_CONFIG and CLUSTER_SPEC by job/config.py); nothing here reads the environment.
+
+- TF_CONFIG (Kubernetes, see job/tfconfig.py; also set by Vertex AI) or Vertex AI's CLUSTER_SPEC
+  (converted to TF_CONFIG form) naming more than one worker -> MultiWorkerMirroredStrategy;
+- otherwise more than one visible GPU -> MirroredStrategy;
+- otherwise the default strategy (one device; no-op scope).
+
+Only the chief writes outputs. The other workers still run every save (collective ops inside
+saving must run on all of them) but into a throwaway directory, as in TensorFlow's multi-worker
+Keras guide.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+MULTI_WORKER = "multi_worker_mirrored"
+MIRRORED = "mirrored"
+DEFAULT = "default"
+
+# Vertex AI's worker pools, in TF_CONFIG's task types (Vertex AI documents the same mapping).
+VERTEX_POOLS = {"workerpool0": "chief", "workerpool1": "worker", "workerpool2": "ps",
+                "workerpool3": "evaluator"}
+# Task types that take part in MultiWorkerMirroredStrategy's all-reduce.
+TRAINING_TASKS = ("chief", "worker")
+
+
+class ClusterError(ValueError):
+    """TF_CONFIG or CLUSTER_SPEC is not a cluster description the job can use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """A parsed TF_CONFIG: addresses per task type, and this process's task."""
+
+    spec: dict[str, list[str]]
+    task_type: str
+    task_index: int
+
+    @property
+    def num_workers(self) -> int:
+        return sum(len(self.spec.get(t, [])) for t in TRAINING_TASKS)
+
+    @property
+    def chief(self) -> tuple[str, int]:
+        return ("chief", 0) if self.spec.get("chief") else ("worker", 0)
+
+    def to_tf_config(self) -> str:
+        return json.dumps({"cluster": self.spec,
+                           "task": {"type": self.task_type, "index": self.task_index}})
+
+
+def tf_config_from_cluster_spec(cluster_spec: str) -> str:
+    """Vertex AI's CLUSTER_SPEC ({"cluster": {"workerpool0": [...]}, "task": {"type":
+    "workerpool1", "index": 0}, ...}) as TF_CONFIG: workerpool0 -> chief, 1 -> worker, ..."""
+    data = _load(cluster_spec, "CLUSTER_SPEC")
+    try:
+        cluster = {VERTEX_POOLS[pool]: list(hosts) for pool, hosts in data["cluster"].items() if hosts}
+        task = {"type": VERTEX_POOLS[data["task"]["type"]], "index": int(data["task"]["index"])}
+    except (KeyError, TypeError, ValueError) as error:
+        raise ClusterError(f"CLUSTER_SPEC is not a Vertex AI cluster spec: {error!r}") from None
+    return json.dumps({"cluster": cluster, "task": task})
+
+
+def parse_cluster(tf_config: str = "", cluster_spec: str = "") -> Cluster | None:
+    """The cluster this process is part of, or None when it runs alone. TF_CONFIG wins when both
+    are set (Vertex AI sets both, consistently)."""
+    if not tf_config.strip() and cluster_spec.strip():
+        tf_config = tf_config_from_cluster_spec(cluster_spec)
+    if not tf_config.strip():
+        return None
+    data = _load(tf_config, "TF_CONFIG")
+    try:
+        spec = {str(kind): [str(h) for h in hosts] for kind, hosts in data["cluster"].items()}
+        task = data.get("task") or {}
+        cluster = Cluster(spec=spec, task_type=str(task.get("type", "worker")),
+                          task_index=int(task.get("index", 0)))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ClusterError(f"TF_CONFIG is not a cluster description: {error!r}") from None
+    if cluster.task_type not in spec or not 0 <= cluster.task_index < len(spec[cluster.task_type]):
+        raise ClusterError(
+            f"TF_CONFIG task {cluster.task_type}:{cluster.task_index} is not in its cluster {spec}")
+    return cluster
+
+
+def choose_strategy(tf_config: str = "", cluster_spec: str = "", gpu_count: int = 0) -> str:
+    """Pure: MULTI_WORKER, MIRRORED or DEFAULT for this cluster description and GPU count."""
+    cluster = parse_cluster(tf_config, cluster_spec)
+    if cluster is not None and cluster.num_workers > 1:
+        return MULTI_WORKER
+    if gpu_count > 1:
+        return MIRRORED
+    return DEFAULT
+
+
+def make_strategy(tf_config: str = "", cluster_spec: str = ""):
+    """The tf.distribute strategy choose_strategy picks for this process. Call it before any other
+    TensorFlow work: MultiWorkerMirroredStrategy must be created first."""
+    import tensorflow as tf
+
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    kind = choose_strategy(tf_config, cluster_spec, gpus)
+    if kind == MULTI_WORKER:
+        cluster = parse_cluster(tf_config, cluster_spec)
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec(cluster.spec), task_type=cluster.task_type,
+            task_id=cluster.task_index, rpc_layer="grpc")
+        return _multi_worker_strategy_class(tf)(cluster_resolver=resolver)
+    if kind == MIRRORED:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+_STRATEGIES: dict[tuple[str, str], object] = {}
+
+
+def strategy_for(tf_config: str = "", cluster_spec: str = ""):
+    """make_strategy(), once per process: the job asks for it first thing (MultiWorkerMirrored
+    must exist before any other TensorFlow op) and again wherever it needs it."""
+    key = (tf_config, cluster_spec)
+    if key not in _STRATEGIES:
+        _STRATEGIES[key] = make_strategy(tf_config, cluster_spec)
+    return _STRATEGIES[key]
+
+
+def is_multi_worker(strategy) -> bool:
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def predict(model, dataset, strategy):
+    """model.predict(dataset), except across workers: there every worker runs the whole data set
+    through its own (identical, all-reduced) copy of the model, in order. Keras's multi-worker
+    predict shards the data across workers and gathers the pieces, which would not keep rows
+    aligned with the labels the caller holds."""
+    if not is_multi_worker(strategy):
+        return model.predict(dataset, verbose=0)
+    import numpy as np
+    import tensorflow as tf
+
+    step = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+    batches = [step(images).numpy() for images, *_ in dataset]
+    return np.concatenate(batches) if batches else np.zeros((0, *model.output_shape[1:]), "float32")
+
+
+def weights_digest(model) -> str:
+    """sha256 of a model's weights, equal on every worker when they train in sync (logged)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weights in model.get_weights():
+        digest.update(weights.tobytes())
+    return digest.hexdigest()
+
+
+def _multi_worker_strategy_class(tf):
+    """MultiWorkerMirroredStrategy whose reduce() takes what Keras 3's fit() gives it.
+
+    Keras 3 (3.15.1 with TF 2.21) calls strategy.reduce() in two ways MultiWorkerMirroredStrategy
+    rejects, so model.fit() fails on it out of the box (keras-team/keras#20585,
+    tensorflow/tensorflow#72388):
+    - on the first (x, y) batch, a tuple, to build the model: "Attempt to convert a value
+      (PerReplica...) to a Tensor". MirroredStrategy reduces nested values element by element;
+      so does this.
+    - on every step's logs, scalars, with axis=0: "Invalid reduction dimension 0 for input with 0
+      dimensions". Keras means the mean across replicas there (what it computes for the other
+      strategies), which for a scalar is reduce() with axis=None.
+    """
+
+    def rank(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            value = value.values[0]
+        shape = getattr(value, "shape", None)
+        return None if shape is None else shape.rank
+
+    class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+        def reduce(self, reduce_op, value, axis):
+            parent = super()
+
+            def one(v):
+                if v is None:
+                    return None
+                return parent.reduce(reduce_op, v, None if rank(v) == 0 else axis)
+
+            return tf.nest.map_structure(one, value)
+
+    return MultiWorkerMirroredStrategy
+
+
+def global_batch_size(per_replica: int, strategy) -> int:
+    """The batch size to give tf.data / fit: per-replica batch times the replicas in sync."""
+    return int(per_replica) * int(strategy.num_replicas_in_sync)
+
+
+def is_chief(tf_config: str = "", cluster_spec: str = "") -> bool:
+    """True for the one process that writes outputs: a process alone, the `chief` task, or worker 0
+    of a cluster without a chief. Evaluators and parameter servers are not."""
+    cluster = parse_cluster(tf_config, cluster_spec)
+    if cluster is None:
+        return True
+    return (cluster.task_type, cluster.task_index) == cluster.chief
+
+
+def write_dir(local_dir: Path | str, chief: bool) -> Path:
+    """Where this process writes: local_dir for the chief, a fresh temporary directory for the
+    others (remove it with discard() when done)."""
+    if chief:
+        return Path(local_dir)
+    return Path(tempfile.mkdtemp(prefix="non-chief-"))
+
+
+def discard(path: Path | str, chief: bool) -> None:
+    """Removes a non-chief's throwaway directory; does nothing for the chief."""
+    if not chief:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _load(text: str, name: str) -> dict:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ClusterError(f"{name} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ClusterError(f"{name} must be a JSON object")
+    return data
