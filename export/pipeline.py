@@ -36,7 +36,12 @@ def export_run(config: ExportConfig) -> dict:
     from job import storage
 
     started = time.perf_counter()
-    run_dir = storage.fetch_tree(config.run_uri, config.cache_dir / "runs")
+    try:
+        run_dir = storage.fetch_tree(config.run_uri, config.cache_dir / "runs")
+    except storage.StorageError as error:
+        if storage.is_remote(config.run_uri):
+            raise  # may be transient: exit 1
+        raise BadInput(f"RUN_URI={config.run_uri}: {error}") from None
     metrics = read_run(run_dir, config.run_uri)
     classes = metrics["classes"]
     size = int(metrics["config"]["image_size"])

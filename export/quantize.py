@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
 
 from export.convert import INPUT_NAME
 from export.errors import ExportError
@@ -17,7 +18,7 @@ from export.errors import ExportError
 log = logging.getLogger("export")
 
 
-class ImageReader:
+class ImageReader(CalibrationDataReader):
     """onnxruntime's CalibrationDataReader over image files, in small batches."""
 
     def __init__(self, paths: list[str], image_size: int, batch_size: int = 16):
@@ -41,14 +42,12 @@ class ImageReader:
 def quantize_int8(float_model: Path, int8_model: Path, calibration_paths: list[str],
                   image_size: int) -> None:
     """Writes int8_model: QDQ, int8 activations and per-channel int8 weights, MinMax-calibrated."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not calibration_paths:
         raise ExportError("no training images to calibrate the int8 model on")
     reader = ImageReader(calibration_paths, image_size)
-    CalibrationDataReader.register(ImageReader)
     with tempfile.TemporaryDirectory(prefix="quant-") as scratch:
         prepared = Path(scratch, "prepared.onnx")
         try:
