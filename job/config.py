@@ -51,6 +51,7 @@ class Config:
     model_uri: str = ""
     checkpoint_uri: str = ""
     tensorboard_uri: str = ""
+    export_onnx: bool = False
 
     @property
     def run_uri(self) -> str:
@@ -100,6 +101,7 @@ class Config:
                 "CHECKPOINT_URI", env.text("AIP_CHECKPOINT_DIR", _join(run_uri, "checkpoints"))
             ),
             tensorboard_uri=env.text("AIP_TENSORBOARD_LOG_DIR", ""),
+            export_onnx=env.flag("EXPORT_ONNX", False),
         )
         if is_hub and config.fine_tune_from:
             raise ConfigError(

@@ -100,6 +100,9 @@ def run(config: Config) -> dict:
     if config.model_uri != storage.join(config.run_uri, "saved_model"):
         storage.publish_tree(work_dir / "saved_model", config.model_uri)
     log.info("run complete: %s", config.run_uri)
+    if config.export_onnx:  # ONNX float32/int8 beside the SavedModel, gated (see export/)
+        from export.pipeline import export_after_training
+        export_after_training(config)
     return metrics
 
 
