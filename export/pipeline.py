@@ -51,6 +51,7 @@ def export_run(config: ExportConfig) -> dict:
     calibration = sample(dataset.train, config.calibration_images,
                          seed=int(metrics["config"]["seed"]) + 1)
     seconds: dict[str, float] = {}
+    quantization = None
 
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="export-", dir=config.cache_dir) as scratch:
@@ -73,12 +74,13 @@ def export_run(config: ExportConfig) -> dict:
             from export.quantize import quantize_int8
 
             clock = time.perf_counter()
-            quantize_int8(staging / FLOAT32_MODEL, staging / INT8_MODEL, calibration.paths, size)
+            quantization = quantize_int8(staging / FLOAT32_MODEL, staging / INT8_MODEL,
+                                         calibration.paths, size)
             int8_proto = load(staging / INT8_MODEL)
             convert.set_metadata(int8_proto, convert.metadata(
                 metrics, config.run_uri, config.opset,
                 "int8 (static QDQ, per-channel int8 weights, int8 activations, MinMax calibration "
-                f"on {len(calibration)} training images)"))
+                f"on {len(calibration)} training images, bias-corrected)"))
             convert.check(int8_proto)
             save(int8_proto, staging / INT8_MODEL)
             seconds["quantize"] = round(time.perf_counter() - clock, 2)
@@ -152,7 +154,7 @@ def export_run(config: ExportConfig) -> dict:
                                  "onnxruntime_graph_optimization": "ORT_ENABLE_ALL",
                                  "tensorflow_threads": "TensorFlow defaults (all cores)",
                                  "cpu_cores_available": threads if not config.threads else None},
-            "calibration_images": len(calibration) if config.int8 else 0,
+            "quantization": quantization if config.int8 else None,
             "files": files,
             "seconds": seconds,
             "versions": versions(),
