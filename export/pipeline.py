@@ -80,7 +80,7 @@ def export_run(config: ExportConfig) -> dict:
             convert.set_metadata(int8_proto, convert.metadata(
                 metrics, config.run_uri, config.opset,
                 "int8 (static QDQ, per-channel int8 weights, int8 activations, MinMax calibration "
-                f"on {len(calibration)} training images, bias-corrected)"))
+                f"on {len(calibration)} training images, empirical bias correction)"))
             convert.check(int8_proto)
             save(int8_proto, staging / INT8_MODEL)
             seconds["quantize"] = round(time.perf_counter() - clock, 2)
