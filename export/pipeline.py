@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from export import convert, measure
-from export.config import ExportConfig
+from export.config import ExportConfig, available_cores
 from export.errors import BadInput, ExportError, GateFailed
 
 log = logging.getLogger("export")
@@ -106,6 +106,7 @@ def export_run(config: ExportConfig) -> dict:
             log.error("gate failed: %s", failure)
 
         clock = time.perf_counter()
+        load_before = round(os.getloadavg()[0], 2)
         latency = {name: measure.latency(predict, images, config.latency_runs)
                    for name, predict in backends.items()}
         seconds["latency"] = round(time.perf_counter() - clock, 2)
@@ -153,7 +154,8 @@ def export_run(config: ExportConfig) -> dict:
             "latency_settings": {"onnxruntime_intra_op_threads": threads,
                                  "onnxruntime_graph_optimization": "ORT_ENABLE_ALL",
                                  "tensorflow_threads": "TensorFlow defaults (all cores)",
-                                 "cpu_cores_available": threads if not config.threads else None},
+                                 "cpu_cores_available": available_cores(),
+                                 "load_average_1m_before": load_before},
             "quantization": quantization if config.int8 else None,
             "files": files,
             "seconds": seconds,

@@ -71,8 +71,8 @@ def mobilenet_run(tmp_path_factory, xray_subset) -> _Path:
     if not _MOBILENET_WEIGHTS.is_file():
         _pytest.skip(f"MobileNetV2 weights not found at {_MOBILENET_WEIGHTS}")
     return _train(tmp_path_factory, xray_subset, "mobilenet", BACKBONE="mobilenet_v2", ALPHA="0.5",
-                  WEIGHTS=str(_MOBILENET_WEIGHTS), IMAGE_SIZE="96", HEAD_EPOCHS="3",
-                  FINE_TUNE_EPOCHS="1")
+                  WEIGHTS=str(_MOBILENET_WEIGHTS), IMAGE_SIZE="96", HEAD_EPOCHS="2",
+                  FINE_TUNE_EPOCHS="1", BATCH_SIZE="32")
 
 
 @_pytest.fixture(scope="session")
