@@ -28,6 +28,7 @@ def main(environ=os.environ) -> int:
     from job.checkpoint import EXIT_PREEMPTED, Preempted, StopSignal
     from job.data import DataError
     from job.storage import StorageError
+    from export.errors import ExportError
 
     stop = StopSignal()
     stop.install()
@@ -41,6 +42,8 @@ def main(environ=os.environ) -> int:
         return _fail(f"{error.__class__.__name__}: {error}", EXIT_BAD_INPUT)
     except StorageError as error:
         return _fail(f"storage error: {error}", EXIT_FAILED)
+    except ExportError as error:  # EXPORT_ONNX=1: the run is complete, its export is not
+        return _fail(f"ONNX export: {error.__class__.__name__}: {error}", error.exit_code)
     return EXIT_OK
 
 

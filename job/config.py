@@ -58,6 +58,7 @@ class Config:
     # (workerpool0..3), used when TF_CONFIG is unset. Neither set: one machine.
     tf_config: str = ""
     cluster_spec: str = ""
+    export_onnx: bool = False
 
     @property
     def run_uri(self) -> str:
@@ -110,6 +111,7 @@ class Config:
             tensorboard_uri=env.text("AIP_TENSORBOARD_LOG_DIR", ""),
             tf_config=env.text("TF_CONFIG", ""),
             cluster_spec=env.text("CLUSTER_SPEC", ""),
+            export_onnx=env.flag("EXPORT_ONNX", False),
         )
         try:
             from job import distribute

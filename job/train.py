@@ -132,6 +132,9 @@ def run(config: Config, stop: StopSignal | None = None) -> dict:
     log.info("run complete: %s", config.run_uri)
     checkpoints.clear()
     shutil.rmtree(scratch_dir, ignore_errors=True)
+    if config.export_onnx:  # ONNX float32/int8 beside the SavedModel, gated (see export/)
+        from export.pipeline import export_after_training
+        export_after_training(config)
     return metrics
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: paths to the real data in ../shared, temporary data trees, and servers on loopback."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -86,10 +87,14 @@ def job_environment(env: dict[str, str]) -> dict[str, str]:
             "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **env}
 
 
-def run_job(env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """Runs `python -m job` in a fresh interpreter and waits for it."""
-    return subprocess.run([sys.executable, "-m", "job"], cwd=ROOT, env=job_environment(env),
+def run_module(module: str, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs `python -m module` (job, export) in a fresh interpreter and waits for it."""
+    return subprocess.run([sys.executable, "-m", module], cwd=ROOT, env=job_environment(env),
                           text=True, capture_output=True, timeout=timeout)
+
+
+def run_job(env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return run_module("job", env, timeout)
 
 
 def start_job(env: dict[str, str], log_path: Path) -> subprocess.Popen:
@@ -201,3 +206,59 @@ def cpu_subprocess_env():
     env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
                PYTHONPATH=str(REPO_ROOT))
     return env
+
+
+# --- Export: small real-data runs and their ONNX exports, shared by the session. ---
+EXPORT_SETTINGS = {"CALIBRATION_IMAGES": "40", "PARITY_IMAGES": "200", "LATENCY_RUNS": "5"}
+
+
+@pytest.fixture(scope="session")
+def xray_small(xray_dir, tmp_path_factory) -> Path:
+    """40 training, 10 validation and 20 test X-rays per class (symlinks into ../shared)."""
+    return link_subset(xray_dir, tmp_path_factory.mktemp("xray-small"),
+                       {"train": 40, "validation": 10, "test": 20})
+
+
+def train_run(tmp_path_factory, data: Path, name: str, **env) -> Path:
+    out = tmp_path_factory.mktemp(f"run-{name}")
+    result = run_job({"DATA_URI": str(data), "OUTPUT_URI": str(out), "RUN_ID": name,
+                      "CACHE_DIR": str(out / "cache"), "BATCH_SIZE": "16", **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / name
+
+
+def export_run(run_dir: Path, **env) -> tuple[int, dict, str]:
+    """(exit code, export_report.json, stderr) of `python -m export` on a run."""
+    result = run_module("export", {"RUN_URI": str(run_dir), "CACHE_DIR": str(run_dir.parent / "cache"),
+                                   **EXPORT_SETTINGS, **env})
+    report_path = Path(env.get("EXPORT_URI", run_dir)) / "export_report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    return result.returncode, report, result.stderr
+
+
+@pytest.fixture(scope="session")
+def vgg16_exported_by_job(tmp_path_factory, xray_small) -> Path:
+    """VGG16 (random weights, 32 px) trained by `python -m job` with EXPORT_ONNX=1."""
+    return train_run(tmp_path_factory, xray_small, "vgg16", BACKBONE="vgg16", WEIGHTS="none",
+                     IMAGE_SIZE="32", HEAD_EPOCHS="1", FINE_TUNE_EPOCHS="1", EXPORT_ONNX="1",
+                     **EXPORT_SETTINGS)
+
+
+@pytest.fixture(scope="session")
+def mobilenet_run(tmp_path_factory, xray_small, mobilenet_v2_weights) -> Path:
+    """MobileNetV2 alpha 0.5 with the real ImageNet weights, fine-tuned briefly at 96 px."""
+    return train_run(tmp_path_factory, xray_small, "mobilenet", BACKBONE="mobilenet_v2", ALPHA="0.5",
+                     WEIGHTS=str(mobilenet_v2_weights), IMAGE_SIZE="96", HEAD_EPOCHS="2",
+                     FINE_TUNE_EPOCHS="1", BATCH_SIZE="32")
+
+
+@pytest.fixture(scope="session")
+def mobilenet_export(mobilenet_run) -> tuple[int, dict, str]:
+    return export_run(mobilenet_run)
+
+
+@pytest.fixture(scope="session")
+def mixed_precision_run(tmp_path_factory, xray_small) -> Path:
+    """VGG16 at 32 px trained under mixed_float16 (forced on the CPU)."""
+    return train_run(tmp_path_factory, xray_small, "fp16", BACKBONE="vgg16", WEIGHTS="none",
+                     IMAGE_SIZE="32", HEAD_EPOCHS="1", FINE_TUNE_EPOCHS="1", MIXED_PRECISION="float16")

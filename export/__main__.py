@@ -1,0 +1,44 @@
+"""Entrypoint: `python -m export` converts one finished training run to ONNX and proves parity.
+
+Settings come from the environment (see export.config). Exit codes: 0 every gate passed;
+1 a parity gate failed (export_report.json says which, by how much) or storage/conversion failed;
+2 bad configuration or input (no such run, an incomplete run, its data missing).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def main(environ=os.environ) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from job.config import ConfigError
+    from export.config import ExportConfig
+    from export.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ExportError
+
+    log = logging.getLogger("export")
+    try:
+        config = ExportConfig.from_env(environ)
+    except ConfigError as error:
+        log.error("configuration error: %s", error)
+        return EXIT_BAD_INPUT
+
+    from export import pipeline
+    from job.storage import StorageError
+
+    try:
+        pipeline.export_run(config)
+    except ExportError as error:
+        log.error("%s: %s", error.__class__.__name__, error)
+        return error.exit_code
+    except StorageError as error:
+        log.error("storage error: %s", error)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Convert: the run's classifier, rebuilt in float32, to an opset-pinned ONNX graph with metadata.
+
+Keras 3 models are not traced by tf2onnx's from_keras; a tf.function around the rebuilt model is
+(tf2onnx.convert.from_function). Rebuilding under the float32 policy with the run's weights gives a
+float32 graph even when training used mixed precision, where the SavedModel computes in float16.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from export.errors import BadInput, ExportError
+
+log = logging.getLogger("export")
+
+INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "image", "probabilities", "batch"
+
+
+@contextlib.contextmanager
+def float32_policy():
+    """The global Keras dtype policy set to float32 for the block, restored afterwards."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_dtype_policy("float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
+
+
+def rebuild_float32(run_dir: Path, metrics: dict):
+    """The run's classifier rebuilt under the float32 policy, with every weight of model.keras.
+
+    Returns (float32 keras.Model, the loaded model.keras model). Raises BadInput when the run
+    cannot be rebuilt (hub backbone, architecture mismatch).
+    """
+    import keras
+
+    from job import model as job_model
+
+    config, classes = metrics["config"], metrics["classes"]
+    if config["backbone"] not in job_model._APPLICATIONS:
+        raise BadInput(f"backbone {config['backbone']!r}: only the built-in backbones "
+                       f"({', '.join(job_model._APPLICATIONS)}) can be rebuilt in float32 for export")
+    with float32_policy():
+        base, mode = job_model.build_base(config["backbone"], float(config["alpha"]), None,
+                                          int(config["image_size"]))
+        parts = job_model.build_classifier(base, mode, len(classes), int(config["image_size"]),
+                                           int(config["dense_units"]), float(config["dropout"]))
+    trained = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    source = trained.get_weights()
+    try:
+        parts.classifier.set_weights(source)
+    except ValueError as error:
+        raise BadInput(f"{run_dir / 'model.keras'}: its weights do not fit the architecture in "
+                       f"metrics.json ({str(error).splitlines()[0][:200]})") from None
+    copied = parts.classifier.get_weights()
+    if len(copied) != len(source) or not all(
+            np.array_equal(a, np.asarray(b, dtype=a.dtype)) for a, b in zip(copied, source)):
+        raise ExportError("the float32 rebuild does not hold the same weights as model.keras")
+    non_float32 = sorted({w.dtype for w in parts.classifier.weights} - {"float32"})
+    if non_float32 or parts.classifier.compute_dtype != "float32":
+        raise ExportError(f"the rebuild is not float32 (weights {non_float32}, compute "
+                          f"{parts.classifier.compute_dtype})")
+    return parts.classifier, trained
+
+
+def to_onnx(classifier, image_size: int, opset: int):
+    """The float32 classifier as an ONNX ModelProto: input `image` [batch, S, S, 3], output
+    `probabilities`, the batch dimension dynamic."""
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name=INPUT_NAME)
+
+    @tf.function(input_signature=[spec])
+    def serve(image):
+        return {OUTPUT_NAME: classifier(image, training=False)}
+
+    try:
+        proto, _ = tf2onnx.convert.from_function(serve, input_signature=serve.input_signature,
+                                                 opset=opset)
+    except Exception as error:  # tf2onnx raises many types; name the cause on one line
+        raise ExportError(f"tf2onnx could not convert the model: {error.__class__.__name__}: "
+                          f"{str(error).splitlines()[0][:300]}") from None
+    for value in (*proto.graph.input, *proto.graph.output):
+        first = value.type.tensor_type.shape.dim[0]
+        if not first.dim_value:
+            first.dim_param = BATCH_DIM
+    return proto
+
+
+def metadata(metrics: dict, run_uri: str, opset: int, precision: str) -> dict[str, str]:
+    """What a consumer needs to use the model without the run directory, as metadata_props."""
+    config, classes = metrics["config"], metrics["classes"]
+    size = int(config["image_size"])
+    if len(classes) == 2:
+        output = (f"{OUTPUT_NAME}: float32 [batch, 1], sigmoid probability of class index 1 "
+                  f"({classes[1]!r}); class 0 ({classes[0]!r}) has 1 - p; label = class 1 when "
+                  f"p >= decision_threshold")
+    else:
+        output = (f"{OUTPUT_NAME}: float32 [batch, {len(classes)}], softmax probabilities in the "
+                  "order of labels")
+    return {
+        "labels": json.dumps(classes),
+        "image_size": str(size),
+        "input": f"{INPUT_NAME}: float32 [batch, {size}, {size}, 3] NHWC",
+        "preprocessing": f"RGB 0-255, resized bilinear to {size} x {size} with "
+                         "job.images.load_image (the model normalises internally)",
+        "output": output,
+        "decision_threshold": str(float(metrics.get("decision_threshold", 0.5))),
+        "source_run_id": str(metrics.get("run_id", "")),
+        "source_run_uri": run_uri,
+        "backbone": str(config["backbone"]),
+        "training_precision_policy": str(metrics.get("precision_policy", "")),
+        "precision": precision,
+        "opset": str(opset),
+    }
+
+
+def set_metadata(proto, values: dict[str, str]) -> None:
+    existing = {prop.key: prop for prop in proto.metadata_props}
+    for key, value in values.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            prop = proto.metadata_props.add()
+            prop.key, prop.value = key, value
+
+
+def check(proto) -> None:
+    """onnx.checker with full shape inference; raises ExportError naming the problem."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"onnx.checker rejected the graph: {str(error).splitlines()[0][:300]}") \
+            from None
+
+
+def float16_tensors(proto) -> list[str]:
+    """Names of every float16/bfloat16 initializer, value, input, output or Cast target in a graph."""
+    import onnx
+
+    half = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    names = [i.name for i in proto.graph.initializer if i.data_type in half]
+    for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        if value.type.tensor_type.elem_type in half:
+            names.append(value.name)
+    for node in proto.graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "Cast" and attribute.name == "to" and attribute.i in half:
+                names.append(node.name)
+            if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type in half:
+                names.append(node.name)
+    return names

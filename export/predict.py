@@ -1,0 +1,186 @@
+"""Edge predictor: `python -m export.predict MODEL INPUT` labels images with an exported ONNX model.
+
+Needs only onnxruntime, numpy and Pillow (through job.images, the decoder training used, so the
+resizing matches); it never imports TensorFlow. INPUT is an image file or a folder (searched
+recursively, hidden files skipped). Each image gets its label, that label's probability and the
+top-k classes, printed as one line each or written to --output (.csv or .json). A file that is not a
+usable image gets one error line on stderr and the rest are still predicted.
+
+For two classes the label is the second class when its probability reaches the threshold:
+--threshold, else the model's `decision_threshold` metadata (recorded by the training run), else 0.5.
+
+Exit codes: 0 at least one image was predicted; 1 none could be (every file failed, or the folder
+holds no files); 2 bad arguments or a model that cannot be loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from job.images import ImageError, load_image
+
+EXIT_OK, EXIT_NOTHING_PREDICTED, EXIT_BAD_INPUT = 0, 1, 2
+BATCH_SIZE = 32
+
+
+class Model:
+    """An exported model and what its metadata says: labels, input size, decision threshold."""
+
+    def __init__(self, path: str, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or _cores()
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        self.output_name = self.session.get_outputs()[0].name
+        size = meta.get("image_size") or model_input.shape[1]
+        self.image_size = int(size)
+        self.labels = json.loads(meta["labels"]) if "labels" in meta else None
+        self.decision_threshold = float(meta.get("decision_threshold", 0.5))
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Per-class probabilities, shape [n, classes], for float32 RGB 0-255 images."""
+        output = self.session.run([self.output_name], {self.input_name: images})[0]
+        if output.shape[-1] == 1:  # one sigmoid unit: the probability of class index 1
+            return np.concatenate([1.0 - output, output], axis=-1)
+        return output
+
+    def label_names(self, count: int) -> list[str]:
+        return self.labels if self.labels and len(self.labels) == count else \
+            [str(index) for index in range(count)]
+
+
+def predict_files(model: Model, paths: list[Path], threshold: float, top_k: int,
+                  on_error=None) -> list[dict]:
+    """Predictions for every usable file, in order; on_error(path, reason) for each other one."""
+    results = []
+    for start in range(0, len(paths), BATCH_SIZE):
+        chunk, images = [], []
+        for path in paths[start:start + BATCH_SIZE]:
+            try:
+                images.append(load_image(str(path), model.image_size))
+                chunk.append(path)
+            except ImageError as error:
+                if on_error:
+                    on_error(path, str(error))
+        if not images:
+            continue
+        probabilities = model.probabilities(np.stack(images).astype(np.float32))
+        names = model.label_names(probabilities.shape[-1])
+        for path, row in zip(chunk, probabilities):
+            if len(row) == 2:
+                index = int(row[1] >= threshold)
+            else:
+                index = int(np.argmax(row))
+            order = np.argsort(-row, kind="stable")[:max(1, top_k)]
+            results.append({
+                "path": str(path),
+                "label": names[index],
+                "probability": float(row[index]),
+                "top_k": [{"label": names[i], "probability": float(row[i])} for i in order],
+            })
+    return results
+
+
+def image_files(input_path: Path) -> list[Path]:
+    """The file itself, or every non-hidden file under a folder, sorted."""
+    if input_path.is_file():
+        return [input_path]
+    files = []
+    for directory, subdirs, names in os.walk(input_path, followlinks=True):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        files.extend(Path(directory, name) for name in sorted(names) if not name.startswith("."))
+    return files
+
+
+def write_output(results: list[dict], path: Path) -> None:
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        return
+    with open(path, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["path", "label", "probability", "top_k"])
+        for result in results:
+            writer.writerow([result["path"], result["label"], f"{result['probability']:.6f}",
+                             ";".join(f"{item['label']}:{item['probability']:.6f}"
+                                      for item in result["top_k"])])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.predict",
+        description="Label images with an exported ONNX classifier (no TensorFlow needed).")
+    parser.add_argument("model", type=Path, help="model.onnx or model.int8.onnx")
+    parser.add_argument("input", type=Path, help="an image file or a folder of images")
+    parser.add_argument("--top-k", type=int, default=1, help="classes to list per image (default 1)")
+    parser.add_argument("--output", type=Path,
+                        help="write the predictions to this .csv or .json file instead of stdout")
+    parser.add_argument("--threshold", type=float,
+                        help="two classes: probability of the second class from which it is the "
+                             "label (default: the model's decision_threshold, else 0.5)")
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: cores)")
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error("--top-k must be at least 1")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        parser.error("--threshold must be between 0 and 1")
+    if args.output and args.output.suffix.lower() not in (".csv", ".json"):
+        parser.error(f"--output {args.output}: the name must end in .csv or .json")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.model.is_file():
+        return _error(f"model {args.model}: no such file", EXIT_BAD_INPUT)
+    if not args.input.exists():
+        return _error(f"input {args.input}: no such file or folder", EXIT_BAD_INPUT)
+    try:
+        model = Model(str(args.model), args.threads)
+    except Exception as error:  # onnxruntime raises its own exception types
+        return _error(f"model {args.model}: cannot be loaded: {str(error).splitlines()[0][:200]}",
+                      EXIT_BAD_INPUT)
+    threshold = args.threshold if args.threshold is not None else model.decision_threshold
+    paths = image_files(args.input)
+    failed = []
+
+    def on_error(path: Path, reason: str) -> None:
+        failed.append(str(path))
+        print(f"error: {path}: {reason}", file=sys.stderr)
+
+    results = predict_files(model, paths, threshold, args.top_k, on_error)
+    if args.output:
+        write_output(results, args.output)
+    else:
+        for result in results:
+            top = " ".join(f"{item['label']}={item['probability']:.4f}" for item in result["top_k"])
+            print(f"{result['path']}\t{result['label']}\t{result['probability']:.4f}\t{top}")
+    print(f"predicted {len(results)} of {len(paths)} file(s); {len(failed)} failed",
+          file=sys.stderr)
+    return EXIT_OK if results else EXIT_NOTHING_PREDICTED
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _error(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

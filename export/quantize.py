@@ -1,0 +1,172 @@
+"""Quantize: static int8 quantization (QDQ, per-channel weights) calibrated on training images.
+
+Steps: quant_pre_process (ONNX shape inference; BatchNorm folded into the convolutions),
+quantize_static with MinMax calibration over images of the run's training split (decoded exactly
+as in training), then empirical bias correction.
+
+Bias correction (Nagel et al., "Data-Free Quantization", 2019, empirical form): rounding weights
+and activations to int8 shifts the mean of each convolution's output a little; in networks such as
+MobileNetV2 the shifts compound through the layers. On the chest X-ray runs weights-only fake
+quantization alone moved the probabilities by 0.12 on average and flipped 12% of the labels (the
+runtime was not the cause). Going through the convolutions in graph order, the per-channel mean of
+each one's quantized output on calibration images is compared with the float model's and the
+difference is taken out of its int32 bias, so every later layer is corrected given the earlier
+corrections. The int8 weights and activation ranges stay as calibrated.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
+
+from export.convert import INPUT_NAME
+from export.errors import ExportError
+
+log = logging.getLogger("export")
+
+BIAS_CORRECTION_IMAGES = 64
+
+
+class ImageReader(CalibrationDataReader):
+    """onnxruntime's CalibrationDataReader over image files, in small batches."""
+
+    def __init__(self, paths: list[str], image_size: int, batch_size: int = 16):
+        self.paths, self.image_size, self.batch_size = list(paths), image_size, batch_size
+        self.position = 0
+
+    def get_next(self) -> dict | None:
+        from job.images import load_image
+
+        if self.position >= len(self.paths):
+            return None
+        chunk = self.paths[self.position:self.position + self.batch_size]
+        self.position += len(chunk)
+        batch = np.stack([load_image(path, self.image_size) for path in chunk]).astype(np.float32)
+        return {INPUT_NAME: batch}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def quantize_int8(float_model: Path, int8_model: Path, calibration_paths: list[str],
+                  image_size: int, bias_correction: bool = True) -> dict:
+    """Writes int8_model: QDQ, int8 activations and per-channel int8 weights, MinMax-calibrated.
+
+    Returns what was done, for the report."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not calibration_paths:
+        raise ExportError("no training images to calibrate the int8 model on")
+    corrected = 0
+    with tempfile.TemporaryDirectory(prefix="quant-") as scratch:
+        prepared = Path(scratch, "prepared.onnx")
+        try:
+            quant_pre_process(str(float_model), str(prepared), skip_symbolic_shape=True)
+        except Exception as error:  # optional step: quantization works without it
+            log.warning("quant_pre_process failed (%s); quantizing the graph as converted", error)
+            prepared = float_model
+        _quantize(prepared, int8_model, calibration_paths, image_size)
+        if bias_correction:
+            quantized = onnx.load(str(int8_model))
+            corrected = correct_biases(onnx.load(str(prepared)), quantized,
+                                       calibration_paths[:BIAS_CORRECTION_IMAGES], image_size)
+            onnx.save(quantized, str(int8_model))
+    log.info("int8 model calibrated on %d training images; biases of %d convolutions corrected",
+             len(calibration_paths), corrected)
+    return {"method": "static QDQ, per-channel int8 weights, int8 activations, MinMax",
+            "calibration_images": len(calibration_paths),
+            "bias_corrected_convolutions": corrected,
+            "bias_correction_images": min(len(calibration_paths), BIAS_CORRECTION_IMAGES)
+            if bias_correction else 0}
+
+
+def _quantize(model: Path, output: Path, calibration_paths: list[str], image_size: int) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    try:
+        quantize_static(
+            str(model), str(output), ImageReader(calibration_paths, image_size),
+            quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax)
+    except Exception as error:
+        raise ExportError(f"int8 quantization failed: {error.__class__.__name__}: "
+                          f"{str(error).splitlines()[0][:300]}") from None
+
+
+def correct_biases(float_model, quantized, paths: list[str], image_size: int) -> int:
+    """Adjusts the int32 biases of the QDQ model `quantized` in place, convolution by convolution
+    in graph order, so that each one's per-channel output mean on these images matches the float
+    model's. Returns how many convolutions were corrected."""
+    from onnx import numpy_helper
+
+    producers = {output: node for node in quantized.graph.node for output in node.output}
+    consumers: dict[str, list] = {}
+    for node in quantized.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    initializers = {i.name: i for i in quantized.graph.initializer}
+    float_tensors = {output for node in float_model.graph.node for output in node.output}
+    convs = []
+    for node in quantized.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 3 or node.output[0] not in float_tensors:
+            continue
+        bias = producers.get(node.input[2])
+        if bias is not None and bias.op_type == "DequantizeLinear" and bias.input[0] in initializers:
+            convs.append((node, bias))
+    if not convs:
+        return 0
+
+    def seen(name: str) -> str:
+        """The value later nodes see: after the tensor's QuantizeLinear/DequantizeLinear pair.
+        (The quantizer drops a Relu/Clip whose range the pair already enforces, so the float
+        model's tensor of that name is the clipped one.)"""
+        for quantize in consumers.get(name, []):
+            if quantize.op_type == "QuantizeLinear":
+                for dequantize in consumers.get(quantize.output[0], []):
+                    if dequantize.op_type == "DequantizeLinear":
+                        return dequantize.output[0]
+        return name
+
+    feeds = list(_batches(paths, image_size))
+    reference = channel_means(float_model, [node.output[0] for node, _ in convs], feeds)
+    for node, bias_node in convs:
+        observed = seen(node.output[0])
+        shift = channel_means(quantized, [observed], feeds)[observed] - reference[node.output[0]]
+        scale = numpy_helper.to_array(initializers[bias_node.input[1]]).astype(np.float64)
+        bias = numpy_helper.to_array(initializers[bias_node.input[0]]).astype(np.int64)
+        bias = np.clip(bias - np.round(shift / scale), -2**31, 2**31 - 1).astype(np.int32)
+        initializers[bias_node.input[0]].CopyFrom(numpy_helper.from_array(bias, bias_node.input[0]))
+    return len(convs)
+
+
+def channel_means(model, names: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
+    """Per-channel means (over images and positions) of the named NCHW tensors of a model."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {output.name for output in probe.graph.output}
+    for name in names:
+        if name not in present:
+            probe.graph.output.add().name = name
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, feed)):
+            total = value.astype(np.float64).sum(axis=(0, 2, 3)) / (value.shape[2] * value.shape[3])
+            sums[name] = sums.get(name, 0) + total
+        count += len(feed[INPUT_NAME])
+    return {name: total / count for name, total in sums.items()}
+
+
+def _batches(paths: list[str], image_size: int):
+    reader = ImageReader(paths, image_size)
+    while (feed := reader.get_next()) is not None:
+        yield feed

@@ -1,0 +1,115 @@
+"""python -m export: gated float32/int8 ONNX exports of real training runs, and its failure modes."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from tests.conftest import export_run, run_module
+
+
+def _assert_gates_passed(report: dict) -> None:
+    assert report["status"] == "passed", report["failed_gates"]
+    parity = report["parity"]
+    assert parity["images"] == parity["test_split_images"] == 40  # every real test image
+    assert parity["float32"]["max_abs_diff"] <= 1e-4
+    assert parity["float32"]["top1_agreement"] == 1.0
+    assert parity["int8"]["top1_agreement"] >= 0.99
+    assert abs(parity["accuracy"]["onnx_int8"] - parity["accuracy"]["onnx_float32"]) <= 0.01
+    for backend in ("tensorflow", "onnx_float32", "onnx_int8"):
+        assert report["latency"][backend]["batch1_p50_ms"] > 0
+        assert report["latency"][backend]["batch32_images_per_s"] > 0
+    assert set(report["files"]) == {"model.onnx", "model.int8.onnx"}
+    assert report["sizes_bytes"]["model.int8.onnx"] < report["sizes_bytes"]["model.onnx"]
+
+
+def test_vgg16_run_exported_by_the_job_passes_the_gates(vgg16_exported_by_job):
+    report = json.loads((vgg16_exported_by_job / "export_report.json").read_text())
+    _assert_gates_passed(report)
+    assert report["parity"]["reference"] == "tensorflow"  # the SavedModel itself
+    for name in ("model.onnx", "model.int8.onnx"):
+        onnx.checker.check_model(str(vgg16_exported_by_job / name))
+
+
+def test_mobilenet_v2_with_real_weights_passes_the_gates(mobilenet_export):
+    code, report, stderr = mobilenet_export
+    assert code == 0, stderr[-2000:]
+    _assert_gates_passed(report)
+    assert report["parity"]["accuracy"]["tensorflow"] >= 0.7  # the real weights learned something
+
+
+def test_onnx_model_has_named_io_dynamic_batch_opset_and_metadata(mobilenet_export, mobilenet_run):
+    model = onnx.load(str(mobilenet_run / "model.onnx"))
+    assert [i.name for i in model.graph.input] == ["image"]
+    assert [o.name for o in model.graph.output] == ["probabilities"]
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [96, 96, 3]
+    assert {o.domain: o.version for o in model.opset_import}[""] == 17
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["labels"]) == ["NORMAL", "PNEUMONIA"]
+    assert meta["image_size"] == "96" and meta["decision_threshold"] == "0.5"
+    assert "job.images.load_image" in meta["preprocessing"] and "RGB 0-255" in meta["preprocessing"]
+    assert "class index 1" in meta["output"]
+    assert meta["source_run_id"] == "mobilenet" and meta["source_run_uri"] == str(mobilenet_run)
+    assert json.loads(meta["parity"])["status"] == "passed"
+    session = ort.InferenceSession(str(mobilenet_run / "model.onnx"))
+    for batch in (1, 3):
+        output = session.run(None, {"image": np.zeros((batch, 96, 96, 3), np.float32)})[0]
+        assert output.shape == (batch, 1) and output.dtype == np.float32
+
+
+def test_mixed_precision_run_exports_a_float32_graph(mixed_precision_run):
+    from export.convert import float16_tensors
+
+    code, report, stderr = export_run(mixed_precision_run, INT8="0")
+    assert code == 0, stderr[-2000:]
+    assert report["training_precision_policy"] == "mixed_float16"
+    assert report["parity"]["reference"] == "tensorflow_float32_rebuild"
+    assert report["parity"]["saved_model_vs_onnx_float32"]["top1_agreement"] >= 0.99
+    model = onnx.load(str(mixed_precision_run / "model.onnx"))
+    assert float16_tensors(model) == []
+    inferred = onnx.shape_inference.infer_shapes(model)
+    element_types = {v.type.tensor_type.elem_type for v in
+                     (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    initializer_types = {i.data_type for i in model.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 not in element_types | initializer_types
+    assert onnx.TensorProto.FLOAT in initializer_types
+
+
+def test_failed_gate_exits_1_writes_a_failed_report_and_withholds_the_models(
+        vgg16_exported_by_job, tmp_path, monkeypatch):
+    from export import __main__ as entrypoint, measure
+
+    monkeypatch.setattr(measure, "FLOAT32_MAX_ABS_DIFF", -1.0)  # no model can pass this gate
+    target = tmp_path / "export"
+    code = entrypoint.main({"RUN_URI": str(vgg16_exported_by_job), "EXPORT_URI": str(target),
+                            "CACHE_DIR": str(tmp_path / "cache"), "INT8": "0",
+                            "LATENCY_RUNS": "2"})
+    assert code == 1
+    report = json.loads((target / "export_report.json").read_text())
+    assert report["status"] == "failed"
+    assert report["failed_gates"][0].startswith("float32: max |diff|")
+    assert not (target / "model.onnx").exists() and report["files"] == {}
+
+
+def test_incomplete_run_exits_2_naming_it(vgg16_exported_by_job, tmp_path):
+    run = tmp_path / "half-run"
+    shutil.copytree(vgg16_exported_by_job, run, ignore=shutil.ignore_patterns("MANIFEST.json"))
+    result = run_module("export", {"RUN_URI": str(run), "CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 2
+    assert f"RUN_URI={run}: no MANIFEST.json" in result.stderr
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"RUN_URI": "/nonexistent/run", "OPSET": "99"}, "OPSET"),
+    ({"RUN_URI": "/nonexistent/run", "INT8": "maybe"}, "INT8"),
+    ({}, "RUN_URI"),
+])
+def test_bad_setting_exits_2_naming_the_variable(env, variable, tmp_path):
+    result = run_module("export", {"RUN_URI": "", "CACHE_DIR": str(tmp_path), **env}, timeout=120)
+    assert result.returncode == 2
+    assert variable in result.stderr.strip().splitlines()[-1]
