@@ -15,7 +15,7 @@ from tests.conftest import export_run, run_module
 def _assert_gates_passed(report: dict) -> None:
     assert report["status"] == "passed", report["failed_gates"]
     parity = report["parity"]
-    assert parity["images"] == parity["test_split_images"] == 40  # every real test image
+    assert parity["images"] == parity["test_split_images"] == 120  # every real test image
     assert parity["float32"]["max_abs_diff"] <= 1e-4
     assert parity["float32"]["top1_agreement"] == 1.0
     assert parity["int8"]["top1_agreement"] >= 0.99
@@ -51,7 +51,8 @@ def test_onnx_model_has_named_io_dynamic_batch_opset_and_metadata(mobilenet_expo
     assert {o.domain: o.version for o in model.opset_import}[""] == 17
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["labels"]) == ["NORMAL", "PNEUMONIA"]
-    assert meta["image_size"] == "96" and meta["decision_threshold"] == "0.5"
+    threshold = json.loads((mobilenet_run / "metrics.json").read_text())["decision_threshold"]
+    assert meta["image_size"] == "96" and float(meta["decision_threshold"]) == threshold
     assert "job.images.load_image" in meta["preprocessing"] and "RGB 0-255" in meta["preprocessing"]
     assert "class index 1" in meta["output"]
     assert meta["source_run_id"] == "mobilenet" and meta["source_run_uri"] == str(mobilenet_run)

@@ -44,9 +44,10 @@ def test_predictor_gives_the_saved_model_labels_on_real_images(model_path, image
     assert len(results) == 12
     images = np.stack([load_image(r["path"], 96) for r in results]).astype(np.float32)
     saved_model = saved_model_predictor(model_path.parent / "saved_model")(images)[:, 0]
-    expected = ["PNEUMONIA" if p >= 0.5 else "NORMAL" for p in saved_model]
+    threshold = json.loads((model_path.parent / "metrics.json").read_text())["decision_threshold"]
+    expected = ["PNEUMONIA" if p >= threshold else "NORMAL" for p in saved_model]
     assert [r["label"] for r in results] == expected
-    chosen = np.where(saved_model >= 0.5, saved_model, 1 - saved_model)
+    chosen = np.where(saved_model >= threshold, saved_model, 1 - saved_model)
     np.testing.assert_allclose([r["probability"] for r in results], chosen, atol=1e-4)
 
 
