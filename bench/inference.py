@@ -1,0 +1,81 @@
+"""CPU inference speed: the SavedModel in TensorFlow against ONNX float32 and int8 in onnxruntime.
+
+For VGG16 at 150 and MobileNetV2 (alpha 0.5, real ImageNet weights) at 224, trains a short run
+on real chest X-rays with `python -m job`, exports it with `python -m export` (onnxruntime with
+intra-op threads = cores and ORT_ENABLE_ALL), and prints JSON: p50/p95 latency at batch 1 and
+images/s at batch 32 of each backend, measured in the same export run, and their ratios.
+Latency does not depend on the weights, so VGG16 runs with WEIGHTS=none here.
+
+    python bench/inference.py [--latency-runs 100]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data" / "chest_xray_pneumonia_224"
+MOBILENET = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+MODELS = {
+    "vgg16_150": {"BACKBONE": "vgg16", "WEIGHTS": "none", "IMAGE_SIZE": "150"},
+    "mobilenet_v2_050_224": {"BACKBONE": "mobilenet_v2", "ALPHA": "0.5", "WEIGHTS": str(MOBILENET),
+                             "IMAGE_SIZE": "224"},
+}
+
+
+def run(module: str, env: dict) -> None:
+    result = subprocess.run([sys.executable, "-m", module], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), **env})
+    if result.returncode not in (0, 1):  # 1: a parity gate failed; the timings are still measured
+        raise SystemExit(f"python -m {module} failed:\n{result.stderr[-3000:]}")
+
+
+def slice_of_data(target: Path) -> Path:
+    for split, count in (("train", 40), ("validation", 10), ("test", 50)):
+        for class_dir in sorted((DATA / split).iterdir()):
+            (target / split / class_dir.name).mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                (target / split / class_dir.name / image.name).symlink_to(image)
+    return target
+
+
+def measure(name: str, settings: dict, data: Path, work: Path, latency_runs: int) -> dict:
+    run("job", {"DATA_URI": str(data), "OUTPUT_URI": str(work), "RUN_ID": name,
+                "CACHE_DIR": str(work / "cache"), "HEAD_EPOCHS": "2", "FINE_TUNE_EPOCHS": "0",
+                **settings})
+    run("export", {"RUN_URI": str(work / name), "CACHE_DIR": str(work / "cache"),
+                   "LATENCY_RUNS": str(latency_runs), "CALIBRATION_IMAGES": "80"})
+    report = json.loads((work / name / "export_report.json").read_text())
+    latency = report["latency"]
+    return {
+        "latency": latency,
+        "sizes_bytes": report["sizes_bytes"],
+        "onnx_float32_vs_tensorflow_batch32": round(
+            latency["onnx_float32"]["batch32_images_per_s"] / latency["tensorflow"]["batch32_images_per_s"], 2),
+        "onnx_int8_vs_float32_batch1_p50": round(
+            latency["onnx_float32"]["batch1_p50_ms"] / latency["onnx_int8"]["batch1_p50_ms"], 2),
+        "export_status": report.get("status"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency-runs", type=int, default=100)
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"real data not found at {DATA}")
+    with tempfile.TemporaryDirectory() as work:
+        data = slice_of_data(Path(work) / "data")
+        results = {name: measure(name, settings, data, Path(work), args.latency_runs)
+                   for name, settings in MODELS.items()}
+    print(json.dumps({"cpus": os.cpu_count(), "load_average": os.getloadavg(), **results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
