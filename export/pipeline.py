@@ -8,7 +8,6 @@ export_report.json (the export's completion marker, also written when a gate fai
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from export import convert, measure
+from job.report import sha256, write_json
 from export.config import ExportConfig, available_cores
 from export.errors import BadInput, ExportError, GateFailed
 
@@ -315,20 +315,6 @@ def load(path: Path):
 
 def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json(path: Path, data: dict) -> None:
-    from job.report import write_json as write
-
-    write(path, data)
 
 
 def versions() -> dict:

@@ -114,13 +114,14 @@ def write_manifest(run_dir: Path) -> dict:
         relative = str(path.relative_to(run_dir))
         if relative.startswith("checkpoints/"):
             continue
-        files[relative] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        files[relative] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
     manifest = {"files": files}
     write_json(Path(run_dir, MANIFEST), manifest)
     return manifest
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):

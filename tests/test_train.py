@@ -93,7 +93,7 @@ def test_job_writes_every_output_and_the_manifest_lists_them(tiny_run):
     assert "saved_model/saved_model.pb" in manifest and "metrics.json" in manifest
     for name, entry in manifest.items():
         assert (run_dir / name).stat().st_size == entry["bytes"]
-        assert report._sha256(run_dir / name) == entry["sha256"]
+        assert report.sha256(run_dir / name) == entry["sha256"]
 
 
 def test_labels_are_the_sorted_class_names(tiny_run):
