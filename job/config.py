@@ -41,8 +41,14 @@ class Config:
     fine_tune_from: str = "block5_conv1"
     dense_units: int = 256
     dropout: float = 0.5
+    # AUGMENT: train on random flips, rotations, zooms, shifts and contrast changes. With
+    # CACHE_FEATURES on, the frozen layers run once on AUGMENT_VIEWS augmented views of each
+    # training image and training reuses those outputs; with it off, images are augmented afresh
+    # every epoch (slow: the frozen layers run every epoch). Validation and test are never augmented.
     augment: bool = False
+    augment_views: int = 4
     cache_features: bool = True
+    tta: bool = False  # evaluate on the mean prediction of each image and its horizontal flip
     validation_split: float = 0.2
     test_split: float = 0.1
     patience: int = 3
@@ -90,7 +96,9 @@ class Config:
             dense_units=env.integer("DENSE_UNITS", 256, minimum=1),
             dropout=env.fraction("DROPOUT", 0.5),
             augment=env.flag("AUGMENT", False),
+            augment_views=env.integer("AUGMENT_VIEWS", 4, minimum=1),
             cache_features=env.flag("CACHE_FEATURES", True),
+            tta=env.flag("TTA", False),
             validation_split=env.fraction("VALIDATION_SPLIT", 0.2, open_high=True),
             test_split=env.fraction("TEST_SPLIT", 0.1, open_high=True),
             patience=env.integer("PATIENCE", 3, minimum=1),
