@@ -54,7 +54,7 @@ def test_vgg16_defaults_follow_the_classic_recipe():
 
 
 @pytest.mark.parametrize("backbone, layer", [
-    ("mobilenet_v2", "block_16_expand"),
+    ("mobilenet_v2", "block_13_expand"),
     ("resnet50", "conv5_block1_1_conv"),
     ("efficientnet_b0", "block7a_expand_conv"),
 ])
@@ -81,6 +81,17 @@ def test_hub_handle_is_accepted_as_a_backbone():
     handle = "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5"
     settings = config(BACKBONE=handle)
     assert settings.is_hub_backbone and settings.image_size == 224 and settings.fine_tune_from == ""
+
+
+def test_augmentation_is_on_by_default_as_cached_views_and_tta_off():
+    settings = config()
+    assert (settings.augment, settings.augment_views, settings.cache_features, settings.tta) == \
+        (True, 2, True, False)
+
+
+def test_mobilenet_v2_fine_tunes_its_top_four_blocks_at_1e_4():
+    settings = config(BACKBONE="mobilenet_v2")
+    assert (settings.fine_tune_from, settings.fine_tune_learning_rate) == ("block_13_expand", 1e-4)
 
 
 def test_augmented_views_and_tta_are_read():
