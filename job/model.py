@@ -119,12 +119,13 @@ def build_head(feature_dim: int, num_classes: int, dense_units: int, dropout: fl
 
 
 def build_augmentation(seed: int) -> keras.Sequential:
-    """Random flip, rotation, zoom and translation; active in training only."""
+    """Random flip, rotation, zoom, translation and contrast; active in training only."""
     return keras.Sequential([
         layers.RandomFlip("horizontal", seed=seed),
         layers.RandomRotation(0.05, seed=seed),
         layers.RandomZoom(0.1, seed=seed),
         layers.RandomTranslation(0.1, 0.1, seed=seed),
+        layers.RandomContrast(0.2, seed=seed),
     ], name="augmentation")
 
 
@@ -143,12 +144,14 @@ def unfreeze_from(base: keras.Model, layer_name: str) -> None:
         layer.trainable = index >= start and not isinstance(layer, layers.BatchNormalization)
 
 
-def split_for_fine_tuning(parts: Classifier, layer_name: str) -> tuple[keras.Model, keras.Model]:
-    """Cuts the classifier where fine-tuning starts: (frozen bottom, trainable top).
+def split_for_fine_tuning(parts: Classifier, layer_name: str
+                          ) -> tuple[keras.Model, keras.Model, keras.Model]:
+    """Cuts the classifier where fine-tuning starts: (frozen bottom, upper features, trainable top).
 
-    bottom maps images to the input of layer_name; top maps that to probabilities through the
-    unfrozen layers, the pooling and the head. Both share their layers (and weights) with
-    parts.classifier, so training top trains the classifier.
+    bottom maps images to the input of layer_name; upper maps that to the pooled features that
+    the head takes (so phase 1 can reuse phase 2's bottom outputs); top maps it to probabilities
+    through the unfrozen layers, the pooling and the head. All share their layers (and weights)
+    with parts.classifier, so training top trains the classifier.
     """
     cut = parts.base.get_layer(layer_name).input
     base_bottom = keras.Model(parts.base.input, cut, name="base_bottom")
@@ -158,8 +161,9 @@ def split_for_fine_tuning(parts: Classifier, layer_name: str) -> tuple[keras.Mod
     bottom = keras.Model(images, base_bottom(preprocess(images), training=False), name="bottom")
     activations = keras.Input(cut.shape[1:], name="activations")
     features = parts.classifier.get_layer("pool")(base_top(activations, training=False))
+    upper = keras.Model(activations, features, name="upper")
     top = keras.Model(activations, parts.head(features), name="top")
-    return bottom, top
+    return bottom, upper, top
 
 
 def base_layer_names(backbone: str, alpha: float, image_size: int) -> list[str]:

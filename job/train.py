@@ -1,13 +1,18 @@
 """Train: one run of the job, from a validated Config to a complete run directory.
 
-Phase 1 (feature extraction) trains a new head on a frozen conv base: on features computed once
-when AUGMENT is off, or through the frozen base behind augmentation layers when it is on.
-Phase 2 (fine-tuning) unfreezes the base from FINE_TUNE_FROM up and trains at a low learning
-rate; with AUGMENT off it too trains on the outputs of the frozen layers below, computed once. The run directory gets the SavedModel, labels, metrics, plots and summary, then MANIFEST.json.
+Phase 1 (feature extraction) trains a new head on a frozen conv base; phase 2 (fine-tuning)
+unfreezes the base from FINE_TUNE_FROM up and trains at a low learning rate. With CACHE_FEATURES
+on (the default) both train on the outputs of their frozen layers, computed once: the layers below
+FINE_TUNE_FROM run once per image (per augmented view of each training image when AUGMENT is on),
+and phase 1's pooled features are computed from those outputs. With CACHE_FEATURES off the frozen
+layers run every epoch, behind augmentation layers when AUGMENT is on. With TTA on, predictions
+are averaged over each image and its horizontal flip. The run directory gets the SavedModel,
+labels, metrics, plots and summary, then MANIFEST.json.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import platform
@@ -19,6 +24,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
 from job import data, distribute, model, report, storage
 from job.checkpoint import Checkpoints, StopSignal
@@ -189,26 +195,76 @@ class Trainer:
                               else None)
         self.verbose = 1 if sys.stdout.isatty() else 0
 
-    def images(self, split_name: str, training: bool = False) -> tf.data.Dataset:
+    def images(self, split_name: str, training: bool = False, flipped: bool = False) -> tf.data.Dataset:
         split = getattr(self.dataset, split_name)
-        return data.image_dataset(split, self.config.image_size, self.batch_size,
-                                  shuffle=training, seed=self.config.seed,
-                                  cache_file=str(self.scratch_dir / split_name))
+        images = data.image_dataset(split, self.config.image_size, self.batch_size,
+                                    shuffle=training, seed=self.config.seed,
+                                    cache_file=str(self.scratch_dir / split_name))
+        return images.map(lambda x, y: (ops.flip(x, axis=2), y)) if flipped else images
 
     def labels(self, split_name: str) -> np.ndarray:
         return np.asarray(getattr(self.dataset, split_name).labels, dtype=np.int32)
 
-    def outputs(self, extractor: keras.Model, split_name: str, tag: str) -> tf.data.Dataset:
-        """(extractor output, label) per image, computed once and cached on disk.
+    def frozen_inputs(self) -> dict[str, tuple[tf.data.Dataset, int]]:
+        """(image batches, image count) per split, for the frozen layers to run on once.
+
+        With AUGMENT on, the training images come as AUGMENT_VIEWS random augmented views each
+        (seeded by SEED); with TTA on, the flipped validation and test images come too.
+        """
+        config = self.config
+        train = self.images("train")
+        views = 1
+        if config.augment:
+            augmentation = model.build_augmentation(config.seed)
+            views = config.augment_views
+            train = train.repeat(views).map(lambda x, y: (augmentation(x, training=True), y))
+        inputs = {"train": (train, views * len(self.dataset.train))}
+        for name in ("validation", "test"):
+            count = len(getattr(self.dataset, name))
+            if count:
+                inputs[name] = (self.images(name), count)
+                if config.tta:
+                    inputs[f"{name}_flipped"] = (self.images(name, flipped=True), count)
+        return inputs
+
+    def outputs(self, extractor: keras.Model, inputs: dict[str, tuple[tf.data.Dataset, int]],
+                tag: str) -> dict[str, tf.data.Dataset]:
+        """(extractor output, label) per example of each input, computed once and cached on disk.
 
         The frozen layers below what is trained are deterministic (BatchNormalization runs in
         inference mode), so running them once gives exactly what every epoch would compute.
         """
-        outputs = self.images(split_name).map(
-            lambda images, labels: (extractor(images, training=False), labels)).unbatch()
-        outputs = outputs.apply(tf.data.experimental.assert_cardinality(
-            len(getattr(self.dataset, split_name))))
-        return data.cached(outputs, str(self.scratch_dir / f"{tag}-{split_name}"))
+        cached = {}
+        for name, (batches, count) in inputs.items():
+            outputs = batches.map(
+                lambda x, labels: (extractor(x, training=False), labels)).unbatch()
+            outputs = outputs.apply(tf.data.experimental.assert_cardinality(count))
+            cached[name] = data.cached(outputs, str(self.scratch_dir / f"{tag}-{name}"))
+        return cached
+
+    def frozen_outputs(self, phase: str) -> dict[str, tf.data.Dataset]:
+        """What each phase trains on: phase 2 on the outputs of the layers below FINE_TUNE_FROM,
+        phase 1 on pooled features, computed from those same outputs when phase 2 will use them."""
+        if not self.fine_tunes_cached:
+            return self.outputs(self.parts.feature_extractor, self.frozen_inputs(), "features")
+        bottom, upper, _ = self.fine_tuning_parts
+        activations = self.outputs(bottom, self.frozen_inputs(), "bottom")
+        if phase == "phase 2":
+            return activations
+        return self.outputs(upper, {name: (examples.batch(self.batch_size),
+                                           int(examples.cardinality()))
+                                    for name, examples in activations.items()}, "features")
+
+    @property
+    def fine_tunes_cached(self) -> bool:
+        config = self.config
+        return (config.cache_features and not config.is_hub_backbone
+                and config.fine_tune_epochs > 0)
+
+    @functools.cached_property
+    def fine_tuning_parts(self) -> tuple[keras.Model, keras.Model, keras.Model]:
+        """(frozen bottom, upper features, trainable top), cut at FINE_TUNE_FROM."""
+        return model.split_for_fine_tuning(self.parts, self.config.fine_tune_from)
 
     def batches(self, examples: tf.data.Dataset, training: bool = False) -> tf.data.Dataset:
         if training:
@@ -222,17 +278,11 @@ class Trainer:
         if self.checkpoints.finished("phase 1"):
             self.checkpoints.restore("phase 1", self.parts.classifier)
             return self.checkpoints.finished("phase 1")
-        if config.augment or not config.cache_features:
-            trainer = self.parts.classifier
-            if config.augment:
-                trainer = model.with_augmentation(trainer, model.build_augmentation(config.seed))
-            record = self._fit("phase 1", trainer, keras.optimizers.Adam(config.head_learning_rate),
-                               config.head_epochs, self.images("train", training=True),
-                               self.images("validation"))
+        optimizer = keras.optimizers.Adam(config.head_learning_rate)
+        if config.cache_features:
+            record = self._fit_cached("phase 1", self.parts.head, optimizer, config.head_epochs)
         else:
-            record = self._fit_cached("phase 1", self.parts.feature_extractor, self.parts.head,
-                                      keras.optimizers.Adam(config.head_learning_rate),
-                                      config.head_epochs)
+            record = self._fit_online("phase 1", optimizer, config.head_epochs, config.seed)
         self.checkpoints.finish("phase 1", self.parts.classifier, record)
         return record
 
@@ -247,31 +297,34 @@ class Trainer:
             self.parts.base.trainable = True
         else:
             model.unfreeze_from(self.parts.base, config.fine_tune_from)
-        if config.augment or not config.cache_features or config.is_hub_backbone:
-            trainer = self.parts.classifier
-            if config.augment:
-                trainer = model.with_augmentation(trainer, model.build_augmentation(config.seed + 1))
-            record = self._fit("phase 2", trainer, optimizer, config.fine_tune_epochs,
-                               self.images("train", training=True), self.images("validation"))
+        if self.fine_tunes_cached:
+            top = self.fine_tuning_parts[2]
+            record = self._fit_cached("phase 2", top, optimizer, config.fine_tune_epochs)
         else:
-            bottom, top = model.split_for_fine_tuning(self.parts, config.fine_tune_from)
-            record = self._fit_cached("phase 2", bottom, top, optimizer, config.fine_tune_epochs)
+            record = self._fit_online("phase 2", optimizer, config.fine_tune_epochs, config.seed + 1)
         self.checkpoints.finish("phase 2", self.parts.classifier, record)
         return record
 
-    def _fit_cached(self, phase: str, frozen: keras.Model, trained: keras.Model, optimizer,
-                    epochs: int) -> dict:
-        """Trains `trained` on the cached outputs of `frozen`, then evaluates on them too."""
+    def _fit_online(self, phase: str, optimizer, epochs: int, augmentation_seed: int) -> dict:
+        """Trains the classifier on the images, through the frozen layers every epoch."""
+        trainer = self.parts.classifier
+        if self.config.augment:
+            trainer = model.with_augmentation(trainer, model.build_augmentation(augmentation_seed))
+        return self._fit(phase, trainer, optimizer, epochs, self.images("train", training=True),
+                         self.images("validation"), len(self.dataset.train))
+
+    def _fit_cached(self, phase: str, trained: keras.Model, optimizer, epochs: int) -> dict:
+        """Trains `trained` on the cached outputs of the frozen layers, then evaluates on them too."""
         started = time.perf_counter()
-        cached = {name: self.outputs(frozen, name, phase.replace(" ", ""))
-                  for name in data.SPLITS if len(getattr(self.dataset, name))}
+        cached = self.frozen_outputs(phase)
         extraction_seconds = time.perf_counter() - started
-        log.info("%s: outputs of the frozen layers for %d images computed once in %.1f s", phase,
-                 sum(len(getattr(self.dataset, name)) for name in cached), extraction_seconds)
+        log.info("%s: outputs of the frozen layers for %d examples ready in %.1f s", phase,
+                 sum(int(examples.cardinality()) for examples in cached.values()), extraction_seconds)
         record = self._fit(phase, trained, optimizer, epochs, self.batches(cached["train"], True),
-                           self.batches(cached["validation"]),
-                           predict=lambda name: distribute.predict(trained, self.batches(cached[name]),
-                                                                   self.strategy))
+                           self.batches(cached["validation"]), int(cached["train"].cardinality()),
+                           predict=lambda name, flipped: distribute.predict(
+                               trained, self.batches(cached[f"{name}_flipped" if flipped else name]),
+                               self.strategy))
         record["seconds"] = round(time.perf_counter() - started, 2)
         record["cached"] = True
         record["cache_seconds"] = round(extraction_seconds, 2)
@@ -279,7 +332,7 @@ class Trainer:
 
     def _fit(self, phase: str, trainer: keras.Model, optimizer, epochs: int,
              train_batches: tf.data.Dataset, validation_batches: tf.data.Dataset,
-             predict=None) -> dict:
+             train_examples: int, predict=None) -> dict:
         loss, metrics = model.loss_and_metrics(self.num_classes)
         trainer.compile(optimizer=optimizer, loss=loss, metrics=metrics)
         callbacks = self.callbacks(phase, epochs)
@@ -303,7 +356,8 @@ class Trainer:
             "cached": False,
             "seconds": round(seconds, 2),
             "training_seconds": round(seconds, 2),
-            "images_per_second": round(epochs_now * len(self.dataset.train) / seconds, 1),
+            "train_examples": train_examples,
+            "images_per_second": round(epochs_now * train_examples / seconds, 1),
             **self.evaluate(phase, predict),
         }
         return record
@@ -323,12 +377,24 @@ class Trainer:
         """Validation and test metrics of the classifier as it stands after a phase.
 
         For two classes the decision threshold that maximises balanced accuracy on the validation
-        split is chosen, and the test split is scored at 0.5 and at that threshold.
+        split is chosen, and the test split is scored at 0.5 and at that threshold. With TTA on,
+        the scores are those of predictions averaged over each image and its horizontal flip, and
+        each split also records its scores without TTA (at their own threshold) as "without_tta".
         """
-        predict = predict or (lambda name: distribute.predict(self.parts.classifier, self.images(name),
-                                                              self.strategy))
-        probabilities = {name: predict(name) for name in ("validation", "test")
-                         if len(getattr(self.dataset, name))}
+        predict = predict or (lambda name, flipped: distribute.predict(
+            self.parts.classifier, self.images(name, flipped=flipped), self.strategy))
+        names = [name for name in ("validation", "test") if len(getattr(self.dataset, name))]
+        plain = {name: predict(name, False) for name in names}
+        if not self.config.tta:
+            return self.scores(phase, plain)
+        result = self.scores(phase, {name: (plain[name] + predict(name, True)) / 2 for name in names})
+        without_tta = self.scores(f"{phase} without TTA", plain)
+        for name in names:
+            result[name]["without_tta"] = {**without_tta[name],
+                                           "decision_threshold": without_tta["decision_threshold"]}
+        return result
+
+    def scores(self, phase: str, probabilities: dict[str, np.ndarray]) -> dict:
         threshold = 0.5
         if self.num_classes == 2 and "validation" in probabilities:
             threshold = report.balanced_threshold(self.labels("validation"),

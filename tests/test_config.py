@@ -30,6 +30,8 @@ def test_missing_data_uri_names_the_variable():
     ("DROPOUT", "1.5", "a number from 0 to 1"),
     ("VALIDATION_SPLIT", "1", "a number from 0 to below 1"),
     ("AUGMENT", "maybe", "one of 1, 0, true, false"),
+    ("AUGMENT_VIEWS", "0", "an integer >= 1"),
+    ("TTA", "flip", "one of 1, 0, true, false"),
     ("MIXED_PRECISION", "half", "one of auto, off, float16, bfloat16"),
     ("CLASS_WEIGHTS", "balanced", "one of auto, off"),
     ("SEED", "-3", "an integer >= 0"),
@@ -52,7 +54,7 @@ def test_vgg16_defaults_follow_the_classic_recipe():
 
 
 @pytest.mark.parametrize("backbone, layer", [
-    ("mobilenet_v2", "block_16_expand"),
+    ("mobilenet_v2", "block_13_expand"),
     ("resnet50", "conv5_block1_1_conv"),
     ("efficientnet_b0", "block7a_expand_conv"),
 ])
@@ -79,6 +81,22 @@ def test_hub_handle_is_accepted_as_a_backbone():
     handle = "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5"
     settings = config(BACKBONE=handle)
     assert settings.is_hub_backbone and settings.image_size == 224 and settings.fine_tune_from == ""
+
+
+def test_augmentation_is_on_by_default_as_cached_views_and_tta_off():
+    settings = config()
+    assert (settings.augment, settings.augment_views, settings.cache_features, settings.tta) == \
+        (True, 2, True, False)
+
+
+def test_mobilenet_v2_fine_tunes_its_top_four_blocks_at_1e_4():
+    settings = config(BACKBONE="mobilenet_v2")
+    assert (settings.fine_tune_from, settings.fine_tune_learning_rate) == ("block_13_expand", 1e-4)
+
+
+def test_augmented_views_and_tta_are_read():
+    settings = config(AUGMENT="1", AUGMENT_VIEWS="2", TTA="on")
+    assert (settings.augment, settings.augment_views, settings.tta) == (True, 2, True)
 
 
 def test_cache_dir_is_a_path():

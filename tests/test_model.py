@@ -88,10 +88,13 @@ def test_layer_names_come_from_the_architecture_alone():
 def test_split_for_fine_tuning_computes_what_the_classifier_computes(backbone, layer):
     base, mode = model.build_base(backbone, 0.35 if backbone == "mobilenet_v2" else 1.0, None, 32)
     parts = model.build_classifier(base, mode, 3, 32, dense_units=8, dropout=0.5)
-    bottom, top = model.split_for_fine_tuning(parts, layer)
+    bottom, upper, top = model.split_for_fine_tuning(parts, layer)
     pixels = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
-    np.testing.assert_array_equal(top.predict(bottom.predict(pixels, verbose=0), verbose=0),
+    activations = bottom.predict(pixels, verbose=0)
+    np.testing.assert_array_equal(top.predict(activations, verbose=0),
                                   parts.classifier.predict(pixels, verbose=0))
+    np.testing.assert_allclose(upper.predict(activations, verbose=0),
+                               parts.feature_extractor.predict(pixels, verbose=0), rtol=1e-5, atol=1e-6)
     model.unfreeze_from(base, layer)
     top_weights = {id(w) for w in top.trainable_weights}
     assert top_weights == {id(w) for w in parts.classifier.trainable_weights}

@@ -131,14 +131,64 @@ def test_a_completed_run_is_left_untouched(tiny_run):
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
 
 
+def cached_trainer(root, **overrides) -> train.Trainer:
+    """A Trainer over 2 x 6 tiny images (VGG16, random weights), its caches under root."""
+    write_class_images(root / "images", ["a", "b"], per_class=6)
+    config = Config.from_env(tiny_vgg16_settings(root / "images", root / "out", root / "cache",
+                                                 **overrides))
+    keras.utils.set_random_seed(config.seed)
+    dataset = data.load_dataset(root / "images", 32, 0.34, 0.0, seed=config.seed)
+    parts = model.build_classifier(*model.build_base("vgg16", 1.0, None, 32), 2, 32, 8, 0.5)
+    return train.Trainer(config, dataset, parts, root,
+                         Checkpoints(root / "ckpt", str(root / "ckpt"), StopSignal()))
+
+
+def cached_train_outputs(trainer: train.Trainer, phase: str) -> np.ndarray:
+    return np.stack([x.numpy() for x, _ in trainer.frozen_outputs(phase)["train"]])
+
+
+def test_augmented_views_are_cached_once_per_view_and_seeded(tmp_path):
+    trainer = cached_trainer(tmp_path / "one", AUGMENT="1", AUGMENT_VIEWS="3")
+    bottom_outputs = cached_train_outputs(trainer, "phase 2")
+    assert len(bottom_outputs) == 3 * len(trainer.dataset.train)
+    views = np.split(bottom_outputs, 3)
+    assert not np.allclose(views[0], views[1])
+    features = cached_train_outputs(trainer, "phase 1")
+    upper = trainer.fine_tuning_parts[1]
+    np.testing.assert_allclose(features, upper.predict(bottom_outputs, verbose=0), rtol=1e-5, atol=1e-5)
+    again = cached_train_outputs(cached_trainer(tmp_path / "two", AUGMENT="1", AUGMENT_VIEWS="3"),
+                                 "phase 2")
+    np.testing.assert_array_equal(again, bottom_outputs)
+
+
+def test_tta_scores_the_mean_of_each_image_and_its_flip(tmp_path):
+    trainer = cached_trainer(tmp_path, TTA="1")
+    plain, flipped = 0.4, 0.8  # a mean of 0.6 calls every image class 1 at threshold 0.5
+    result = trainer.evaluate("phase 1", predict=lambda name, is_flipped: np.full(
+        (len(getattr(trainer.dataset, name)), 1), flipped if is_flipped else plain))
+    labels = trainer.labels("validation")
+    assert result["validation"]["accuracy"] == np.mean(labels == 1)
+    assert result["validation"]["without_tta"]["accuracy"] == np.mean(labels == 0)
+
+
+def test_tta_caches_the_flipped_images(tmp_path):
+    trainer = cached_trainer(tmp_path, TTA="1")
+    inputs = trainer.frozen_inputs()
+    images = next(iter(inputs["validation"][0]))[0].numpy()
+    np.testing.assert_array_equal(next(iter(inputs["validation_flipped"][0]))[0].numpy(),
+                                  images[:, :, ::-1])
+
+
 def test_augmented_binary_run_trains_both_phases_through_the_frozen_base(tmp_path):
     images = write_class_images(tmp_path / "images", ["no", "yes"], per_class=10)
     result = run_job(tiny_vgg16_settings(images, tmp_path / "out", tmp_path / "cache",
-                                         AUGMENT="1", HEAD_EPOCHS="1", FINE_TUNE_EPOCHS="1"))
+                                         AUGMENT="1", CACHE_FEATURES="0", TTA="1",
+                                         HEAD_EPOCHS="1", FINE_TUNE_EPOCHS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "tiny" / "metrics.json").read_text())
     assert metrics["phase1"]["cached"] is False and metrics["phase2"]["cached"] is False
     assert metrics["test"]["roc_auc"] is not None
+    assert metrics["test"]["without_tta"]["roc_auc"] is not None
 
 
 def test_imagenet_weights_that_cannot_be_downloaded_fail_fast_naming_weights(tmp_path):
