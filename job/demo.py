@@ -22,6 +22,7 @@ SETTINGS = {
     "HEAD_EPOCHS": "20",
     "FINE_TUNE_EPOCHS": "2",
     "HEAD_LEARNING_RATE": "0.003",
+    "AUGMENT": "0",  # digits are not mirror-symmetric
 }
 
 
