@@ -29,7 +29,9 @@ COPY requirements.txt requirements-gpu.txt /tmp/requirements/
 RUN python -m pip install --no-cache-dir pip==25.3 \
     && python -m pip install --no-cache-dir -r /tmp/requirements/requirements.txt
 RUN python -m pip install --no-cache-dir --no-deps -r /tmp/requirements/requirements-gpu.txt
+# export/ too: with EXPORT_ONNX=1 the training job converts its model to ONNX at its end.
 COPY job/ /app/job/
+COPY export/ /app/export/
 # Everything the job writes goes under /tmp (an emptyDir in Kubernetes; the root file system is
 # read-only there): pulled data, backbone weights (Keras), matplotlib's cache, local outputs.
 ENV CACHE_DIR=/tmp/image-classifier-cache \

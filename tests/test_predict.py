@@ -108,7 +108,7 @@ def test_threshold_decides_the_binary_label(model_path, image_folder, tmp_path):
 
 def test_single_image_with_top_k_lists_both_classes(model_path, image_folder, capsys):
     image = sorted(image_folder.iterdir())[0]
-    assert predict.main([str(model_path), str(image), "--top-k", "5"]) == 0
+    assert predict.main([str(model_path), str(image), "--top-k", "5", "--threshold", "0.5"]) == 0
     path, label, probability, top = capsys.readouterr().out.strip().split("\t")
     assert path == str(image) and label in ("NORMAL", "PNEUMONIA")
     names = [item.split("=")[0] for item in top.split()]
