@@ -22,6 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DATA = SHARED / "data" / "chest_xray_pneumonia_224"
 MOBILENET = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+sys.path.insert(0, str(REPO))
+
+from bench.datasets import link_slice  # noqa: E402
+
 MODELS = {
     "vgg16_150": {"BACKBONE": "vgg16", "WEIGHTS": "none", "IMAGE_SIZE": "150"},
     "mobilenet_v2_050_224": {"BACKBONE": "mobilenet_v2", "ALPHA": "0.5", "WEIGHTS": str(MOBILENET),
@@ -34,15 +38,6 @@ def run(module: str, env: dict) -> None:
                             env={**os.environ, "PYTHONPATH": str(REPO), **env})
     if result.returncode not in (0, 1):  # 1: a parity gate failed; the timings are still measured
         raise SystemExit(f"python -m {module} failed:\n{result.stderr[-3000:]}")
-
-
-def slice_of_data(target: Path) -> Path:
-    for split, count in (("train", 40), ("validation", 10), ("test", 50)):
-        for class_dir in sorted((DATA / split).iterdir()):
-            (target / split / class_dir.name).mkdir(parents=True)
-            for image in sorted(class_dir.iterdir())[:count]:
-                (target / split / class_dir.name / image.name).symlink_to(image)
-    return target
 
 
 def measure(name: str, settings: dict, data: Path, work: Path, latency_runs: int) -> dict:
@@ -71,7 +66,7 @@ def main() -> None:
     if not DATA.is_dir():
         raise SystemExit(f"real data not found at {DATA}")
     with tempfile.TemporaryDirectory() as work:
-        data = slice_of_data(Path(work) / "data")
+        data = link_slice(DATA, Path(work) / "data", {"train": 40, "validation": 10, "test": 50})
         results = {name: measure(name, settings, data, Path(work), args.latency_runs)
                    for name, settings in MODELS.items()}
     print(json.dumps({"cpus": os.cpu_count(), "load_average": os.getloadavg(), **results}, indent=1))

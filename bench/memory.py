@@ -20,18 +20,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DATA = SHARED / "data" / "chest_xray_pneumonia_224"
+sys.path.insert(0, str(REPO))
+
+from bench.datasets import link_slice  # noqa: E402
+
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
-
-
-def link_slice(target: Path, train_per_class: int) -> Path:
-    """train: the first N images of each class; validation and test: 50 of each."""
-    for split, count in (("train", train_per_class), ("validation", 50), ("test", 50)):
-        for class_dir in sorted((DATA / split).iterdir()):
-            destination = target / split / class_dir.name
-            destination.mkdir(parents=True, exist_ok=True)
-            for image in sorted(class_dir.iterdir())[:count]:
-                (destination / image.name).symlink_to(image)
-    return target
 
 
 def peak_rss_of_job(data_dir: Path, work: Path, image_size: int) -> dict:
@@ -60,7 +53,8 @@ def main() -> None:
     runs = []
     for per_class in (args.per_class, 4 * args.per_class):
         with tempfile.TemporaryDirectory() as work:
-            data_dir = link_slice(Path(work) / "data", per_class)
+            data_dir = link_slice(DATA, Path(work) / "data",
+                                  {"train": per_class, "validation": 50, "test": 50})
             runs.append(peak_rss_of_job(data_dir, Path(work), args.image_size))
     print(json.dumps({"image_size": args.image_size, "runs": runs,
                       "rss_ratio_4x_data": round(runs[1]["peak_rss_mib"] / runs[0]["peak_rss_mib"], 3)}))

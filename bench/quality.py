@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.datasets import link_slice  # noqa: E402
 
 ABLATIONS = {
     "default": {},
@@ -61,7 +64,8 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="quality-"))
     data = Path(args.data).resolve()
     if args.subset:
-        data = link_subset(data, work / f"subset-{args.subset}", args.subset)
+        data = link_slice(data, work / f"subset-{args.subset}",
+                          {split.name: args.subset for split in data.iterdir() if split.is_dir()})
     base_env = {"DATA_URI": str(data), "BACKBONE": args.backbone, "ALPHA": args.alpha,
                 "WEIGHTS": str(Path(args.weights).resolve()), "TTA": "1"}
     table = {"data": args.data, "subset_per_class": args.subset or None, "backbone": args.backbone,
@@ -122,19 +126,5 @@ def scores(split: dict) -> dict:
     return row
 
 
-def link_subset(source: Path, target: Path, per_class: int) -> Path:
-    """Symlinks the first per_class images of each class of each split of source into target."""
-    for split in sorted(p for p in source.iterdir() if p.is_dir()):
-        for class_dir in sorted(p for p in split.iterdir() if p.is_dir()):
-            destination = target / split.name / class_dir.name
-            destination.mkdir(parents=True, exist_ok=True)
-            for image in sorted(class_dir.iterdir())[:per_class]:
-                link = destination / image.name
-                if not link.exists():
-                    link.symlink_to(image)
-    return target
-
-
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main()

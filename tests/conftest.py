@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.datasets import link_slice
 from tests import gcs_emulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,21 +43,10 @@ def mobilenet_v2_weights() -> Path:
     return require_shared(MOBILENET_V2_050)
 
 
-def link_subset(source: Path, target: Path, per_class: dict[str, int]) -> Path:
-    """Symlinks the first N images of each class of each split of source into target."""
-    for split, count in per_class.items():
-        for class_dir in sorted((source / split).iterdir()):
-            destination = target / split / class_dir.name
-            destination.mkdir(parents=True, exist_ok=True)
-            for image in sorted(class_dir.iterdir())[:count]:
-                (destination / image.name).symlink_to(image)
-    return target
-
-
 @pytest.fixture(scope="session")
 def xray_subset(xray_dir, tmp_path_factory) -> Path:
     """A small, balanced slice of the real chest X-ray set, with its train/validation/test split."""
-    return link_subset(xray_dir, tmp_path_factory.mktemp("xray"),
+    return link_slice(xray_dir, tmp_path_factory.mktemp("xray"),
                        {"train": 80, "validation": 25, "test": 50})
 
 
@@ -219,7 +209,7 @@ def xray_small(xray_dir, tmp_path_factory) -> Path:
     120 test images give the parity gates a resolution under 1 %: with 40, one flipped label
     of a borderline image already fails a 99 % agreement gate.
     """
-    return link_subset(xray_dir, tmp_path_factory.mktemp("xray-small"),
+    return link_slice(xray_dir, tmp_path_factory.mktemp("xray-small"),
                        {"train": 40, "validation": 10, "test": 60})
 
 
