@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 import re
 from pathlib import Path
 from typing import Callable, Mapping

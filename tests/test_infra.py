@@ -10,9 +10,7 @@ Kustomize is present, a test checks the small renderer gives exactly its output.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
-import os
 import re
 import shutil
 import subprocess
