@@ -17,7 +17,7 @@ each class of each split (symlinked), for a quick look; the table says what was 
 
     python bench/quality.py --data ../shared/data/chest_xray_pneumonia_224 --backbone mobilenet_v2 \\
         --alpha 0.5 --weights ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5 \\
-        [--ablations default,no_augmentation,...] [--subset N] [--work DIR]
+        [--ablations default,no_augmentation,...] [--subset N] [--work DIR] [--set NAME=VALUE]
 """
 from __future__ import annotations
 
@@ -55,6 +55,8 @@ def main() -> None:
                         help="comma-separated, from: " + ", ".join(ABLATIONS))
     parser.add_argument("--subset", type=int, default=0, help="first N images per class and split")
     parser.add_argument("--work", default="", help="where runs go (default: a temporary folder)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a job setting for every run, e.g. --set AUGMENT_VIEWS=4 (repeatable)")
     args = parser.parse_args()
     names = args.ablations.split(",")
     unknown = sorted(set(names) - set(ABLATIONS))
@@ -68,8 +70,12 @@ def main() -> None:
                           {split.name: args.subset for split in data.iterdir() if split.is_dir()})
     base_env = {"DATA_URI": str(data), "BACKBONE": args.backbone, "ALPHA": args.alpha,
                 "WEIGHTS": str(Path(args.weights).resolve()), "TTA": "1"}
+    settings = dict(item.split("=", 1) for item in args.set if "=" in item)
+    if len(settings) != len(args.set):
+        parser.error("--set takes NAME=VALUE")
+    base_env.update(settings)
     table = {"data": args.data, "subset_per_class": args.subset or None, "backbone": args.backbone,
-             "alpha": args.alpha, "runs": {}}
+             "alpha": args.alpha, "settings": settings, "runs": {}}
     for name in names:
         overrides = learning_rates(ABLATIONS[name], args.backbone) \
             if isinstance(ABLATIONS[name], str) else ABLATIONS[name]

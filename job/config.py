@@ -40,7 +40,7 @@ class Config:
     fine_tune_from: str = "block5_conv1"
     dense_units: int = 256
     dropout: float = 0.5
-    # AUGMENT: train on random flips, rotations, zooms, shifts and contrast changes. With
+    # AUGMENT: train on random flips, rotations, zooms, shifts, brightness and contrast. With
     # CACHE_FEATURES on, the frozen layers run once on AUGMENT_VIEWS augmented views of each
     # training image and training reuses those outputs; with it off, images are augmented afresh
     # every epoch (slow: the frozen layers run every epoch). Validation and test are never augmented.
