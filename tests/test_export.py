@@ -82,6 +82,36 @@ def test_onnx_model_has_named_io_dynamic_batch_opset_and_metadata(mobilenet_expo
         assert output.shape == (batch, 1) and output.dtype == np.float32
 
 
+def test_int8_keeps_16_bits_for_depthwise_weights_and_unbounded_activations(
+        mobilenet_export, mobilenet_run, xray_small, tmp_path):
+    from export.quantize import quantize_int8
+
+    calibration = sorted(str(p) for p in (xray_small / "train").glob("*/*"))[::5]
+    quantize_int8(mobilenet_run / "model.onnx", tmp_path / "int8.onnx", calibration, 96)
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 21  # 16-bit QuantizeLinear
+    initializers = {i.name: i.data_type for i in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
+
+    def bits(tensor: str) -> int:
+        """Width of the integers behind a DequantizeLinear output."""
+        dequantize = producers[tensor]
+        assert dequantize.op_type == "DequantizeLinear", tensor
+        zero_point = dequantize.input[2]
+        return {onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8,
+                onnx.TensorProto.INT16: 16}[initializers[zero_point]]
+
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    depthwise = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    assert len(depthwise) == 17 and {bits(n.input[1]) for n in depthwise} == {16}
+    assert {bits(n.input[1]) for n in convs if n not in depthwise} == {8}
+    residual_sums = [n for n in model.graph.node
+                     if n.op_type == "Add" and all(producers[i].op_type == "DequantizeLinear"
+                                                   for i in n.input)]
+    assert len(residual_sums) == 10 and {bits(i) for n in residual_sums for i in n.input} == {16}
+    assert {bits(n.input[0]) for n in depthwise} == {8}  # ReLU6 outputs: bounded, 8 bits
+
+
 def test_mixed_precision_run_exports_a_float32_graph(mixed_precision_run):
     from export.convert import float16_tensors
 
