@@ -133,6 +133,11 @@ def set_metadata(proto, values: dict[str, str]) -> None:
             prop.key, prop.value = key, value
 
 
+def opset_of(proto) -> int:
+    """The version of the default ONNX domain that a graph imports."""
+    return next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
+
+
 def check(proto) -> None:
     """onnx.checker with full shape inference; raises ExportError naming the problem."""
     import onnx

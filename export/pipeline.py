@@ -67,6 +67,7 @@ def export_run(config: ExportConfig) -> dict:
                                                      "float32"))
         convert.check(proto)
         save(proto, staging / FLOAT32_MODEL)
+        opsets = {FLOAT32_MODEL: config.opset}
         seconds["convert"] = round(time.perf_counter() - clock, 2)
         log.info("converted to ONNX opset %d in %.1f s", config.opset, seconds["convert"])
 
@@ -77,10 +78,10 @@ def export_run(config: ExportConfig) -> dict:
             quantization = quantize_int8(staging / FLOAT32_MODEL, staging / INT8_MODEL,
                                          calibration.paths, size)
             int8_proto = load(staging / INT8_MODEL)
+            opsets[INT8_MODEL] = convert.opset_of(int8_proto)
             convert.set_metadata(int8_proto, convert.metadata(
-                metrics, config.run_uri, config.opset,
-                "int8 (static QDQ, per-channel int8 weights, int8 activations, MinMax calibration "
-                f"on {len(calibration)} training images, empirical bias correction)"))
+                metrics, config.run_uri, opsets[INT8_MODEL],
+                f"int8 ({quantization['method']}; {len(calibration)} calibration images)"))
             convert.check(int8_proto)
             save(int8_proto, staging / INT8_MODEL)
             seconds["quantize"] = round(time.perf_counter() - clock, 2)
@@ -139,7 +140,7 @@ def export_run(config: ExportConfig) -> dict:
             "run_uri": config.run_uri,
             "export_uri": config.target_uri,
             "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "opset": config.opset,
+            "opsets": opsets,
             "classes": classes,
             "image_size": size,
             "decision_threshold": threshold,
