@@ -10,10 +10,11 @@ import logging
 import os
 import sys
 
+from job import configure_logging
+
 
 def main(environ=os.environ) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    configure_logging()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from job.config import ConfigError
     from export.config import ExportConfig

@@ -10,12 +10,13 @@ import logging
 import os
 import sys
 
+from job import configure_logging
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def main(environ=os.environ) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    configure_logging()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from job.config import Config, ConfigError
 
