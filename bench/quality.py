@@ -70,9 +70,10 @@ def main() -> None:
                           {split.name: args.subset for split in data.iterdir() if split.is_dir()})
     base_env = {"DATA_URI": str(data), "BACKBONE": args.backbone, "ALPHA": args.alpha,
                 "WEIGHTS": str(Path(args.weights).resolve()), "TTA": "1"}
-    settings = dict(item.split("=", 1) for item in args.set if "=" in item)
-    if len(settings) != len(args.set):
-        parser.error("--set takes NAME=VALUE")
+    malformed = [item for item in args.set if "=" not in item]
+    if malformed:
+        parser.error(f"--set {malformed[0]!r}: expected NAME=VALUE")
+    settings = dict(item.split("=", 1) for item in args.set)
     base_env.update(settings)
     table = {"data": args.data, "subset_per_class": args.subset or None, "backbone": args.backbone,
              "alpha": args.alpha, "settings": settings, "runs": {}}
