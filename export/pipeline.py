@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from export import convert, measure
+from job.images import load_images
 from job.report import sha256, write_json
 from export.config import ExportConfig, available_cores
 from export.errors import BadInput, ExportError, GateFailed
@@ -272,12 +273,6 @@ def judge(outputs: dict, labels: np.ndarray, threshold: float, precision_policy:
         if gate:
             failures.append(gate)
     return parity, failures
-
-
-def load_images(paths: list[str], size: int) -> np.ndarray:
-    from job.images import load_image
-
-    return np.stack([load_image(path, size) for path in paths]).astype(np.float32)
 
 
 def stamp_passed(path: Path, parity: dict) -> None:

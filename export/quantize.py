@@ -52,14 +52,13 @@ class ImageReader(CalibrationDataReader):
         self.position = 0
 
     def get_next(self) -> dict | None:
-        from job.images import load_image
+        from job.images import load_images
 
         if self.position >= len(self.paths):
             return None
         chunk = self.paths[self.position:self.position + self.batch_size]
         self.position += len(chunk)
-        batch = np.stack([load_image(path, self.image_size) for path in chunk]).astype(np.float32)
-        return {INPUT_NAME: batch}
+        return {INPUT_NAME: load_images(chunk, self.image_size)}
 
     def rewind(self) -> None:
         self.position = 0
@@ -93,7 +92,7 @@ def quantize_int8(float_model: Path, int8_model: Path, calibration_paths: list[s
         _quantize(prepared, int8_model, calibration_paths, image_size, overrides)
         if bias_correction:
             quantized = onnx.load(str(int8_model))
-            corrected = correct_biases(onnx.load(str(prepared)), quantized,
+            corrected = correct_biases(graph, quantized,
                                        calibration_paths[:BIAS_CORRECTION_IMAGES], image_size)
             onnx.save(quantized, str(int8_model))
     log.info("int8 model calibrated on %d training images; biases of %d convolutions corrected",

@@ -42,6 +42,12 @@ def load_image(path: str, size: int) -> np.ndarray:
         raise ImageError(f"unreadable image: {error}") from None
 
 
+def load_images(paths: list[str], size: int) -> np.ndarray:
+    """The images at paths as one float32 (n, size, size, 3) batch of RGB 0-255, the models' input.
+    Raises ImageError for the first file that cannot be used."""
+    return np.stack([load_image(path, size) for path in paths]).astype(np.float32)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and float grayscale: scale the full range to 0-255 instead of clipping at 255.

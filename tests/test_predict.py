@@ -36,13 +36,13 @@ def image_folder(xray_small, tmp_path) -> Path:
 
 def test_predictor_gives_the_saved_model_labels_on_real_images(model_path, image_folder, tmp_path):
     from export.measure import saved_model_predictor
-    from job.images import load_image
+    from job.images import load_images
 
     output = tmp_path / "predictions.json"
     assert predict.main([str(model_path), str(image_folder), "--output", str(output)]) == 0
     results = json.loads(output.read_text())
     assert len(results) == 12
-    images = np.stack([load_image(r["path"], 96) for r in results]).astype(np.float32)
+    images = load_images([r["path"] for r in results], 96)
     saved_model = saved_model_predictor(model_path.parent / "saved_model")(images)[:, 0]
     threshold = json.loads((model_path.parent / "metrics.json").read_text())["decision_threshold"]
     expected = ["PNEUMONIA" if p >= threshold else "NORMAL" for p in saved_model]
