@@ -47,11 +47,11 @@ def test_mobilenet_v2_with_real_weights_passes_the_float32_gates(mobilenet_expor
 
 def test_mobilenet_v2_int8_is_published_exactly_when_it_passes_its_gates(mobilenet_export,
                                                                          mobilenet_run):
-    """MobileNetV2's int8 model sits at the edge of the 99 % agreement gate: the full chest X-ray
-    run passes (99.04 % of 624), but this briefly trained model leaves many of its 120 test
-    images near the threshold, and int8 flips from none to four of them depending on the seed.
-    Either outcome can be right; what must hold is that the verdict, the exit code and the
-    published files agree with the measured figures."""
+    """MobileNetV2's int8 model sits near the 99 % agreement gate: the full chest X-ray run
+    passes with room (99.7 % of 624), but this briefly trained model leaves many of its 120 test
+    images near the threshold, and int8 flipped none, one or two of them over six seeds (the gate
+    allows one). Either outcome can be right; what must hold is that the verdict, the exit code
+    and the published files agree with the measured figures."""
     code, report, _ = mobilenet_export
     int8 = report["parity"]["int8"]
     assert int8["top1_agreement"] >= 0.95
@@ -84,7 +84,21 @@ def test_onnx_model_has_named_io_dynamic_batch_opset_and_metadata(mobilenet_expo
         assert output.shape == (batch, 1) and output.dtype == np.float32
 
 
-def test_int8_keeps_16_bits_for_depthwise_weights_and_unbounded_activations(
+def _bits(model):
+    """For a QDQ model: a function giving the width of the integers behind a DequantizeLinear
+    output."""
+    initializers = {i.name: i.data_type for i in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
+
+    def bits(tensor: str) -> int:
+        dequantize = producers[tensor]
+        assert dequantize.op_type == "DequantizeLinear", tensor
+        return {onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8,
+                onnx.TensorProto.INT16: 16}[initializers[dequantize.input[2]]]
+    return bits
+
+
+def test_mobilenet_v2_int8_keeps_8_bits_for_weights_and_16_for_what_runs_in_float32(
         mobilenet_export, mobilenet_run, xray_small, tmp_path):
     from export.quantize import quantize_int8
 
@@ -92,26 +106,29 @@ def test_int8_keeps_16_bits_for_depthwise_weights_and_unbounded_activations(
     quantize_int8(mobilenet_run / "model.onnx", tmp_path / "int8.onnx", calibration, 96)
     model = onnx.load(str(tmp_path / "int8.onnx"))
     assert {o.domain: o.version for o in model.opset_import}[""] == 21  # 16-bit QuantizeLinear
-    initializers = {i.name: i.data_type for i in model.graph.initializer}
-    producers = {output: node for node in model.graph.node for output in node.output}
-
-    def bits(tensor: str) -> int:
-        """Width of the integers behind a DequantizeLinear output."""
-        dequantize = producers[tensor]
-        assert dequantize.op_type == "DequantizeLinear", tensor
-        zero_point = dequantize.input[2]
-        return {onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8,
-                onnx.TensorProto.INT16: 16}[initializers[zero_point]]
-
+    bits = _bits(model)
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     depthwise = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
     assert len(depthwise) == 17 and {bits(n.input[1]) for n in depthwise} == {16}
-    assert {bits(n.input[1]) for n in convs if n not in depthwise} == {8}
-    residual_sums = [n for n in model.graph.node
-                     if n.op_type == "Add" and all(producers[i].op_type == "DequantizeLinear"
-                                                   for i in n.input)]
+    assert {bits(n.input[1]) for n in convs if n not in depthwise} == {8}  # most of the bytes
+    producers = {output: node.op_type for node in model.graph.node for output in node.output}
+    residual_sums = [n for n in model.graph.node if n.op_type == "Add"
+                     and all(producers[i] == "DequantizeLinear" for i in n.input)]
     assert len(residual_sums) == 10 and {bits(i) for n in residual_sums for i in n.input} == {16}
-    assert {bits(n.input[0]) for n in depthwise} == {8}  # ReLU6 outputs: bounded, 8 bits
+    # Every block touches a 16-bit tensor, so every convolution runs in float32 and reads 16 bits
+    # (8 would only add rounding); the classifier's first dense layer still runs in int8.
+    assert {bits(n.input[0]) for n in convs} == {16}
+    head = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
+    assert [bits(n.input[0]) for n in head] == [8, 8]
+
+
+def test_vgg16_int8_runs_every_convolution_but_the_first_in_8_bits(vgg16_exported_by_job):
+    model = onnx.load(str(vgg16_exported_by_job / "model.int8.onnx"))
+    bits = _bits(model)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 13 and bits(convs[0].input[0]) == 16  # the normalised image
+    assert {bits(name) for n in convs[1:] for name in n.input[:2]} == {8}
+    assert {bits(n.input[1]) for n in convs} == {8}
 
 
 def test_mixed_precision_run_exports_a_float32_graph(mixed_precision_run):
