@@ -204,13 +204,15 @@ EXPORT_SETTINGS = {"CALIBRATION_IMAGES": "40", "PARITY_IMAGES": "200", "LATENCY_
 
 @pytest.fixture(scope="session")
 def xray_small(xray_dir, tmp_path_factory) -> Path:
-    """40 training, 10 validation and 60 test X-rays per class (symlinks into ../shared).
+    """40 training, 30 validation and 60 test X-rays per class (symlinks into ../shared).
 
     120 test images give the parity gates a resolution under 1 %: with 40, one flipped label
-    of a borderline image already fails a 99 % agreement gate.
+    of a borderline image already fails a 99 % agreement gate. The decision threshold, which
+    the gates compare labels at, is chosen on validation: on 20 images it landed where a third
+    of MobileNetV2's test probabilities crowded (0.965), on 60 near 0.5.
     """
     return link_slice(xray_dir, tmp_path_factory.mktemp("xray-small"),
-                       {"train": 40, "validation": 10, "test": 60})
+                       {"train": 40, "validation": 30, "test": 60})
 
 
 def train_run(tmp_path_factory, data: Path, name: str, **env) -> Path:
