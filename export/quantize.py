@@ -57,8 +57,8 @@ SAME_PRECISION_AS_INPUT = ("Relu", "Clip", "Flatten", "Reshape", "Squeeze", "Uns
 SHORT_WEIGHTS_PER_CHANNEL = 32  # convolution weights this short per output channel get 16 bits
 SIXTEEN_BIT_OPSET = 21  # the first opset whose QuantizeLinear takes 16-bit integers
 METHOD = ("static QDQ, MinMax calibration, per-channel int8 weights and int8 activations at layers "
-          "that run in int8; 16-bit short convolution weights (at most 32 per channel), unbounded activations and activations of "
-          "layers that run in float32; empirical bias correction")
+          "that run in int8; 16-bit short convolution weights (at most 32 per channel), unbounded "
+          "activations and activations of layers that run in float32; empirical bias correction")
 
 
 class ImageReader(CalibrationDataReader):
