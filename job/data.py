@@ -182,11 +182,15 @@ def _walk_files(folder: Path):
 
 
 def _image_candidates(class_dir: Path, root: Path, skipped: dict[str, str]) -> list[str]:
-    """Every file under a class folder, nested folders included; hidden files are skipped."""
+    """Every file under a class folder, nested folders included; hidden, empty and unreachable
+    files (a symbolic link to nothing, a file gone since the listing) are skipped."""
     candidates = []
     for path in _walk_files(class_dir):
         if path.name.startswith("."):
             skipped[_relative(path, root)] = "hidden file"
+        elif not path.exists():
+            skipped[_relative(path, root)] = ("broken symbolic link" if path.is_symlink()
+                                              else "file vanished while listing")
         elif path.stat().st_size == 0:
             skipped[_relative(path, root)] = "empty file (0 bytes)"
         else:

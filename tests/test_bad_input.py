@@ -78,6 +78,14 @@ def test_a_class_folder_that_is_a_symlink_is_followed(tmp_path):
     assert dataset.counts()["train"] == {"ants": 3, "birds": 3}
 
 
+def test_a_symbolic_link_to_nothing_is_skipped_with_its_reason(tmp_path):
+    write_class_images(tmp_path / "bucket", ["ants", "bees"], per_class=3)
+    (tmp_path / "bucket" / "ants" / "moved.png").symlink_to(tmp_path / "gone.png")
+    dataset = data.load_dataset(tmp_path / "bucket", 32, 0.0, 0.0, seed=0)
+    assert dataset.skipped == {"ants/moved.png": "broken symbolic link"}
+    assert dataset.counts()["train"] == {"ants": 3, "bees": 3}
+
+
 def test_an_empty_split_folder_is_ignored_and_the_split_made_from_train(tmp_path):
     write_class_images(tmp_path / "train", ["a", "b"], per_class=10)
     (tmp_path / "validation" / "a").mkdir(parents=True)
