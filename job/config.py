@@ -40,6 +40,7 @@ class Config:
     fine_tune_from: str = "block5_conv1"
     dense_units: int = 256
     dropout: float = 0.5
+    label_smoothing: float = 0.0
     # AUGMENT: train on random flips, rotations, zooms, shifts, brightness and contrast. With
     # CACHE_FEATURES on, the frozen layers run once on AUGMENT_VIEWS augmented views of each
     # training image and training reuses those outputs; with it off, images are augmented afresh
@@ -102,6 +103,7 @@ class Config:
             fine_tune_from=env.text("FINE_TUNE_FROM", default_fine_tune_from(backbone)),
             dense_units=env.integer("DENSE_UNITS", 256, minimum=1),
             dropout=env.fraction("DROPOUT", 0.5),
+            label_smoothing=env.fraction("LABEL_SMOOTHING", 0.0, open_high=True),
             augment=env.flag("AUGMENT", True),
             augment_views=env.integer("AUGMENT_VIEWS", 2, minimum=1),
             cache_features=env.flag("CACHE_FEATURES", True),

@@ -177,11 +177,33 @@ def base_layer_names(backbone: str, alpha: float, image_size: int) -> list[str]:
     return [layer.name for layer in base.layers]
 
 
-def loss_and_metrics(num_classes: int):
+def loss_and_metrics(num_classes: int, label_smoothing: float):
+    """Cross-entropy whose targets are moved label_smoothing of the way towards uniform."""
     if num_classes == 2:
-        return keras.losses.BinaryCrossentropy(), [keras.metrics.BinaryAccuracy(name="accuracy")]
-    return (keras.losses.SparseCategoricalCrossentropy(),
+        return (keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
+                [keras.metrics.BinaryAccuracy(name="accuracy")])
+    return (SparseCategoricalCrossentropy(num_classes, label_smoothing),
             [keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+
+
+@keras.saving.register_keras_serializable(package="job")
+class SparseCategoricalCrossentropy(keras.losses.Loss):
+    """Keras's categorical cross-entropy, label smoothing included, on integer labels (Keras's own
+    SparseCategoricalCrossentropy has no label smoothing)."""
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0,
+                 name: str = "sparse_categorical_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes, self.label_smoothing = num_classes, label_smoothing
+
+    def call(self, y_true, y_pred):
+        one_hot = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), self.num_classes)
+        return keras.losses.categorical_crossentropy(one_hot, y_pred,
+                                                     label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes,
+                "label_smoothing": self.label_smoothing}
 
 
 def parameter_counts(model: keras.Model) -> dict[str, int]:

@@ -333,7 +333,7 @@ class Trainer:
     def _fit(self, phase: str, trainer: keras.Model, optimizer, epochs: int,
              train_batches: tf.data.Dataset, validation_batches: tf.data.Dataset,
              train_examples: int, predict=None) -> dict:
-        loss, metrics = model.loss_and_metrics(self.num_classes)
+        loss, metrics = model.loss_and_metrics(self.num_classes, self.config.label_smoothing)
         trainer.compile(optimizer=optimizer, loss=loss, metrics=metrics)
         callbacks = self.callbacks(phase, epochs)
         if phase == "phase 2":

@@ -1,8 +1,10 @@
-"""The job's settings: defaults, per-backbone choices, and one clear error per bad value."""
+"""The job's settings: defaults, per-backbone choices, one clear error per bad value; and a README
+that documents every variable the job and the export read."""
 from pathlib import Path
 
 import pytest
 
+from export.config import ExportConfig
 from job.config import Config, ConfigError
 from tests.conftest import run_job
 
@@ -28,6 +30,7 @@ def test_missing_data_uri_names_the_variable():
     ("HEAD_LEARNING_RATE", "-0.1", "a positive number"),
     ("FINE_TUNE_LEARNING_RATE", "nan", "a positive number"),
     ("DROPOUT", "1.5", "a number from 0 to 1"),
+    ("LABEL_SMOOTHING", "1", "a number from 0 to below 1"),
     ("VALIDATION_SPLIT", "1", "a number from 0 to below 1"),
     ("AUGMENT", "maybe", "one of 1, 0, true, false"),
     ("AUGMENT_VIEWS", "0", "an integer >= 1"),
@@ -116,3 +119,22 @@ def test_fine_tune_from_naming_no_layer_exits_2_before_touching_data(tmp_path):
     assert result.returncode == 2
     assert "FINE_TUNE_FROM='block9_conv1' names no layer of vgg16" in result.stderr
     assert "block5_conv1" in result.stderr
+
+
+@pytest.mark.parametrize("entrypoint_config, required", [
+    (Config, {"DATA_URI": "/data"}), (ExportConfig, {"RUN_URI": "/runs/run-1"})])
+def test_every_variable_an_entrypoint_reads_is_documented_in_the_readme(entrypoint_config, required):
+    class RecordingEnvironment(dict):
+        def __init__(self, **values):
+            super().__init__(values)
+            self.read: set[str] = set()
+
+        def get(self, name, default=None):
+            self.read.add(name)
+            return super().get(name, default)
+
+    environment = RecordingEnvironment(**required)
+    entrypoint_config.from_env(environment)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert len(environment.read) > 5
+    assert [name for name in sorted(environment.read) if f"`{name}`" not in readme] == []

@@ -112,3 +112,35 @@ def test_augmentation_reframes_training_images_within_the_pixel_range():
     assert np.abs(views - images).mean(axis=(1, 2, 3)).min() > 1  # every view differs
     unchanged = keras.ops.convert_to_numpy(augmentation(images, training=False))
     np.testing.assert_array_equal(unchanged, images)
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_label_smoothing_moves_targets_towards_uniform(num_classes):
+    """Without smoothing the loss is plain cross-entropy; with 0.2 a confident right answer costs
+    what cross-entropy against targets 0.2 of the way to uniform costs."""
+    probabilities = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1]], "float32")[:, :num_classes]
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    labels = np.array([0, 1])
+    one_hot = np.eye(num_classes)[labels]
+    if num_classes == 2:  # one sigmoid unit: the probability of the second class
+        probabilities, one_hot = probabilities[:, 1:], one_hot[:, 1:]
+
+    def cross_entropy(targets):
+        if num_classes == 2:
+            return np.mean(-(targets * np.log(probabilities)
+                             + (1 - targets) * np.log(1 - probabilities)))
+        return np.mean(-(targets * np.log(probabilities)).sum(axis=1))
+
+    for smoothing in (0.0, 0.2):
+        loss, _ = model.loss_and_metrics(num_classes, smoothing)
+        uniform = 0.5 if num_classes == 2 else 1 / num_classes
+        expected = cross_entropy(one_hot * (1 - smoothing) + uniform * smoothing)
+        assert float(loss(labels, probabilities)) == pytest.approx(expected, rel=1e-4)
+
+
+def test_multiclass_loss_survives_a_save_and_load(tmp_path):
+    classifier = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    classifier.compile(loss=model.loss_and_metrics(3, 0.1)[0])
+    classifier.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert loaded.loss.get_config()["label_smoothing"] == 0.1
