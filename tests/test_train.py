@@ -1,5 +1,6 @@
 """Training runs: what each phase changes, what a run writes, and accuracy on real X-rays."""
 import json
+import os
 
 import keras
 import numpy as np
@@ -104,6 +105,7 @@ def test_metrics_record_config_history_evaluation_and_skipped_files(tiny_run):
     metrics = json.loads((tiny_run["run_dir"] / "metrics.json").read_text())
     assert metrics["config"]["backbone"] == "vgg16" and metrics["precision_policy"] == "float32"
     assert metrics["versions"]["tensorflow"] == tf.__version__
+    assert metrics["hardware"]["cpus"] == os.cpu_count() and metrics["hardware"]["cpu"]
     assert metrics["skipped_files"] == {"dog/broken.jpg": "not an image (unknown format)"}
     assert metrics["class_counts"]["train"] == {"cat": 10, "dog": 10, "fox": 10}
     for phase in ("phase1", "phase2"):
