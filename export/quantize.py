@@ -12,10 +12,9 @@ output channel: a depthwise convolution's nine, the first convolution's 27, Mobi
 early expansions. Folding BatchNorm into so few weights leaves channels whose int8 grid is coarse,
 early errors travel through the whole network, and these weights are a small share of the bytes
 (2 % of MobileNetV2's int8 file; in VGG16 only the first layer's). Unbounded activations: the
-outputs of
-convolutions and matrix products that no ReLU follows (MobileNetV2's linear bottlenecks, a
-classifier's logits) and of residual Adds; a ReLU6 confines its tensor to [0, 6], these spread over
-wide ranges that one int8 scale per tensor resolves poorly. The first layer reads the normalised
+outputs of convolutions and matrix products that no ReLU follows (MobileNetV2's linear
+bottlenecks, a classifier's logits) and of residual Adds; a ReLU6 confines its tensor to [0, 6],
+these spread over wide ranges that one int8 scale per tensor resolves poorly. The first layer reads the normalised
 image in 16 bits: an int8 grid over it does not line up with the image's 256 levels and rounds
 every pixel. Then every activation that is not the input or output of a layer still able to run
 in int8 gets 16 bits too. VGG16, whose convolutions all end in a ReLU, keeps every convolution
