@@ -39,7 +39,7 @@ class ExportConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "ExportConfig":
         env = _Reader(environ)
-        run_uri = env.text("RUN_URI", "")
+        run_uri = env.uri("RUN_URI", "")
         if not run_uri:
             raise ConfigError("RUN_URI is required: set it to a run directory (local or gs://) "
                               "that holds saved_model/, model.keras, metrics.json and MANIFEST.json")
@@ -49,15 +49,15 @@ class ExportConfig:
                               f"to {MAX_OPSET}")
         return cls(
             run_uri=run_uri,
-            export_uri=env.text("EXPORT_URI", ""),
+            export_uri=env.uri("EXPORT_URI", ""),
             opset=opset,
             int8=env.flag("INT8", True),
             calibration_images=env.integer("CALIBRATION_IMAGES", 300, minimum=1),
             parity_images=env.integer("PARITY_IMAGES", 200, minimum=1),
             latency_runs=env.integer("LATENCY_RUNS", 100, minimum=1),
             threads=env.integer("THREADS", 0, minimum=0),
-            data_uri=env.text("DATA_URI", ""),
-            cache_dir=Path(env.text("CACHE_DIR", str(cls.cache_dir))),
+            data_uri=env.uri("DATA_URI", ""),
+            cache_dir=Path(env.uri("CACHE_DIR", str(cls.cache_dir))),
         )
 
 

@@ -38,6 +38,10 @@ def export_run(config: ExportConfig) -> dict:
 
     started = time.perf_counter()
     try:
+        storage.claim_cache(config.cache_dir)
+    except storage.Unusable as error:
+        raise BadInput(f"CACHE_DIR: {error}") from None
+    try:
         run_dir = storage.fetch_tree(config.run_uri, config.cache_dir / "runs")
     except storage.StorageError as error:
         if storage.is_remote(config.run_uri):

@@ -28,7 +28,7 @@ def main(environ=os.environ) -> int:
     from job import train
     from job.checkpoint import EXIT_PREEMPTED, Preempted, StopSignal
     from job.data import DataError
-    from job.storage import StorageError
+    from job.storage import StorageError, Unusable
     from export.errors import ExportError
 
     stop = StopSignal()
@@ -41,6 +41,8 @@ def main(environ=os.environ) -> int:
                      "to resume", EXIT_PREEMPTED)
     except (ConfigError, DataError, train.SetupError) as error:
         return _fail(f"{error.__class__.__name__}: {error}", EXIT_BAD_INPUT)
+    except Unusable as error:
+        return _fail(f"storage: {error}", EXIT_BAD_INPUT)
     except StorageError as error:
         return _fail(f"storage error: {error}", EXIT_FAILED)
     except ExportError as error:  # EXPORT_ONNX=1: the run is complete, its export is not

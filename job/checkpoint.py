@@ -4,7 +4,8 @@ While a phase trains, Keras' BackupAndRestore keeps its weights, optimizer state
 every epoch; a finished phase leaves its weights and its record in state.json, so a restart with
 the same RUN_ID never redoes it. SIGTERM (Kubernetes preemption or eviction) stops training at the
 end of the current step, saves, and ends the job with EXIT_PREEMPTED, which is safe to retry.
-Everything lives in a local directory mirrored to CHECKPOINT_URI after each save.
+Everything lives in a folder of the job's cache, mirrored after each save to the run's checkpoint
+prefix (CHECKPOINT_URI/RUN_ID), where clearing removes only the files this run recorded writing.
 """
 from __future__ import annotations
 
@@ -45,17 +46,20 @@ class StopSignal:
 
 
 class Checkpoints:
-    """The checkpoint directory of one run, mirrored to its URI.
+    """The checkpoint directory of one run: a folder of the job's cache, mirrored to the run's
+    own checkpoint prefix (`Config.checkpoint_uri`), where the job deletes only what it recorded
+    writing (storage.sync_owned).
 
     Every worker of a multi-worker run restores from the URI; only the writer (the chief)
     mirrors its saves back to it.
     """
 
-    def __init__(self, local_dir: Path, uri: str, stop: StopSignal, writer: bool = True):
-        self.local_dir, self.uri, self.stop, self.writer = Path(local_dir), uri, stop, writer
+    def __init__(self, local_dir: Path, uri: str, run_id: str, stop: StopSignal,
+                 writer: bool = True, retry_deadline: float = storage.DEFAULT_RETRY_DEADLINE_S):
+        self.local_dir, self.uri, self.run_id = Path(local_dir), uri, run_id
+        self.stop, self.writer, self.retry_deadline = stop, writer, retry_deadline
         self.local_dir.mkdir(parents=True, exist_ok=True)
-        if storage.is_remote(uri) or not writer:
-            storage.sync_down(uri, self.local_dir)
+        storage.pull_owned(uri, self.local_dir, run_id, retry_deadline=retry_deadline)
         state_file = self.local_dir / "state.json"
         self.state = json.loads(state_file.read_text()) if state_file.exists() else {"phases": {}}
 
@@ -94,16 +98,16 @@ class Checkpoints:
         return {key: values[:epochs_saved] for key, values in history.items()}
 
     def sync(self) -> None:
-        if self.writer and storage.is_remote(self.uri):
-            storage.sync_up(self.local_dir, self.uri)
+        if self.writer:
+            storage.sync_owned(self.local_dir, self.uri, self.run_id,
+                               retry_deadline=self.retry_deadline)
 
     def clear(self) -> None:
-        """Removes every checkpoint once the run is complete."""
+        """Removes this run's checkpoints once the run is complete: the local folder, and at the
+        URI exactly the files this run recorded writing there."""
         shutil.rmtree(self.local_dir, ignore_errors=True)
-        if self.writer and storage.is_remote(self.uri):
-            self.local_dir.mkdir(parents=True, exist_ok=True)
-            storage.sync_up(self.local_dir, self.uri)
-            shutil.rmtree(self.local_dir, ignore_errors=True)
+        if self.writer:
+            storage.clear_owned(self.uri, self.run_id, retry_deadline=self.retry_deadline)
 
     def _backup_dir(self, phase: str) -> Path:
         return self.local_dir / f"{_slug(phase)}-backup"

@@ -12,9 +12,12 @@ import re
 from pathlib import Path
 from typing import Callable, Mapping
 
+from job import storage
+
 BACKBONES = ("vgg16", "mobilenet_v2", "resnet50", "efficientnet_b0")
 MOBILENET_V2_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 MIXED_PRECISION_MODES = ("auto", "off", "float16", "bfloat16")
+DEFAULT_CHECKPOINT_FOLDER = "checkpoints"  # inside the run directory when CHECKPOINT_URI is unset
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -65,11 +68,10 @@ class Config:
     tf_config: str = ""
     cluster_spec: str = ""
     export_onnx: bool = False
+    storage_deadline: float = 120.0  # seconds a storage call may go without progress
 
     @property
     def run_uri(self) -> str:
-        from job import storage
-
         return storage.join(self.output_uri, self.run_id)
 
     @property
@@ -79,17 +81,20 @@ class Config:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "Config":
         env = _Reader(environ)
-        data_uri = env.text("DATA_URI", required=True)
+        data_uri = env.uri("DATA_URI", required=True)
         backbone = env.backbone("BACKBONE", "vgg16")
-        output_uri = env.text("OUTPUT_URI", "outputs")
+        output_uri = env.uri("OUTPUT_URI", "outputs")
         run_id = env.run_id("RUN_ID")
         run_uri = _join(output_uri, run_id)
         is_hub = backbone not in BACKBONES
+        # A CHECKPOINT_URI (or Vertex AI's AIP_CHECKPOINT_DIR) holds one prefix per run, so that
+        # the run's own checkpoints can be cleared without touching anything else there.
+        checkpoint_base = env.uri("CHECKPOINT_URI", env.uri("AIP_CHECKPOINT_DIR", ""))
         config = cls(
             data_uri=data_uri,
             output_uri=output_uri,
             run_id=run_id,
-            cache_dir=Path(env.text("CACHE_DIR", str(cls.cache_dir))),
+            cache_dir=Path(env.uri("CACHE_DIR", str(cls.cache_dir))),
             backbone=backbone,
             alpha=env.choice_float("ALPHA", 1.0, MOBILENET_V2_ALPHAS),
             weights=env.weights("WEIGHTS", "imagenet"),
@@ -114,14 +119,14 @@ class Config:
             seed=env.integer("SEED", 42, minimum=0),
             mixed_precision=env.choice("MIXED_PRECISION", "auto", MIXED_PRECISION_MODES),
             class_weights=env.choice("CLASS_WEIGHTS", "auto", ("auto", "off")),
-            model_uri=env.text("AIP_MODEL_DIR", _join(run_uri, "saved_model")),
-            checkpoint_uri=env.text(
-                "CHECKPOINT_URI", env.text("AIP_CHECKPOINT_DIR", _join(run_uri, "checkpoints"))
-            ),
-            tensorboard_uri=env.text("AIP_TENSORBOARD_LOG_DIR", ""),
+            model_uri=env.uri("AIP_MODEL_DIR", _join(run_uri, "saved_model")),
+            checkpoint_uri=(_join(checkpoint_base, run_id) if checkpoint_base
+                            else _join(run_uri, DEFAULT_CHECKPOINT_FOLDER)),
+            tensorboard_uri=env.uri("AIP_TENSORBOARD_LOG_DIR", ""),
             tf_config=env.text("TF_CONFIG", ""),
             cluster_spec=env.text("CLUSTER_SPEC", ""),
             export_onnx=env.flag("EXPORT_ONNX", False),
+            storage_deadline=env.positive_float("STORAGE_DEADLINE", 120.0),
         )
         try:
             from job import distribute
@@ -138,7 +143,30 @@ class Config:
             raise ConfigError(
                 "VALIDATION_SPLIT + TEST_SPLIT must leave at least 10% of the images to train on"
             )
+        _refuse_overlaps(config)
         return config
+
+
+def _refuse_overlaps(config: Config) -> None:
+    """Refuses places that overlap, where writing or clearing one could touch another: outputs
+    or checkpoints inside the data (or the data inside them), checkpoints over the run's outputs,
+    a local cache (which the job prunes) over any of them. The default checkpoint and model
+    folders inside the run directory are left out: the run's manifest lists neither as its own,
+    and the run directory itself is checked."""
+    places = {"DATA_URI": config.data_uri, "OUTPUT_URI/RUN_ID": config.run_uri,
+              "CHECKPOINT_URI/RUN_ID": config.checkpoint_uri, "AIP_MODEL_DIR": config.model_uri,
+              "CACHE_DIR": str(config.cache_dir)}
+    if config.checkpoint_uri == _join(config.run_uri, DEFAULT_CHECKPOINT_FOLDER):
+        del places["CHECKPOINT_URI/RUN_ID"]
+    if config.model_uri == _join(config.run_uri, "saved_model"):
+        del places["AIP_MODEL_DIR"]
+    names = list(places)
+    for index, first in enumerate(names):
+        for second in names[index + 1:]:
+            if storage.overlaps(places[first], places[second]):
+                raise ConfigError(f"{first} ({places[first]}) and {second} ({places[second]}) "
+                                  "overlap (one is, or lies inside, the other), so writing or clearing one "
+                                  "could delete the other; point them at separate places")
 
 
 def default_image_size(backbone: str) -> int:
@@ -169,8 +197,6 @@ def new_run_id(now: datetime.datetime | None = None) -> str:
 
 
 def _join(uri: str, *parts: str) -> str:
-    from job import storage
-
     return storage.join(uri, *parts)
 
 
@@ -198,6 +224,16 @@ class _Reader:
         if raw is None and required:
             raise ConfigError(f"{name} is required: set it to a local folder or a gs://bucket/prefix")
         return raw if raw is not None else default
+
+    def uri(self, name: str, default: str = "", required: bool = False) -> str:
+        """A local path or gs:// URI in its normal form (storage.normalise_uri); empty stays empty."""
+        raw = self.text(name, default, required)
+        if not raw:
+            return raw
+        try:
+            return storage.normalise_uri(raw)
+        except ValueError as problem:
+            raise ConfigError(f"{name}={raw!r} is not valid: {problem}") from None
 
     def integer(self, name: str, default: int, minimum: int) -> int:
         def parse(raw: str) -> int:
@@ -268,8 +304,8 @@ class _Reader:
         def parse(raw: str) -> str:
             if raw.lower() in ("imagenet", "none"):
                 return raw.lower()
-            if raw.endswith(".h5") or raw.endswith(".weights.h5"):
-                return raw
+            if raw.endswith(".h5"):
+                return storage.normalise_uri(raw)
             raise ValueError
 
         return self._parse(name, default,

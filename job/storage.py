@@ -9,31 +9,42 @@ the client library itself talks to that endpoint with anonymous credentials. Tra
 (429, 5xx, timeouts, connection resets) are retried with backoff for up to `retry_deadline`
 seconds; anything that still fails raises StorageError with one line naming the URI and the cause.
 
-Transfers of many objects run in parallel through transfer_manager (threads: the job has
-TensorFlow loaded, which must not be forked), in bounded batches fed from the listing as it pages,
-so a prefix of any size never sits in memory as a whole. Each transfer returns TransferStats,
-which is also logged on the "job.storage" logger.
+Transfers of many objects run in parallel on threads (the job has TensorFlow loaded, which must
+not be forked), in bounded batches fed from the listing as it pages, so a prefix of any size never
+sits in memory as a whole. A call gives up when `retry_deadline` seconds pass with no transfer
+finishing, and a signal (SIGTERM) stops it at once, keeping every file already finished. Each
+transfer returns TransferStats, which is also logged on the "job.storage" logger.
+
+What the job may delete (the ownership rule): only what it can prove it wrote. Checkpoints go
+through `sync_owned`, which records every name it writes under the prefix in the prefix's own
+WRITTEN.json and deletes only recorded names; a prefix holding anything else without that record
+is refused (`claim_owned`). Local mirrors of remote data are pruned only inside CACHE_DIR, which
+carries the job's marker file (`claim_cache`).
 """
 from __future__ import annotations
 
 import base64
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import itertools
+import json
 import logging
 import os
+import queue
+import re
 import shutil
+import threading
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import google_crc32c
 from google.api_core import exceptions as api_exceptions
 from google.api_core import retry as api_retry
 from google.auth import exceptions as auth_exceptions
 from google.cloud import storage as gcs
-from google.cloud.storage import transfer_manager
 from google.cloud.storage.retry import DEFAULT_RETRY
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
@@ -42,7 +53,12 @@ DEFAULT_RETRY_DEADLINE_S = 120.0
 DEFAULT_MAX_WORKERS = 8
 DEFAULT_BATCH_SIZE = 1000
 PARTIAL_SUFFIX = ".partial"
+MAX_NAME_BYTES = 255  # the longest file name ext4, XFS and overlayfs store
+BUCKET_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,220}[a-z0-9])?$")  # GCS asks 3+ too
 CHECKSUM_CHUNK_BYTES = 1 << 20
+WRITTEN = "WRITTEN.json"  # an owned prefix's record of the names the job wrote there
+CACHE_MARKER = "IMAGE_CLASSIFIER_JOB_CACHE"  # in CACHE_DIR: the folder is the job's to prune
+REQUEST_TIMEOUT_S = (10, 60)  # connect, read: a silent endpoint fails a request, not the job
 
 logger = logging.getLogger("job.storage")
 T = TypeVar("T")
@@ -52,16 +68,23 @@ class StorageError(Exception):
     """A URI could not be read or written; the message names the URI and the cause."""
 
 
+class Unusable(StorageError):
+    """A URI that cannot be used as it is set: missing, of the wrong kind, not writable, or
+    holding what the job did not write. Retrying cannot help."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TransferStats:
     """What one pull or push moved: `objects`/`bytes` transferred, `cached` already up to date
-    (not transferred), `removed` deleted from the destination to mirror the source."""
+    (not transferred), `removed` deleted from the destination to mirror the source, `skipped`
+    the objects that could not be stored, each with its reason."""
 
     objects: int = 0
     bytes: int = 0
     cached: int = 0
     removed: int = 0
     seconds: float = 0.0
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # object name -> reason
 
     @property
     def mb_per_s(self) -> float:
@@ -70,11 +93,62 @@ class TransferStats:
     def as_dict(self) -> dict[str, float]:
         """The stats as plain numbers for metrics.json."""
         return {**dataclasses.asdict(self), "seconds": round(self.seconds, 3),
-                "mb_per_s": round(self.mb_per_s, 3)}
+                "mb_per_s": round(self.mb_per_s, 3), "skipped": len(self.skipped)}
 
 
 def is_remote(uri: str) -> bool:
     return str(uri).startswith(GCS_SCHEME)
+
+
+# --- URIs and object names: every one is normalised and checked here, once. ---
+
+def normalise_uri(uri: str) -> str:
+    """The canonical form of a setting's URI: gs://bucket/key without a trailing slash, or an
+    absolute local path. Raises ValueError saying what is wrong.
+
+    A gs:// key is used as it is to name objects and local mirror folders, so '.', '..' and empty
+    components (which GCS allows in object names) are refused rather than interpreted: joined onto
+    a local cache folder they would point outside it. Local paths mean what the shell means.
+    """
+    uri = str(uri)
+    if "\0" in uri:
+        raise ValueError("contains a NUL character")
+    if not is_remote(uri):
+        return os.path.abspath(uri)
+    bucket_name, _, key = uri[len(GCS_SCHEME):].partition("/")
+    if not BUCKET_NAME.match(bucket_name):
+        raise ValueError("expected gs://bucket/prefix with a valid bucket name")
+    key = key[:-1] if key.endswith("/") else key
+    problem = key and name_problem(key)
+    if problem:
+        raise ValueError(problem)
+    return join(GCS_SCHEME + bucket_name, key) if key else GCS_SCHEME + bucket_name
+
+
+def name_problem(relative: str) -> str | None:
+    """Why an object name (relative to the prefix being pulled) cannot be a local file, or None."""
+    parts = relative.split("/")
+    if "\0" in relative:
+        return "contains a NUL character"
+    if "" in parts:
+        return "has an empty component (a leading, trailing or doubled '/')"
+    if "." in parts or ".." in parts:
+        return "has a '.' or '..' component"
+    if any(len(part.encode()) > MAX_NAME_BYTES for part in parts):
+        return f"has a component longer than {MAX_NAME_BYTES} bytes"
+    if relative.endswith(PARTIAL_SUFFIX):
+        return f"ends in {PARTIAL_SUFFIX}, the suffix of unfinished downloads"
+    return None
+
+
+def overlaps(first: str, second: str) -> bool:
+    """True when one normalised URI is the other or lies under it (local paths by real path)."""
+    if is_remote(first) != is_remote(second):
+        return False
+    if not is_remote(first):
+        first, second = os.path.realpath(first), os.path.realpath(second)
+    a, b = first.rstrip("/") + "/", second.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -129,8 +203,9 @@ def pull_tree(uri: str, local_dir: Path, *, allow_empty: bool = False,
 
     Files already there with the size and checksum of their object are kept (a re-run pulls only
     what is missing or changed); files under local_dir that are not under uri are deleted. Each
-    download goes to a temporary name and is renamed only when complete and verified.
-    An empty or absent prefix raises StorageError unless allow_empty.
+    download goes to a temporary name and is renamed as soon as it is complete and verified.
+    Objects whose names cannot be local files are skipped, each with its reason in
+    `TransferStats.skipped`. An empty or absent prefix raises StorageError unless allow_empty.
     """
     local_dir = Path(local_dir)
     if not is_remote(uri):
@@ -138,18 +213,20 @@ def pull_tree(uri: str, local_dir: Path, *, allow_empty: bool = False,
     start = time.monotonic()
     bucket_name, key = _split(uri)
     prefix = _as_prefix(key)
-    listed: set[str] = set()
+    names = _NameCheck()
     objects = size = cached = 0
+    logger.info("pulling %s -> %s", uri, local_dir)
     with _remote(uri, retry_deadline, max_workers) as remote:
         listing = remote.client.list_blobs(bucket_name, prefix=prefix, retry=remote.retry)
         for batch in _batches(listing, batch_size):
             missing = []
             for blob in batch:
-                if blob.name.endswith("/"):
+                if blob.name.endswith("/") and not blob.size:
                     continue  # a zero-byte "folder" placeholder made by the console
                 relative = blob.name[len(prefix):]
-                listed.add(relative)
-                target = _local_path(local_dir, relative, uri)
+                if not names.accept(relative):
+                    continue
+                target = local_dir.joinpath(*relative.split("/"))
                 if _is_current(target, blob):
                     cached += 1
                 else:
@@ -157,17 +234,66 @@ def pull_tree(uri: str, local_dir: Path, *, allow_empty: bool = False,
             remote.download(missing)
             objects += len(missing)
             size += sum(blob.size or 0 for blob, _ in missing)
-    if not listed and not allow_empty:
-        raise StorageError(f"{uri}: no objects under this prefix")
-    removed = _remove_unlisted(local_dir, listed)
-    stats = TransferStats(objects, size, cached, removed, time.monotonic() - start)
+    if not names.files and not allow_empty:
+        raise StorageError(f"{uri}: no usable objects under this prefix"
+                           + (f" ({len(names.skipped)} skipped: {_first(names.skipped)})"
+                              if names.skipped else ""))
+    removed = _remove_unlisted(local_dir, names.files)
+    stats = TransferStats(objects, size, cached, removed, time.monotonic() - start,
+                          skipped=names.skipped)
     _log("pulled", uri, local_dir, stats)
     return stats
 
 
-def sync_down(uri: str, local_dir: Path, **options) -> TransferStats:
-    """Mirrors a small directory (checkpoints) from uri into local_dir; nothing there yet is fine."""
-    return pull_tree(uri, local_dir, allow_empty=True, **options)
+class _NameCheck:
+    """The object names of one listing, checked as they come: each must be storable as a local
+    file (name_problem) and must not need a path that an earlier name already took as a file, or
+    as a folder. The ones that cannot be stored are kept in `skipped` with their reasons."""
+
+    def __init__(self):
+        self.files: set[str] = set()
+        self.folders: set[str] = set()
+        self.skipped: dict[str, str] = {}
+
+    def accept(self, relative: str) -> bool:
+        problem = name_problem(relative)
+        parts = relative.split("/")
+        parents = ["/".join(parts[:end]) for end in range(1, len(parts))]
+        if problem is None and relative in self.folders:
+            problem = f"is also a folder of other objects ({relative}/...)"
+        if problem is None:
+            clash = next((parent for parent in parents if parent in self.files), None)
+            if clash:
+                problem = f"needs {clash!r} as a folder, but it is an object"
+        if problem:
+            problem = f"object name {problem}"
+            self.skipped[relative] = problem
+            logger.warning("skipped %r: %s", relative, problem)
+            return False
+        self.files.add(relative)
+        self.folders.update(parents)
+        return True
+
+
+def _first(skipped: dict[str, str]) -> str:
+    name, reason = next(iter(skipped.items()))
+    return f"e.g. {name!r}: {reason}"
+
+
+def check_writable(uri: str) -> None:
+    """Creates a local folder uri (and its parents) if need be; Unusable when that cannot be done
+    or uri is a file. A gs:// URI is checked by its first request instead."""
+    if is_remote(uri):
+        return
+    path = Path(uri)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise Unusable(f"{uri}: is a file, expected a folder") from None
+    except OSError as error:
+        raise Unusable(f"{uri}: cannot be created ({error.strerror or error})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise Unusable(f"{uri}: is not writable")
 
 
 def fetch_file(uri: str, cache_dir: Path, *, retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> Path:
@@ -175,14 +301,14 @@ def fetch_file(uri: str, cache_dir: Path, *, retry_deadline: float = DEFAULT_RET
     if not is_remote(uri):
         path = Path(uri)
         if not path.is_file():
-            raise StorageError(f"{uri}: no such file")
+            raise Unusable(f"{uri}: no such file")
         return path
     bucket_name, key = _split(uri)
     target = local_dir_for(uri, cache_dir)
     with _remote(uri, retry_deadline) as remote:
         blob = remote.client.bucket(bucket_name).get_blob(key, retry=remote.retry) if key else None
         if blob is None:
-            raise StorageError(f"{uri}: {remote.not_found_cause(bucket_name)}")
+            raise Unusable(f"{uri}: {remote.not_found_cause(bucket_name)}")
         if not _is_current(target, blob):
             remote.download([(blob, target)])
     return target
@@ -233,33 +359,192 @@ def publish_tree(local_dir: Path, uri: str, last: str | None = None, *,
     return stats
 
 
-def sync_up(local_dir: Path, uri: str, *, max_workers: int = DEFAULT_MAX_WORKERS,
-            retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> TransferStats:
-    """Mirrors a small local directory (checkpoints) to uri: uploads new and changed files and
-    deletes objects under uri that local_dir no longer has."""
-    local_dir = Path(local_dir)
-    if not local_dir.is_dir():
-        raise StorageError(f"{local_dir}: no such directory to sync to {uri}")
-    if not is_remote(uri):
-        return _mirror_local(local_dir, Path(uri), allow_empty=True)
+# --- Owned prefixes (checkpoints): the job deletes only names it recorded writing there. ---
+
+def claim_owned(uri: str, owner: str, *,
+                retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> None:
+    """Checks that uri is free for `owner` (a run id) to write into and later clear: empty, or
+    holding a WRITTEN.json record of that owner. Raises Unusable otherwise, before any write."""
+    with _Prefix.open(uri, retry_deadline) as prefix:
+        prefix.owned_names(owner)
+
+
+def sync_owned(local_dir: Path, uri: str, owner: str, *,
+               retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> TransferStats:
+    """Mirrors local_dir to the owned prefix uri: uploads new and changed files, and deletes the
+    names an earlier sync recorded that local_dir no longer has, never anything else.
+
+    The record lists a name before its upload starts, so whatever a killed sync left is still
+    known to be the job's, and is cleared later."""
     start = time.monotonic()
-    bucket_name, key = _split(uri)
-    prefix = _as_prefix(key)
-    with _remote(uri, retry_deadline, max_workers) as remote:
-        bucket = remote.client.bucket(bucket_name)
-        remote_blobs = {blob.name: blob for blob in
-                        remote.client.list_blobs(bucket_name, prefix=prefix, retry=remote.retry)}
-        local_files = {_object_name(key, path, local_dir): path for path in _files_under(local_dir)}
-        changed = [(path, bucket.blob(name)) for name, path in local_files.items()
-                   if name not in remote_blobs or not _is_current(path, remote_blobs[name])]
-        size = remote.upload(changed)
-        stale = [blob for name, blob in remote_blobs.items() if name not in local_files]
-        for blob in stale:
-            blob.delete(retry=remote.retry)
+    local_files = {path.relative_to(local_dir).as_posix(): path for path in _files_under(local_dir)}
+    with _Prefix.open(uri, retry_deadline) as prefix:
+        recorded = prefix.owned_names(owner)
+        changed = [name for name, path in local_files.items() if not prefix.holds(name, path)]
+        prefix.record(owner, recorded | set(local_files))
+        size = prefix.put([(local_files[name], name) for name in changed])
+        stale = recorded - set(local_files)
+        prefix.delete(stale)
+        prefix.record(owner, set(local_files))
     stats = TransferStats(len(changed), size, len(local_files) - len(changed), len(stale),
                           time.monotonic() - start)
     _log("synced", local_dir, uri, stats)
     return stats
+
+
+def pull_owned(uri: str, local_dir: Path, owner: str, *,
+               retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> TransferStats:
+    """Makes local_dir (a folder of the job's cache) a copy of what the owned prefix uri records;
+    nothing there yet gives an empty local_dir."""
+    start = time.monotonic()
+    local_dir = Path(local_dir)
+    with _Prefix.open(uri, retry_deadline) as prefix:
+        recorded = prefix.owned_names(owner)
+        targets = {name: local_dir.joinpath(*name.split("/")) for name in recorded}
+        missing = [name for name in sorted(recorded) if not prefix.holds(name, targets[name])]
+        size = prefix.get([(name, targets[name]) for name in missing])
+    removed = _remove_unlisted(local_dir, recorded)
+    stats = TransferStats(len(missing), size, len(recorded) - len(missing), removed,
+                          time.monotonic() - start)
+    _log("pulled", uri, local_dir, stats)
+    return stats
+
+
+def clear_owned(uri: str, owner: str, *, retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> int:
+    """Deletes what `owner` recorded writing under uri, then the record; returns how many names.
+    Anything else under uri stays, and so does a local folder that is not empty then."""
+    with _Prefix.open(uri, retry_deadline) as prefix:
+        recorded = prefix.owned_names(owner)
+        prefix.delete(recorded | {WRITTEN})
+    if not is_remote(uri):
+        with contextlib.suppress(OSError):
+            Path(uri).rmdir()  # the folder the first sync made, if nothing else is left in it
+    logger.info("cleared %s: %d files this run wrote", uri, len(recorded))
+    return len(recorded)
+
+
+class _Prefix:
+    """An owned prefix, a local folder or a gs:// prefix, as names relative to it."""
+
+    def __init__(self, uri: str, remote: _Remote | None):
+        self.uri, self.remote = uri, remote
+        self.present = self._list()
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, uri: str, retry_deadline: float) -> Iterator["_Prefix"]:
+        if not is_remote(uri):
+            yield cls(uri, None)
+            return
+        with _remote(uri, retry_deadline) as remote:
+            yield cls(uri, remote)
+
+    def owned_names(self, owner: str) -> set[str]:
+        """The names owner recorded here; Unusable if the prefix holds what owner did not write."""
+        if WRITTEN not in self.present:
+            if self.present:
+                raise Unusable(f"{self.uri}: holds {len(self.present)} files this job did not "
+                               f"write (e.g. {min(self.present)!r}) and no {WRITTEN}; "
+                               "refusing to write or delete there")
+            return set()
+        try:
+            record = json.loads(self._read(WRITTEN))
+            recorded_owner, names = record["owner"], set(record["names"])
+        except (ValueError, KeyError, TypeError):
+            raise Unusable(f"{join(self.uri, WRITTEN)}: not a record this job wrote") from None
+        if recorded_owner != owner:
+            raise Unusable(f"{self.uri}: belongs to run {recorded_owner!r}, not {owner!r}")
+        return names
+
+    def holds(self, name: str, local: Path) -> bool:
+        """True when the prefix's name has exactly local's bytes (local may not exist)."""
+        if name not in self.present:
+            return False
+        if self.remote:
+            return _is_current(local, self.present[name])
+        return _same_file(self.present[name], local)
+
+    def record(self, owner: str, names: set[str]) -> None:
+        content = json.dumps({"owner": owner, "names": sorted(names)}, indent=1).encode()
+        if self.remote:
+            bucket_name, key = _split(self.uri)
+            self.remote.client.bucket(bucket_name).blob(_as_prefix(key) + WRITTEN) \
+                .upload_from_string(content, retry=self.remote.retry)
+        else:
+            target = Path(self.uri, WRITTEN)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(WRITTEN + PARTIAL_SUFFIX)
+            partial.write_bytes(content)
+            os.replace(partial, target)
+
+    def put(self, files_and_names: list[tuple[Path, str]]) -> int:
+        if not self.remote:
+            return sum(_copy_file(path, Path(self.uri, name)) for path, name in files_and_names)
+        bucket_name, key = _split(self.uri)
+        bucket = self.remote.client.bucket(bucket_name)
+        return self.remote.upload([(path, bucket.blob(_as_prefix(key) + name))
+                                   for path, name in files_and_names])
+
+    def get(self, names_and_targets: list[tuple[str, Path]]) -> int:
+        if not self.remote:
+            return sum(_copy_file(self.present[name], target) for name, target in names_and_targets)
+        self.remote.download([(self.present[name], target) for name, target in names_and_targets])
+        return sum(self.present[name].size or 0 for name, _ in names_and_targets)
+
+    def delete(self, names: set[str]) -> None:
+        """Deletes those of names that are present; locally, also the folders that held them and
+        are empty now (rmdir refuses any that are not)."""
+        present = sorted(names & set(self.present))
+        for name in present:
+            if self.remote:
+                with contextlib.suppress(api_exceptions.NotFound):
+                    self.present[name].delete(retry=self.remote.retry)
+            else:
+                self.present[name].unlink(missing_ok=True)
+        if not self.remote:
+            folders = {Path(self.uri, *name.split("/")[:end]) for name in present
+                       for end in range(1, name.count("/") + 1)}
+            for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+    def _list(self) -> dict:
+        if not self.remote:
+            root = Path(self.uri)
+            if root.exists() and not root.is_dir():
+                raise Unusable(f"{self.uri}: is a file, expected a folder")
+            return {path.relative_to(root).as_posix(): path for path in _files_under(root)} \
+                if root.is_dir() else {}
+        bucket_name, key = _split(self.uri)
+        prefix = _as_prefix(key)
+        return {blob.name[len(prefix):]: blob for blob in self.remote.client.list_blobs(
+            bucket_name, prefix=prefix, retry=self.remote.retry)}
+
+    def _read(self, name: str) -> bytes:
+        if self.remote:
+            return self.present[name].download_as_bytes(retry=self.remote.retry)
+        return self.present[name].read_bytes()
+
+
+# --- The cache: a folder the job marks as its own before it writes or prunes anything there. ---
+
+def claim_cache(cache_dir: Path) -> None:
+    """Makes cache_dir the job's (creating it with its marker), or checks that it already is.
+    Raises Unusable for a folder that holds files but no marker: the job prunes its mirrors there."""
+    cache_dir = Path(cache_dir)
+    marker = cache_dir / CACHE_MARKER
+    if marker.is_file():
+        return
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise Unusable(f"{cache_dir}: is a file, expected a folder")
+    if cache_dir.is_dir() and any(cache_dir.iterdir()):
+        raise Unusable(f"{cache_dir}: holds files this job did not write (no {CACHE_MARKER}); "
+                       "set CACHE_DIR to an empty or new folder")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text("The cache of image-classifier-job: it deletes and rewrites files here.\n")
+    except OSError as error:
+        raise Unusable(f"{cache_dir}: cannot be written ({error.strerror or error})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,38 +554,80 @@ class _Remote:
     client: gcs.Client
     retry: api_retry.Retry
     max_workers: int
+    deadline: float  # seconds without any transfer finishing before the call gives up
 
     def download(self, blobs_and_targets: list[tuple[gcs.Blob, Path]]) -> None:
-        """Downloads in parallel, each to a temporary name renamed into place once complete;
-        the downloads that succeeded are kept when others fail, then the first failure raises."""
-        if not blobs_and_targets:
-            return
-        partials = [target.with_name(target.name + PARTIAL_SUFFIX) for _, target in blobs_and_targets]
-        for partial in partials:
-            partial.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            results = transfer_manager.download_many(
-                [(blob, str(partial)) for (blob, _), partial in zip(blobs_and_targets, partials)],
-                download_kwargs={"retry": self.retry},
-                worker_type=transfer_manager.THREAD, max_workers=self.max_workers)
-            for result, partial, (_, target) in zip(results, partials, blobs_and_targets):
-                if not isinstance(result, Exception):
-                    os.replace(partial, target)
-        finally:
-            for partial in partials:
+        """Downloads in parallel, each to a temporary name renamed into place as soon as it is
+        complete, so a failure or a SIGTERM keeps every download that had finished."""
+        def download(blob: gcs.Blob, target: Path) -> None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + PARTIAL_SUFFIX)
+            try:
+                blob.download_to_filename(str(partial), retry=self.retry, timeout=REQUEST_TIMEOUT_S)
+                os.replace(partial, target)
+            finally:
                 partial.unlink(missing_ok=True)
-        _raise_first(results)
+
+        self._parallel([functools.partial(download, blob, target)
+                        for blob, target in blobs_and_targets])
 
     def upload(self, files_and_blobs: list[tuple[Path, gcs.Blob]], **upload_kwargs) -> int:
         """Uploads in parallel and returns the bytes sent; the first failure raises."""
-        if not files_and_blobs:
-            return 0
-        results = transfer_manager.upload_many(
-            [(str(path), blob) for path, blob in files_and_blobs],
-            upload_kwargs={"retry": self.retry, **upload_kwargs},
-            worker_type=transfer_manager.THREAD, max_workers=self.max_workers)
-        _raise_first(results)
+        self._parallel([functools.partial(blob.upload_from_filename, str(path), retry=self.retry,
+                                          timeout=REQUEST_TIMEOUT_S, **upload_kwargs)
+                        for path, blob in files_and_blobs])
         return sum(path.stat().st_size for path, _ in files_and_blobs)
+
+    def _parallel(self, transfers: list[Callable[[], object]]) -> None:
+        """Runs the transfers on max_workers daemon threads, then raises the first failure; raises
+        StorageError at once when `deadline` seconds pass with no transfer succeeding.
+
+        Written here rather than taken from transfer_manager, whose thread pool is joined before it
+        returns: with it a SIGTERM waits for the whole batch, a dead endpoint for every transfer's
+        own retry deadline in turn, and the main thread cannot give up. Daemon threads can be left
+        behind: they take no new transfer once the main thread has given up, and the process
+        ends soon after (exit 1 or 75) without waiting for them.
+        """
+        if not transfers:
+            return
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        for transfer in transfers:
+            todo.put(transfer)
+        stopped = threading.Event()
+
+        def work() -> None:
+            while not stopped.is_set():
+                try:
+                    transfer = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    transfer()
+                    done.put(None)
+                except Exception as error:  # handed to the main thread, which raises it
+                    done.put(error)
+
+        for _ in range(min(self.max_workers, len(transfers))):
+            threading.Thread(target=work, daemon=True).start()
+        errors: list[Exception] = []
+        give_up_at = time.monotonic() + self.deadline
+        try:
+            for _ in transfers:
+                try:
+                    result = done.get(timeout=max(0.0, give_up_at - time.monotonic()))
+                except queue.Empty:  # reported by _remote as "still failing after retrying"
+                    raise api_exceptions.RetryError("no transfer succeeded",
+                                                    errors[-1] if errors else None) from None
+                if result is None:
+                    give_up_at = time.monotonic() + self.deadline
+                else:
+                    errors.append(result)
+        except BaseException:
+            stopped.set()  # given up, or a signal: the threads take nothing more
+            raise
+        if errors:
+            raise errors[0]
 
     def not_found_cause(self, bucket_name: str) -> str:
         if not self.client.bucket(bucket_name).exists(retry=self.retry):
@@ -318,7 +645,8 @@ def _remote(uri: str, retry_deadline: float,
         client = gcs.Client(project=None)
     except auth_exceptions.DefaultCredentialsError as error:
         raise StorageError(f"{uri}: no Application Default Credentials ({_one_line(error)})") from None
-    remote = _Remote(client, DEFAULT_RETRY.with_timeout(retry_deadline), max_workers)
+    remote = _Remote(client, DEFAULT_RETRY.with_timeout(retry_deadline), max_workers,
+                     retry_deadline)
     try:
         yield remote
     except StorageError:
@@ -336,12 +664,6 @@ def _remote(uri: str, retry_deadline: float,
         raise StorageError(f"{uri}: {_one_line(error)}") from None
     finally:
         client.close()
-
-
-def _raise_first(results: list) -> None:
-    for result in results:
-        if isinstance(result, Exception):
-            raise result
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
@@ -377,13 +699,6 @@ def _as_prefix(key: str) -> str:
 
 def _object_name(key: str, path: Path, local_dir: Path) -> str:
     return _as_prefix(key) + path.relative_to(local_dir).as_posix()
-
-
-def _local_path(local_dir: Path, relative: str, uri: str) -> Path:
-    parts = [part for part in relative.split("/") if part]
-    if not parts or ".." in parts or parts[-1].endswith(PARTIAL_SUFFIX):
-        raise StorageError(f"{uri}: object name {relative!r} cannot be stored as a local file")
-    return local_dir.joinpath(*parts)
 
 
 def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:

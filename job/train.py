@@ -38,8 +38,21 @@ class SetupError(Exception):
 
 
 def validate(config: Config) -> None:
-    """Checks what the environment alone cannot: that FINE_TUNE_FROM names a layer of the base."""
+    """Checks, before any data is read, what the environment alone cannot: that the places the
+    job writes can be written and are its own, that WEIGHTS can be had, and that FINE_TUNE_FROM
+    names a layer of the base. Raises SetupError (exit 2) naming the setting at fault."""
     distribute.strategy_for(config.tf_config, config.cluster_spec)  # before any other TF op
+    deadline = config.storage_deadline
+    for name, check in (
+            ("CACHE_DIR", lambda: storage.claim_cache(config.cache_dir)),
+            ("OUTPUT_URI", lambda: storage.check_writable(config.output_uri)),
+            ("CHECKPOINT_URI", lambda: storage.claim_owned(config.checkpoint_uri, config.run_id,
+                                                           retry_deadline=deadline)),
+            ("WEIGHTS", lambda: weights_file(config))):
+        try:
+            check()
+        except storage.Unusable as error:
+            raise SetupError(f"{name}: {error}") from None
     if config.is_hub_backbone or config.fine_tune_epochs == 0:
         return
     names = model.base_layer_names(config.backbone, config.alpha, config.image_size)
@@ -49,14 +62,24 @@ def validate(config: Config) -> None:
                           f"{config.backbone}; top layers include {', '.join(conv_names)}")
 
 
+def weights_file(config: Config) -> str | None:
+    """The local path of the .h5 file WEIGHTS names (fetched into the cache if remote), or None
+    for WEIGHTS=none or imagenet."""
+    if config.weights in ("none", "imagenet"):
+        return None
+    return str(storage.fetch_file(config.weights, config.cache_dir / "weights",
+                                  retry_deadline=config.storage_deadline))
+
+
 def run(config: Config, stop: StopSignal | None = None) -> dict:
     """Trains, evaluates and writes one run; returns its metrics (or the finished run's status).
 
     A run that an earlier attempt with the same RUN_ID left unfinished resumes from its
     checkpoints; a complete run is left untouched.
     """
+    deadline = config.storage_deadline
     manifest_uri = storage.join(config.run_uri, report.MANIFEST)
-    if storage.exists(manifest_uri):
+    if storage.exists(manifest_uri, retry_deadline=deadline):
         log.info("run %s is already complete at %s; nothing to do", config.run_id, config.run_uri)
         return {"status": "already complete", "run_uri": config.run_uri}
 
@@ -71,10 +94,11 @@ def run(config: Config, stop: StopSignal | None = None) -> dict:
              config.mixed_precision, len(tf.config.list_physical_devices("GPU")))
 
     data_root = storage.local_dir_for(config.data_uri, config.cache_dir / "data")
-    data_pull = storage.pull_tree(config.data_uri, data_root).as_dict() \
+    pulled = storage.pull_tree(config.data_uri, data_root, retry_deadline=deadline) \
         if storage.is_remote(config.data_uri) else None
     dataset = data.load_dataset(data_root, config.image_size, config.validation_split,
                                 config.test_split, config.seed)
+    dataset.skipped.update(pulled.skipped if pulled else {})
     for note in dataset.notes:
         log.info("data: %s", note)
     for path, reason in dataset.skipped.items():
@@ -90,10 +114,10 @@ def run(config: Config, stop: StopSignal | None = None) -> dict:
     work_dir = distribute.write_dir(
         storage.local_dir_for(config.run_uri, config.cache_dir / "runs" / config.run_id), chief)
     work_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_dir = storage.local_dir_for(config.checkpoint_uri,
-                                           config.cache_dir / "checkpoints" / config.run_id)
-    checkpoints = Checkpoints(distribute.write_dir(checkpoint_dir, chief), config.checkpoint_uri,
-                              stop or StopSignal(), writer=chief)
+    checkpoints = Checkpoints(
+        distribute.write_dir(config.cache_dir / "checkpoints" / config.run_id, chief),
+        config.checkpoint_uri, config.run_id, stop or StopSignal(), writer=chief,
+        retry_deadline=deadline)
     # decoded images and cached features, kept until the run is complete so a restart reuses them
     scratch_dir = distribute.write_dir(config.cache_dir / "scratch" / config.run_id, chief)
     scratch_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +138,7 @@ def run(config: Config, stop: StopSignal | None = None) -> dict:
         "hardware": _hardware(),
         "classes": dataset.class_names,
         "class_counts": dataset.counts(),
-        "data_pull": data_pull,
+        "data_pull": pulled.as_dict() if pulled else None,
         "data_notes": dataset.notes,
         "skipped_files": dataset.skipped,
         "class_weights": trainer.class_weights,
@@ -132,9 +156,9 @@ def run(config: Config, stop: StopSignal | None = None) -> dict:
             distribute.discard(throwaway, chief)
         log.info("worker done; the chief publishes the run")
         return metrics
-    storage.publish_tree(work_dir, config.run_uri, last=report.MANIFEST)
+    storage.publish_tree(work_dir, config.run_uri, last=report.MANIFEST, retry_deadline=deadline)
     if config.model_uri != storage.join(config.run_uri, "saved_model"):
-        storage.publish_tree(work_dir / "saved_model", config.model_uri)
+        storage.publish_tree(work_dir / "saved_model", config.model_uri, retry_deadline=deadline)
     log.info("run complete: %s", config.run_uri)
     checkpoints.clear()
     shutil.rmtree(scratch_dir, ignore_errors=True)
@@ -161,9 +185,7 @@ def build_base(config: Config):
     """The conv base with the weights WEIGHTS names; fails fast when they cannot be had."""
     if config.is_hub_backbone:
         return model.build_base(config.backbone, config.alpha, None, config.image_size)
-    weights = {"none": None, "imagenet": "imagenet"}.get(config.weights)
-    if config.weights not in ("none", "imagenet"):
-        weights = str(storage.fetch_file(config.weights, config.cache_dir / "weights"))
+    weights = "imagenet" if config.weights == "imagenet" else weights_file(config)
     try:
         return model.build_base(config.backbone, config.alpha, weights, config.image_size)
     except Exception as error:  # Keras raises plain Exception when the download fails

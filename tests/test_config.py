@@ -73,11 +73,60 @@ def test_outputs_go_under_output_uri_and_run_id():
     assert settings.checkpoint_uri == "gs://bucket/runs/nightly-7/checkpoints"
 
 
-def test_vertex_ai_directories_are_honoured():
+def test_vertex_ai_directories_are_honoured_with_one_checkpoint_prefix_per_run():
     settings = config(AIP_MODEL_DIR="gs://b/model", AIP_CHECKPOINT_DIR="gs://b/ckpt",
-                      AIP_TENSORBOARD_LOG_DIR="gs://b/tb")
+                      AIP_TENSORBOARD_LOG_DIR="gs://b/tb", RUN_ID="r1")
     assert (settings.model_uri, settings.checkpoint_uri, settings.tensorboard_uri) == \
-        ("gs://b/model", "gs://b/ckpt", "gs://b/tb")
+        ("gs://b/model", "gs://b/ckpt/r1", "gs://b/tb")
+
+
+def test_checkpoint_uri_holds_one_prefix_per_run_id():
+    settings = config(OUTPUT_URI="gs://b/runs", CHECKPOINT_URI="gs://b/ckpt/", RUN_ID="r1")
+    assert settings.checkpoint_uri == "gs://b/ckpt/r1"
+
+
+@pytest.mark.parametrize("name, value, problem", [
+    ("CHECKPOINT_URI", "gs://b/ck/../../../../../victim", "'..' component"),
+    ("DATA_URI", "gs://b/v/../../../../victim", "'..' component"),
+    ("OUTPUT_URI", "gs://b/runs/./x", "'.' or '..' component"),
+    ("DATA_URI", "gs://b//data", "empty component"),
+    ("DATA_URI", "gs://Bucket/data", "bucket name"),
+    ("CACHE_DIR", "/tmp/a\0b", "NUL"),
+])
+def test_uri_with_dot_empty_or_nul_components_is_refused(name, value, problem):
+    with pytest.raises(ConfigError) as error:
+        config(**{name: value})
+    assert str(error.value).startswith(f"{name}={value!r} is not valid") and problem in str(error.value)
+
+
+@pytest.mark.parametrize("env, first, second", [
+    ({"OUTPUT_URI": "gs://b/runs", "CHECKPOINT_URI": "gs://b/runs"}, "OUTPUT_URI/RUN_ID",
+     "CHECKPOINT_URI/RUN_ID"),
+    ({"OUTPUT_URI": "gs://b/runs", "CHECKPOINT_URI": "gs://b/runs/r1/ckpt"}, "OUTPUT_URI/RUN_ID",
+     "CHECKPOINT_URI/RUN_ID"),
+    ({"DATA_URI": "gs://b/data", "OUTPUT_URI": "gs://b/data"}, "DATA_URI", "OUTPUT_URI/RUN_ID"),
+    ({"DATA_URI": "gs://b/data", "CHECKPOINT_URI": "gs://b/data"}, "DATA_URI", "CHECKPOINT_URI/RUN_ID"),
+    ({"DATA_URI": "/srv/images", "CACHE_DIR": "/srv/images/.cache"}, "DATA_URI", "CACHE_DIR"),
+    ({"OUTPUT_URI": "/srv/runs", "CACHE_DIR": "/srv"}, "OUTPUT_URI/RUN_ID", "CACHE_DIR"),
+    ({"DATA_URI": "/srv/images", "AIP_MODEL_DIR": "/srv/images/model"}, "DATA_URI", "AIP_MODEL_DIR"),
+])
+def test_places_that_overlap_are_refused_naming_both(env, first, second):
+    with pytest.raises(ConfigError) as error:
+        config(RUN_ID="r1", **env)
+    message = str(error.value)
+    assert message.startswith(f"{first} (") and f" and {second} (" in message
+    assert "overlap" in message and "\n" not in message
+
+
+def test_default_checkpoints_and_model_inside_the_run_directory_are_allowed():
+    settings = config(OUTPUT_URI="gs://b/runs", RUN_ID="r1", CACHE_DIR="/tmp/cache")
+    assert settings.checkpoint_uri == "gs://b/runs/r1/checkpoints"
+
+
+def test_local_uris_are_made_absolute():
+    settings = config(DATA_URI="images", OUTPUT_URI="../runs")
+    assert settings.data_uri == str(Path.cwd() / "images")
+    assert settings.output_uri == str(Path.cwd().parent / "runs")
 
 
 def test_hub_handle_is_accepted_as_a_backbone():

@@ -1,6 +1,7 @@
 """job/storage.py against a real GCS-compatible server on loopback (see tests/gcs_emulator.py)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -155,7 +156,7 @@ def test_missing_bucket_is_a_one_line_error(gcs_endpoint, tmp_path):
 def test_missing_prefix_is_a_one_line_error(gcs_bucket, tmp_path):
     with pytest.raises(StorageError) as error:
         storage.fetch_tree(f"gs://{gcs_bucket}/nothing-here", tmp_path, **QUICK)
-    assert_one_line_error(error, f"gs://{gcs_bucket}/nothing-here", "no objects under this prefix")
+    assert_one_line_error(error, f"gs://{gcs_bucket}/nothing-here", "no usable objects under this prefix")
 
 
 def test_missing_object_is_a_one_line_error(gcs_bucket, tmp_path):
@@ -201,13 +202,6 @@ def test_fetch_tree_of_a_local_directory_is_that_directory(file_tree, tmp_path):
 def test_fetch_tree_of_a_missing_local_directory_is_an_error(tmp_path):
     with pytest.raises(StorageError, match="no such directory"):
         storage.fetch_tree(str(tmp_path / "missing"), tmp_path / "cache")
-
-
-def test_local_sync_up_mirrors_into_another_directory(file_tree, tmp_path):
-    (tmp_path / "mirror").mkdir()
-    (tmp_path / "mirror" / "stale.bin").write_bytes(b"old")
-    storage.sync_up(file_tree, str(tmp_path / "mirror"))
-    assert tree_contents(tmp_path / "mirror") == tree_contents(file_tree)
 
 
 # --- Files ---
@@ -267,29 +261,95 @@ def test_local_publish_refuses_to_overwrite_a_completed_run(run_dir, tmp_path):
         storage.publish_tree(run_dir, str(tmp_path / "published"), last="MANIFEST.json")
 
 
-# --- Checkpoint sync ---
+# --- Owned prefixes (checkpoints): the job deletes only what it recorded writing ---
 
-def test_sync_up_then_sync_down_round_trips_a_directory(gcs_bucket, file_tree, tmp_path):
-    uri = f"gs://{gcs_bucket}/runs/r1/checkpoints"
-    storage.sync_up(file_tree, uri)
-    storage.sync_down(uri, tmp_path / "restored")
+def test_sync_owned_then_pull_owned_round_trips_a_directory(gcs_bucket, file_tree, tmp_path):
+    uri = f"gs://{gcs_bucket}/ckpt/r1"
+    storage.sync_owned(file_tree, uri, "r1")
+    storage.pull_owned(uri, tmp_path / "restored", "r1")
     assert tree_contents(tmp_path / "restored") == tree_contents(file_tree)
 
 
-def test_sync_up_uploads_only_changes_and_deletes_what_is_gone(gcs_client, gcs_bucket, file_tree):
-    uri = f"gs://{gcs_bucket}/ckpt"
-    storage.sync_up(file_tree, uri)
+def test_sync_owned_uploads_only_changes_and_deletes_only_what_it_recorded(
+        gcs_client, gcs_bucket, file_tree):
+    uri = f"gs://{gcs_bucket}/ckpt/r1"
+    storage.sync_owned(file_tree, uri, "r1")
+    gcs_client.bucket(gcs_bucket).blob("ckpt/r1/someone-elses.txt").upload_from_string(b"keep")
     (file_tree / "labels.txt").unlink()
     (file_tree / "NORMAL" / "a.jpeg").write_bytes(b"epoch 2")
-    stats = storage.sync_up(file_tree, uri)
+    stats = storage.sync_owned(file_tree, uri, "r1")
     assert (stats.objects, stats.cached, stats.removed) == (1, 3, 1)
-    assert object_contents(gcs_client, gcs_bucket) == {
-        f"ckpt/{name}": content for name, content in tree_contents(file_tree).items()}
+    objects = object_contents(gcs_client, gcs_bucket)
+    assert objects.pop("ckpt/r1/someone-elses.txt") == b"keep"
+    assert json.loads(objects.pop("ckpt/r1/WRITTEN.json"))["names"] == sorted(tree_contents(file_tree))
+    assert objects == {f"ckpt/r1/{name}": content for name, content in tree_contents(file_tree).items()}
 
 
-def test_sync_down_of_a_prefix_with_nothing_yet_gives_an_empty_directory(gcs_bucket, tmp_path):
-    stats = storage.sync_down(f"gs://{gcs_bucket}/ckpt", tmp_path / "restored")
+def test_clear_owned_deletes_what_the_run_wrote_and_nothing_else(gcs_client, gcs_bucket, file_tree):
+    bucket = gcs_client.bucket(gcs_bucket)
+    bucket.blob("ckpt/other-run/state.json").upload_from_string(b"other run")
+    storage.sync_owned(file_tree, f"gs://{gcs_bucket}/ckpt/r1", "r1")
+    bucket.blob("ckpt/r1/added-later.txt").upload_from_string(b"not the job's")
+    assert storage.clear_owned(f"gs://{gcs_bucket}/ckpt/r1", "r1") == len(tree_contents(file_tree))
+    assert object_contents(gcs_client, gcs_bucket) == {"ckpt/other-run/state.json": b"other run",
+                                                       "ckpt/r1/added-later.txt": b"not the job's"}
+
+
+def test_a_prefix_holding_files_the_job_did_not_write_is_refused_untouched(
+        gcs_client, gcs_bucket, file_tree):
+    gcs_client.bucket(gcs_bucket).blob("runs/r0/MANIFEST.json").upload_from_string(b"{}")
+    before = object_contents(gcs_client, gcs_bucket)
+    for call in (lambda: storage.claim_owned(f"gs://{gcs_bucket}/runs", "r1"),
+                 lambda: storage.sync_owned(file_tree, f"gs://{gcs_bucket}/runs", "r1"),
+                 lambda: storage.clear_owned(f"gs://{gcs_bucket}/runs", "r1")):
+        with pytest.raises(storage.Unusable, match="holds 1 files this job did not write"):
+            call()
+    assert object_contents(gcs_client, gcs_bucket) == before
+
+
+def test_a_prefix_recorded_by_another_run_is_refused(gcs_bucket, file_tree, tmp_path):
+    storage.sync_owned(file_tree, f"gs://{gcs_bucket}/ckpt", "r1")
+    with pytest.raises(storage.Unusable, match="belongs to run 'r1', not 'r2'"):
+        storage.pull_owned(f"gs://{gcs_bucket}/ckpt", tmp_path / "restored", "r2")
+
+
+def test_pull_owned_of_a_prefix_with_nothing_yet_gives_an_empty_directory(gcs_bucket, tmp_path):
+    stats = storage.pull_owned(f"gs://{gcs_bucket}/ckpt/r1", tmp_path / "restored", "r1")
     assert stats.objects == 0 and tree_contents(tmp_path / "restored") == {}
+
+
+def test_local_owned_folder_keeps_what_was_there_and_loses_only_what_it_wrote(file_tree, tmp_path):
+    target = tmp_path / "existing" / "r1"
+    (tmp_path / "existing" / "keep.txt").parent.mkdir()
+    (tmp_path / "existing" / "keep.txt").write_text("the user's")
+    storage.sync_owned(file_tree, str(target), "r1")
+    assert {k: v for k, v in tree_contents(target).items() if k != "WRITTEN.json"} == \
+        tree_contents(file_tree)
+    storage.clear_owned(str(target), "r1")
+    assert tree_contents(tmp_path / "existing") == {"keep.txt": b"the user's"}
+    assert not target.exists()  # the folders it made, now empty, are gone too
+
+
+# --- The cache folder ---
+
+def test_cache_dir_is_created_with_the_jobs_marker(tmp_path):
+    storage.claim_cache(tmp_path / "cache")
+    assert (tmp_path / "cache" / storage.CACHE_MARKER).is_file()
+    storage.claim_cache(tmp_path / "cache")  # and is the job's from then on
+
+
+def test_cache_dir_holding_other_files_is_refused_untouched(file_tree):
+    before = tree_contents(file_tree)
+    with pytest.raises(storage.Unusable, match="holds files this job did not write"):
+        storage.claim_cache(file_tree)
+    assert tree_contents(file_tree) == before
+
+
+@pytest.mark.parametrize("path, problem", [("/etc/hostname", "is a file"),
+                                           ("/proc/nope", "cannot be written")])
+def test_cache_dir_that_cannot_be_a_folder_is_a_one_line_error(path, problem):
+    with pytest.raises(storage.Unusable, match=problem):
+        storage.claim_cache(Path(path))
 
 
 # --- The whole job on gs:// ---

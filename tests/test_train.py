@@ -32,7 +32,7 @@ def phases(tmp_path_factory):
     keras.utils.set_random_seed(config.seed)
     dataset = data.load_dataset(root / "images", 32, 0.25, 0.0, seed=config.seed)
     parts = model.build_classifier(*model.build_base("vgg16", 1.0, None, 32), 2, 32, 16, 0.5)
-    trainer = train.Trainer(config, dataset, parts, root, Checkpoints(root / "ckpt", str(root / "ckpt"), StopSignal()))
+    trainer = train.Trainer(config, dataset, parts, root, Checkpoints(root / "ckpt", str(root / "ckpt-uri"), "test", StopSignal()))
     snapshots = {"start": weights_by_layer(parts.base)}
     head_before = [np.array(w) for w in parts.head.get_weights()]
     trainer.train_head()
@@ -142,7 +142,7 @@ def cached_trainer(root, **overrides) -> train.Trainer:
     dataset = data.load_dataset(root / "images", 32, 0.34, 0.0, seed=config.seed)
     parts = model.build_classifier(*model.build_base("vgg16", 1.0, None, 32), 2, 32, 8, 0.5)
     return train.Trainer(config, dataset, parts, root,
-                         Checkpoints(root / "ckpt", str(root / "ckpt"), StopSignal()))
+                         Checkpoints(root / "ckpt", str(root / "ckpt-uri"), "test", StopSignal()))
 
 
 def cached_train_outputs(trainer: train.Trainer, phase: str) -> np.ndarray:
