@@ -11,13 +11,30 @@ both would hide what parallel transfers do, so this launcher serves each request
 which an in-memory store never reads back. `latency_ms` delays every response, to stand in for the
 round trip to a real bucket.
 
+It also closes two gaps between the emulator and real GCS that the job's code must not be tested
+around:
+
+* Object names are kept verbatim. GCS names are flat UTF-8 strings, not paths: `a//b.jpeg`,
+  `/x.jpeg`, `a/../b.jpeg`, `a/./b.jpeg`, `folder/` (a console "folder" placeholder) and
+  `a\\b.jpeg` are all valid and all distinct from `a/b.jpeg`. The emulator stores content at a
+  normalised file path (slashes stripped, empty and `.` parts dropped, `..` refused) and writes
+  names unescaped into `mediaLink`/`selfLink`, so such names collided, failed or downloaded the
+  wrong object. Here content is keyed by the percent-escaped name, one flat key per object (see
+  `verbatim_key`), and the links carry the name escaped as the JSON API wants it.
+* Listings come in pages, as in GCS: at most 1,000 entries (objects and prefixes together) per
+  response, fewer when `maxResults` says so, continued with `nextPageToken`/`pageToken`. The
+  emulator answered any listing in one response, so code that gets paging wrong passed.
+
 Run as a script to serve in the foreground: python tests/gcs_emulator.py PORT [LATENCY_MS]
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import functools
 import http.client
+import json
 import logging
 import socket
 import subprocess
@@ -26,10 +43,12 @@ import threading
 import time
 import urllib.request
 from http import server
+from http import HTTPStatus
 from typing import Iterator
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 READY_TIMEOUT_S = 20.0
+MAX_PAGE_SIZE = 1000  # GCS's largest (and default) maxResults for objects.list
 
 
 def free_port() -> int:
@@ -65,13 +84,135 @@ def wait_until_up(url: str, process: subprocess.Popen) -> None:
     raise RuntimeError(f"GCS emulator not answering at {url} after {READY_TIMEOUT_S:g} s")
 
 
-def serve(port: int, latency_ms: float) -> None:
-    from gcp_storage_emulator.server import RequestHandler
+def verbatim_key(name: str) -> str:
+    """The in-memory store's key for an object's content: one flat path component, distinct for
+    every distinct name. quote() leaves '.' alone, so '.' is escaped too (no '.' or '..' part)."""
+    return quote(name, safe="").replace(".", "%2E")
+
+
+def object_links(base_url: str, bucket_name: str, object_name: str, generation: str) -> dict:
+    """selfLink and mediaLink of an object, its name escaped as one URL path segment."""
+    escaped = quote(object_name, safe="")
+    return {"selfLink": f"/storage/v1/b/{bucket_name}/o/{escaped}",
+            "mediaLink": f"{base_url}/download/storage/v1/b/{bucket_name}/o/{escaped}"
+                         f"?generation={generation}&alt=media"}
+
+
+def encode_page_token(key: list) -> str:
+    return base64.urlsafe_b64encode(json.dumps(key).encode()).decode()
+
+
+def decode_page_token(token: str) -> list:
+    key = json.loads(base64.urlsafe_b64decode(token.encode()))
+    if not (isinstance(key, list) and len(key) == 2 and isinstance(key[0], str)
+            and isinstance(key[1], int)):
+        raise ValueError(token)
+    return key
+
+
+class _ListingResponse:
+    """Stands in for the emulator's Response while its own objects.ls builds the full listing."""
+
+    def __init__(self):
+        self.status = HTTPStatus.OK
+        self.listing: dict | None = None
+
+    def json(self, obj: dict) -> None:
+        self.listing = obj
+
+
+def paged_listing(full_listing, request, response, storage) -> None:
+    """objects.list in pages of at most MAX_PAGE_SIZE entries (items and prefixes together, in
+    name order), continued from pageToken; nextPageToken is set while entries remain."""
+
+    def argument(name: str) -> str | None:
+        values = request.query.get(name)
+        return values[0] if values else None
+
+    def bad_request(message: str) -> None:
+        response.status = HTTPStatus.BAD_REQUEST
+        response.json({"error": {"code": 400, "message": message}})
+
+    try:
+        page_size = min(int(argument("maxResults") or MAX_PAGE_SIZE), MAX_PAGE_SIZE)
+        if page_size < 1:
+            raise ValueError
+    except ValueError:
+        return bad_request(f"Invalid maxResults: {argument('maxResults')!r}")
+    token = argument("pageToken")
+    try:
+        after = decode_page_token(token) if token else None
+    except (ValueError, binascii.Error):
+        return bad_request(f"Invalid pageToken: {token!r}")
+
+    whole = _ListingResponse()
+    full_listing(request, whole, storage)
+    if whole.listing is None:
+        response.status = whole.status
+        return
+    # Sort keys: (name, generation) for objects (soft-deleted listings hold several generations
+    # of one name), (prefix, -1) for prefixes.
+    entries = sorted([([item.get("name") or "", int(item.get("generation") or 0)], "items", item)
+                      for item in whole.listing.get("items") or []]
+                     + [([prefix, -1], "prefixes", prefix)
+                        for prefix in whole.listing.get("prefixes") or []],
+                     key=lambda entry: entry[0])
+    if after is not None:
+        entries = [entry for entry in entries if entry[0] > after]
+    page = {**whole.listing, "items": [], "prefixes": []}
+    for _key, kind, value in entries[:page_size]:
+        page[kind].append(value)
+    if len(entries) > page_size:
+        page["nextPageToken"] = encode_page_token(entries[page_size - 1][0])
+    response.json(page)
+
+
+def adapt_emulator():
+    """Installs, in this (the server's) process, what the module docstring describes; returns the
+    Storage class to serve."""
+    from gcp_storage_emulator import server as emulator_server
+    from gcp_storage_emulator.handlers import objects
     from gcp_storage_emulator.storage import Storage
 
+    make_object_resource = objects._make_object_resource
+
+    @functools.wraps(make_object_resource)
+    def make_object_resource_with_escaped_links(base_url, bucket_name, object_name, *args,
+                                                **kwargs):
+        obj = make_object_resource(base_url, bucket_name, object_name, *args, **kwargs)
+        if isinstance(object_name, str):
+            obj.update(object_links(base_url, bucket_name, object_name, obj["generation"]))
+        return obj
+
+    objects._make_object_resource = make_object_resource_with_escaped_links
+
+    list_in_pages = functools.partial(paged_listing, objects.ls)
+    for _pattern, methods in emulator_server.HANDLERS:
+        if methods.get("GET") is objects.ls:
+            methods["GET"] = list_in_pages
+
+    class VerbatimStorage(Storage):
+        def _object_path(self, bucket_name, file_name):
+            return f"{bucket_name}/{verbatim_key(file_name)}"
+
+        def _list_live_candidates(self, bucket_name, prefix=None):
+            # Listings are not serialised with writes: take the bucket's entries in one step
+            # instead of iterating a dict that an upload may grow meanwhile.
+            entries = list(self.objects.get(bucket_name, {}).items())
+            return [(name, obj) for name, obj in entries
+                    if prefix is None or name.startswith(prefix)]
+
+        def _write_config_to_file(self):
+            pass  # the JSON snapshot: an in-memory store never reads it back
+
+    return VerbatimStorage
+
+
+def serve(port: int, latency_ms: float) -> None:
+    from gcp_storage_emulator.server import RequestHandler
+
     logging.basicConfig(level=logging.ERROR)
-    Storage._write_config_to_file = lambda self: None
-    storage = Storage(use_memory_fs=True)
+    storage = adapt_emulator()(use_memory_fs=True)
     writes = threading.Lock()
 
     class Handler(RequestHandler):
