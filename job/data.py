@@ -4,12 +4,15 @@ Layouts: `<class>/<image>` at the root (split here, seeded and stratified), or t
 `train/`, and optionally `validation/` and `test/` (used as they are). Classes are the sorted
 sub-folder names of the training folder. Every file is checked once with the same decoder the
 pipeline uses, so unusable files are skipped and named with a reason instead of failing mid-epoch.
+Symbolic links are followed, but each real file is counted once, in one class and one split.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import random
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -69,6 +72,10 @@ def load_dataset(root: Path, image_size: int, validation_split: float, test_spli
         raise DataError(f"{train_root}: found {len(class_names)} class folder(s) "
                         f"{class_names}; need at least two, one per class")
 
+    split_roots = [train_root] + [split_dirs[name] for name in SPLITS[1:] if name in split_dirs]
+    finder = _Finder(root, [folder / name for folder in split_roots for name in class_names],
+                     skipped)
+
     def collect(split_root: Path) -> Split:
         unknown = sorted(set(_class_names(split_root)) - set(class_names))
         if unknown:
@@ -76,13 +83,13 @@ def load_dataset(root: Path, image_size: int, validation_split: float, test_spli
                             f"{class_names}")
         paths, labels = [], []
         for label, name in enumerate(class_names):
-            for path in _image_candidates(split_root / name, root, skipped):
+            for path in _image_candidates(split_root / name, finder, root, skipped):
                 paths.append(path)
                 labels.append(label)
         return _checked(Split(paths, labels), image_size, root, skipped, workers)
 
     train = collect(train_root)
-    _require_every_class(train, class_names, train_root)
+    _require_every_class(train, class_names, train_root, root, skipped)
     validation = collect(split_dirs["validation"]) if "validation" in split_dirs else None
     test = collect(split_dirs["test"]) if "test" in split_dirs else None
     if validation is None:
@@ -91,7 +98,7 @@ def load_dataset(root: Path, image_size: int, validation_split: float, test_spli
     if test is None:
         train, test = stratified_split(train, test_split, seed + 1)
         notes.append(f"test: {test_split:.0%} of the training images, stratified, seed {seed + 1}")
-    _require_every_class(train, class_names, train_root)
+    _require_every_class(train, class_names, train_root, root, skipped)
     return DataSet(class_names, train, validation, test, skipped, notes)
 
 
@@ -165,7 +172,7 @@ def class_weights(split: Split, num_classes: int) -> dict[int, float]:
 
 def _has_class_folders(path: Path) -> bool:
     return path.is_dir() and any(
-        child.is_dir() and not child.name.startswith(".") and any(_walk_files(child))
+        child.is_dir() and not child.name.startswith(".") and any(_Finder(path, [], {}).walk(child))
         for child in path.iterdir())
 
 
@@ -174,27 +181,113 @@ def _class_names(root: Path) -> list[str]:
                   if child.is_dir() and not child.name.startswith(".") and child.name not in SPLITS)
 
 
-def _walk_files(folder: Path):
-    for directory, subdirs, files in os.walk(folder, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in sorted(files):
-            yield Path(directory, name)
+class _Finder:
+    """Lists the files under class folders, following symbolic links, each real file only once.
+
+    A link to a folder is followed once. A link that loops back to a folder above it, or that
+    leads into another class folder (or to a folder holding one), is skipped with its reason, and
+    so is a second path to a file already listed: no image is counted twice, gets another class's
+    label, or lands in two splits. The first path found is kept (train before validation and
+    test, and real folders before links to them where they sit side by side).
+    """
+
+    def __init__(self, root: Path, class_dirs: list[Path], skipped: dict[str, str]):
+        self.root = root
+        self.skipped = skipped
+        self.class_dirs = {_real(folder): folder for folder in class_dirs}  # real path -> as named
+        self.folders: dict[Path, str] = {}  # real path of each folder listed -> path listed by
+        self.files: dict[tuple[int, int], str] = {}  # (device, inode) of each file kept -> its path
+
+    def walk(self, class_dir: Path) -> Iterator[Path]:
+        """Every file under class_dir, sorted, nested folders included, hidden folders left out."""
+        own = _real(class_dir)
+        if class_dir.is_symlink():  # may lead to a folder elsewhere, but not loop or mix classes
+            problem = self._link_problem(class_dir, own, above=(_real(class_dir.parent),))
+            if problem:
+                self.skipped[_relative(class_dir, self.root)] = problem
+                return
+        yield from self._walk(class_dir, own, above=())
+
+    def claim(self, path: Path, class_dir: Path) -> str | None:
+        """Why the file at path is not used in class_dir's class, or None: then it is, and a later
+        path to the same file (a symbolic or hard link) is not."""
+        status = path.stat()
+        identity = (status.st_dev, status.st_ino)
+        if identity in self.files:
+            return f"same file as {self.files[identity]}"
+        if path.is_symlink():
+            problem = self._other_class(_real(path), _real(class_dir), holding=False)
+            if problem:
+                return problem
+        self.files[identity] = _relative(path, self.root)
+        return None
+
+    def _walk(self, folder: Path, own: Path, above: tuple[Path, ...]) -> Iterator[Path]:
+        real = _real(folder)
+        if real in self.folders:
+            self.skipped[_relative(folder, self.root)] = f"same folder as {self.folders[real]}"
+            return
+        self.folders[real] = _relative(folder, self.root)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except FileNotFoundError:
+            return  # a class missing from a split folder
+        except OSError as error:
+            self.skipped[_relative(folder, self.root)] = f"unreadable folder: {error.strerror}"
+            return
+        for entry in entries:
+            if not entry.is_dir():
+                yield Path(folder, entry.name)
+        above = above + (real,)
+        subfolders = [entry for entry in entries
+                      if entry.is_dir() and not entry.name.startswith(".")]
+        for entry in sorted(subfolders, key=lambda entry: entry.is_symlink()):  # real ones first
+            path = Path(folder, entry.name)
+            problem = self._link_problem(path, own, above) if entry.is_symlink() else None
+            if problem:
+                self.skipped[_relative(path, self.root)] = problem
+            else:
+                yield from self._walk(path, own, above)
+
+    def _link_problem(self, link: Path, own: Path, above: tuple[Path, ...]) -> str | None:
+        target = _real(link)
+        if any(folder.is_relative_to(target) for folder in above):
+            return "symbolic link loop: points to an ancestor folder"
+        return self._other_class(target, own, holding=True)
+
+    def _other_class(self, target: Path, own: Path, holding: bool) -> str | None:
+        """Why a link to target from the class folder own would give another folder's images
+        own's label (holding: a link to a folder, which may hold class folders), or None."""
+        for real, named in self.class_dirs.items():
+            if real == own:
+                continue
+            if target.is_relative_to(real):
+                return f"symbolic link into another class folder: {_relative(named, self.root)}"
+            if holding and real.is_relative_to(target):
+                return ("symbolic link to a folder holding another class folder: "
+                        f"{_relative(named, self.root)}")
+        return None
 
 
-def _image_candidates(class_dir: Path, root: Path, skipped: dict[str, str]) -> list[str]:
+def _image_candidates(class_dir: Path, finder: _Finder, root: Path,
+                      skipped: dict[str, str]) -> list[str]:
     """Every file under a class folder, nested folders included; hidden, empty and unreachable
-    files (a symbolic link to nothing, a file gone since the listing) are skipped."""
+    files (a symbolic link to nothing, a file gone since the listing), and files already listed
+    by another path or in another class folder, are skipped."""
     candidates = []
-    for path in _walk_files(class_dir):
+    for path in finder.walk(class_dir):
         if path.name.startswith("."):
-            skipped[_relative(path, root)] = "hidden file"
+            reason = "hidden file"
         elif not path.exists():
-            skipped[_relative(path, root)] = ("broken symbolic link" if path.is_symlink()
-                                              else "file vanished while listing")
+            reason = "broken symbolic link" if path.is_symlink() else "file vanished while listing"
         elif path.stat().st_size == 0:
-            skipped[_relative(path, root)] = "empty file (0 bytes)"
+            reason = "empty file (0 bytes)"
         else:
+            reason = finder.claim(path, class_dir)
+        if reason is None:
             candidates.append(str(path))
+        else:
+            skipped[_relative(path, root)] = reason
     return candidates
 
 
@@ -220,11 +313,27 @@ def _checked(split: Split, image_size: int, root: Path, skipped: dict[str, str],
     return kept
 
 
-def _require_every_class(split: Split, class_names: list[str], folder: Path) -> None:
+def _require_every_class(split: Split, class_names: list[str], folder: Path, root: Path,
+                         skipped: dict[str, str]) -> None:
     for name, count in split.class_counts(class_names).items():
         if count == 0:
-            raise DataError(f"{folder / name}: class {name!r} has no usable image "
-                            "(see the skipped files in the log)")
+            raise DataError(f"{folder / name}: class {name!r} has no usable image: "
+                            f"{_skipped_summary(skipped, _relative(folder / name, root))}")
+
+
+def _skipped_summary(skipped: dict[str, str], folder: str) -> str:
+    """One line on the files skipped under folder, e.g. '3 files skipped (2 not an image (unknown
+    format), 1 empty file (0 bytes)), e.g. cats/a.txt': the error is raised before the skipped
+    files are logged, so it must say why by itself."""
+    paths = sorted(path for path in skipped if Path(path).is_relative_to(folder))
+    if not paths:
+        return "the folder holds no files"
+    kinds = collections.Counter(skipped[path].partition(":")[0] for path in paths)
+    listed = [f"{count} {kind}" for kind, count in kinds.most_common(3)]
+    if len(kinds) > 3:
+        listed.append(f"{sum(count for _, count in kinds.most_common()[3:])} for other reasons")
+    files = "1 file" if len(paths) == 1 else f"{len(paths)} files"
+    return f"{files} skipped ({', '.join(listed)}), e.g. {paths[0]}"
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -232,3 +341,8 @@ def _relative(path: Path, root: Path) -> str:
         return str(path.relative_to(root))
     except ValueError:
         return str(path)
+
+
+def _real(path: Path) -> Path:
+    """The path with every symbolic link resolved, whether or not it exists."""
+    return Path(os.path.realpath(path))

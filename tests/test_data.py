@@ -1,10 +1,14 @@
 """Finding, checking and splitting labelled images, and the tf.data pipeline that feeds them."""
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from job import data
-from job.images import ImageError, load_image
+from job.images import DecodeBudget, ImageError, load_image
 from tests.conftest import write_class_images
 
 
@@ -86,8 +90,52 @@ def test_a_class_with_no_usable_image_is_an_error(tmp_path):
     write_class_images(tmp_path, ["a"], per_class=4)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "broken.jpg").write_text("junk")
-    with pytest.raises(data.DataError, match="class 'b' has no usable image"):
+    with pytest.raises(data.DataError, match="class 'b' has no usable image: 1 file skipped "
+                       r"\(1 not an image \(unknown format\)\), e\.g\. b/broken\.jpg$"):
         load(tmp_path)
+
+
+def test_the_error_for_a_class_with_no_usable_image_says_why_its_files_were_skipped(tmp_path):
+    write_class_images(tmp_path, ["dogs"], per_class=4)
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "a.txt").write_text("not an image")
+    (tmp_path / "cats" / "b.txt").write_text("nor this")
+    (tmp_path / "cats" / "c.jpg").write_bytes(b"")
+    with pytest.raises(data.DataError) as error:
+        load(tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path / 'cats'}: class 'cats' has no usable image: 3 files skipped "
+        "(2 not an image (unknown format), 1 empty file (0 bytes)), e.g. cats/a.txt")
+
+
+def test_a_grayscale_image_decodes_to_the_same_pixels_resized_before_or_after_conversion(tmp_path):
+    """load_image resizes grayscale before making it RGB, to keep memory small; same pixels."""
+    pixels = np.random.default_rng(0).integers(0, 256, (301, 457), np.uint8)
+    Image.fromarray(pixels, "L").save(tmp_path / "gray.png")
+    for size in (16, 150, 600):
+        converted_first = Image.fromarray(pixels, "L").convert("RGB").resize(
+            (size, size), Image.Resampling.BILINEAR)
+        np.testing.assert_array_equal(load_image(str(tmp_path / "gray.png"), size),
+                                      np.asarray(converted_first))
+
+
+def test_decodes_share_a_memory_budget_and_one_larger_than_it_runs_alone():
+    budget, running, overlaps, lock = DecodeBudget(100), [], [], threading.Lock()
+
+    def decode(size):
+        with budget.reserve(size):
+            with lock:
+                running.append(size)
+                overlaps.append(list(running))
+            time.sleep(0.05)
+            with lock:
+                running.remove(size)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(decode, [30] * 12 + [500] + [30] * 12))
+    assert max(sum(sizes) for sizes in overlaps if 500 not in sizes) <= 100
+    assert [sizes for sizes in overlaps if 500 in sizes] == [[500]]
+    assert max(len(sizes) for sizes in overlaps) == 3  # as many as fit do run together
 
 
 def test_fewer_than_two_classes_is_an_error(tmp_path):
