@@ -103,8 +103,30 @@ def image_files(input_path: Path) -> list[Path]:
     return files
 
 
+def output_problem(path: Path) -> str | None:
+    """Why predictions could not be written to path, checked before any image is read, or None."""
+    folder = path.parent
+    if path.is_dir():
+        return "is a folder"
+    if not folder.is_dir():
+        return f"folder {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return "is not writable"
+    return None
+
+
 def write_output(results: list[dict], path: Path) -> None:
-    if path.suffix.lower() == ".json":
+    """Writes under a temporary name and renames, so path is never left half-written."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        _write(results, partial, as_json=path.suffix.lower() == ".json")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _write(results: list[dict], path: Path, as_json: bool) -> None:
+    if as_json:
         path.write_text(json.dumps(results, indent=2) + "\n")
         return
     with open(path, "w", newline="") as stream:
@@ -145,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"model {args.model}: no such file", EXIT_BAD_INPUT)
     if not args.input.exists():
         return _error(f"input {args.input}: no such file or folder", EXIT_BAD_INPUT)
+    problem = args.output and output_problem(args.output)
+    if problem:
+        return _error(f"--output {args.output}: {problem}", EXIT_BAD_INPUT)
     try:
         model = Model(str(args.model), args.threads)
     except Exception as error:  # onnxruntime raises its own exception types
@@ -160,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
 
     results = predict_files(model, paths, threshold, args.top_k, on_error)
     if args.output:
-        write_output(results, args.output)
+        try:
+            write_output(results, args.output)
+        except OSError as error:
+            return _error(f"--output {args.output}: {error.strerror or error}", EXIT_NOTHING_PREDICTED)
     else:
         for result in results:
             top = " ".join(f"{item['label']}={item['probability']:.4f}" for item in result["top_k"])

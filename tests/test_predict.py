@@ -113,3 +113,31 @@ def test_single_image_with_top_k_lists_both_classes(model_path, image_folder, ca
     assert path == str(image) and label in ("NORMAL", "PNEUMONIA")
     names = [item.split("=")[0] for item in top.split()]
     assert sorted(names) == ["NORMAL", "PNEUMONIA"] and names[0] == label
+
+
+def assert_exits_2_before_predicting(model_path, image_folder, output, problem, capsys) -> None:
+    assert predict.main([str(model_path), str(image_folder), "--output", str(output)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [f"error: --output {output}: {problem}"]  # one line, nothing predicted
+
+
+def test_an_output_in_a_folder_that_does_not_exist_exits_2_before_predicting(
+        model_path, image_folder, capsys):
+    assert_exits_2_before_predicting(model_path, image_folder, "/proc/nope/x.csv",
+                                     "folder /proc/nope does not exist", capsys)
+
+
+def test_an_output_that_is_a_folder_exits_2_before_predicting(model_path, image_folder, tmp_path,
+                                                              capsys):
+    (tmp_path / "out.json").mkdir()
+    assert_exits_2_before_predicting(model_path, image_folder, tmp_path / "out.json", "is a folder",
+                                     capsys)
+
+
+def test_predictions_replace_an_output_file_whole(model_path, image_folder, tmp_path):
+    output = tmp_path / "predictions.csv"
+    output.write_text("an older run's predictions\n")
+    assert predict.main([str(model_path), str(image_folder), "--output", str(output)]) == 0
+    lines = output.read_text().splitlines()
+    assert lines[0] == "path,label,probability,top_k" and len(lines) == 13
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]  # no temporary file left

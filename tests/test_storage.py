@@ -359,13 +359,20 @@ REAL_DATA = REPO.parent / "shared" / "data" / "chest_xray_pneumonia_224"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real images not found at {REAL_DATA}")
-def test_job_reads_and_writes_gs_uris_and_publishes_the_marker_last(
+def test_job_reads_and_writes_gs_uris_publishes_the_marker_last_and_deletes_only_its_own(
         gcs_client, gcs_bucket, gcs_endpoint, tmp_path):
+    bucket = gcs_client.bucket(gcs_bucket)
     for class_name in ("NORMAL", "PNEUMONIA"):
         for image in sorted((REAL_DATA / "train" / class_name).glob("*.jpeg"))[:20]:
-            gcs_client.bucket(gcs_bucket).blob(f"data/{class_name}/{image.name}").upload_from_filename(image)
+            bucket.blob(f"data/{class_name}/{image.name}").upload_from_filename(image)
+    bucket.blob("data/NORMAL/../../escape.jpeg").upload_from_string(b"odd")
+    for name in ("runs/older/MANIFEST.json", "ckpt/older/state.json", "ckpt/notes.txt"):
+        bucket.blob(name).upload_from_string(name.encode())
+    others = object_contents(gcs_client, gcs_bucket, "runs/") | object_contents(
+        gcs_client, gcs_bucket, "ckpt/")
     env = {**os.environ, "STORAGE_EMULATOR_HOST": gcs_endpoint,
            "DATA_URI": f"gs://{gcs_bucket}/data", "OUTPUT_URI": f"gs://{gcs_bucket}/runs",
+           "CHECKPOINT_URI": f"gs://{gcs_bucket}/ckpt",
            "RUN_ID": "e2e", "CACHE_DIR": str(tmp_path / "cache"), "BACKBONE": "vgg16",
            "WEIGHTS": "none", "IMAGE_SIZE": "32", "BATCH_SIZE": "8", "HEAD_EPOCHS": "1",
            "FINE_TUNE_EPOCHS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -377,3 +384,11 @@ def test_job_reads_and_writes_gs_uris_and_publishes_the_marker_last(
     marker = generations.pop("runs/e2e/MANIFEST.json")
     assert {"runs/e2e/metrics.json", "runs/e2e/saved_model/saved_model.pb"} <= set(generations)
     assert all(generation < marker for generation in generations.values())
+    after = object_contents(gcs_client, gcs_bucket, "ckpt/")
+    assert "synced" in job.stderr and "cleared gs://" in job.stderr  # it did checkpoint there
+    assert after == {name: others[name] for name in others if name.startswith("ckpt/")}
+    assert {name: content for name, content in object_contents(gcs_client, gcs_bucket, "runs/")
+            .items() if not name.startswith("runs/e2e/")} == \
+        {name: others[name] for name in others if name.startswith("runs/")}
+    metrics = json.loads(bucket.blob("runs/e2e/metrics.json").download_as_bytes())
+    assert "'..' component" in metrics["skipped_files"]["NORMAL/../../escape.jpeg"]
