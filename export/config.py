@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+from export import measure
 from job.config import ConfigError, _Reader
 
 MIN_OPSET, MAX_OPSET = 13, 18  # QDQ per-channel needs 13; tf2onnx 1.17 is tested up to 18
@@ -27,6 +28,10 @@ class ExportConfig:
     threads: int = 0  # onnxruntime intra-op threads; 0: every core this process may use
     data_uri: str = ""  # empty: the DATA_URI the run recorded in metrics.json
     cache_dir: Path = Path.home() / ".cache" / "image-classifier-job"
+    # The int8 gate: top-1 agreement with the float32 reference, and test accuracy at most this
+    # far from float32's.
+    int8_min_agreement: float = measure.INT8_MIN_AGREEMENT
+    int8_max_accuracy_drop: float = measure.INT8_MAX_ACCURACY_DROP
 
     @property
     def target_uri(self) -> str:
@@ -58,6 +63,9 @@ class ExportConfig:
             threads=env.integer("THREADS", 0, minimum=0),
             data_uri=env.uri("DATA_URI", ""),
             cache_dir=Path(env.uri("CACHE_DIR", str(cls.cache_dir))),
+            int8_min_agreement=env.fraction("INT8_MIN_AGREEMENT", measure.INT8_MIN_AGREEMENT),
+            int8_max_accuracy_drop=env.fraction("INT8_MAX_ACCURACY_DROP",
+                                                measure.INT8_MAX_ACCURACY_DROP),
         )
 
 

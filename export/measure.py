@@ -17,7 +17,7 @@ Predict = Callable[[np.ndarray], np.ndarray]
 
 FLOAT32_MAX_ABS_DIFF = 1e-4
 FLOAT32_MIN_AGREEMENT = 1.0
-INT8_MIN_AGREEMENT = 0.99
+INT8_MIN_AGREEMENT = 0.99  # defaults of INT8_MIN_AGREEMENT and INT8_MAX_ACCURACY_DROP
 INT8_MAX_ACCURACY_DROP = 0.01  # one percentage point, either way
 
 
@@ -96,16 +96,16 @@ def float32_gate(figures: dict) -> str | None:
     return "float32: " + "; ".join(problems) if problems else None
 
 
-def int8_gate(figures: dict, int8_accuracy: float, float32_accuracy: float) -> str | None:
+def int8_gate(figures: dict, int8_accuracy: float, float32_accuracy: float,
+              min_agreement: float, max_accuracy_drop: float) -> str | None:
     """None when the int8 model agrees with the reference and keeps the float32 accuracy."""
     problems = []
-    if figures["top1_agreement"] < INT8_MIN_AGREEMENT:
-        problems.append(f"top-1 agreement {figures['top1_agreement']:.2%} < "
-                        f"{INT8_MIN_AGREEMENT:.0%}")
+    if figures["top1_agreement"] < min_agreement:
+        problems.append(f"top-1 agreement {figures['top1_agreement']:.2%} < {min_agreement:.1%}")
     drop = abs(int8_accuracy - float32_accuracy)
-    if drop > INT8_MAX_ACCURACY_DROP + 1e-12:
+    if drop > max_accuracy_drop + 1e-12:
         problems.append(f"test accuracy {int8_accuracy:.2%} vs float32 {float32_accuracy:.2%}: "
-                        f"{drop * 100:.2f} points apart > {INT8_MAX_ACCURACY_DROP * 100:.0f}")
+                        f"{drop * 100:.2f} points apart > {max_accuracy_drop * 100:g}")
     return "int8: " + "; ".join(problems) if problems else None
 
 

@@ -104,7 +104,8 @@ def export_run(config: ExportConfig) -> dict:
         outputs = {name: measure.predict_all(predict, images) for name, predict in backends.items()}
         outputs["tensorflow_float32_rebuild"] = measure.predict_all(
             measure.keras_predictor(rebuilt), images)
-        parity, failures = judge(outputs, labels, threshold, metrics.get("precision_policy", ""))
+        parity, failures = judge(outputs, labels, threshold, metrics.get("precision_policy", ""),
+                                 config.int8_min_agreement, config.int8_max_accuracy_drop)
         parity["images"] = int(len(images))
         parity["test_split_images"] = len(dataset.test)
         seconds["parity"] = round(time.perf_counter() - clock, 2)
@@ -153,8 +154,8 @@ def export_run(config: ExportConfig) -> dict:
             "parity": parity,
             "gates": {"float32": {"max_abs_diff": measure.FLOAT32_MAX_ABS_DIFF,
                                   "top1_agreement": measure.FLOAT32_MIN_AGREEMENT},
-                      "int8": {"top1_agreement": measure.INT8_MIN_AGREEMENT,
-                               "max_accuracy_difference": measure.INT8_MAX_ACCURACY_DROP}},
+                      "int8": {"top1_agreement": config.int8_min_agreement,
+                               "max_accuracy_difference": config.int8_max_accuracy_drop}},
             "sizes_bytes": sizes,
             "latency": latency,
             "latency_settings": {"onnxruntime_intra_op_threads": threads,
@@ -242,7 +243,8 @@ def sample(split, count: int, seed: int):
     return Split([split.paths[i] for i in order], [split.labels[i] for i in order])
 
 
-def judge(outputs: dict, labels: np.ndarray, threshold: float, precision_policy: str):
+def judge(outputs: dict, labels: np.ndarray, threshold: float, precision_policy: str,
+          int8_min_agreement: float, int8_max_accuracy_drop: float):
     """Parity figures and the failed gates (a list of one-line reasons, empty when all passed).
 
     The float32 gate compares with the SavedModel when the run trained in float32. Under mixed
@@ -273,7 +275,8 @@ def judge(outputs: dict, labels: np.ndarray, threshold: float, precision_policy:
         parity["int8"] = measure.compare(outputs["onnx_int8"], reference, threshold)
         parity["int8"]["accuracy_difference"] = accuracies["onnx_int8"] - accuracies["onnx_float32"]
         gate = measure.int8_gate(parity["int8"], accuracies["onnx_int8"],
-                                 accuracies["onnx_float32"])
+                                 accuracies["onnx_float32"], int8_min_agreement,
+                                 int8_max_accuracy_drop)
         if gate:
             failures.append(gate)
     return parity, failures

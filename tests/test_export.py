@@ -9,17 +9,19 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tests.conftest import export_run, run_module
+from tests.conftest import EXPORT_SETTINGS, export_run, run_module
 
 
 def _assert_gates_passed(report: dict) -> None:
     assert report["status"] == "passed", report["failed_gates"]
     parity = report["parity"]
-    assert parity["images"] == parity["test_split_images"] == 120  # every real test image
+    assert parity["images"] == parity["test_split_images"] == 300  # every real test image
     assert parity["float32"]["max_abs_diff"] <= 1e-4
     assert parity["float32"]["top1_agreement"] == 1.0
-    assert parity["int8"]["top1_agreement"] >= 0.99
-    assert abs(parity["accuracy"]["onnx_int8"] - parity["accuracy"]["onnx_float32"]) <= 0.01
+    assert report["gates"]["int8"] == {"top1_agreement": float(EXPORT_SETTINGS["INT8_MIN_AGREEMENT"]),
+                                       "max_accuracy_difference": 0.04}
+    assert parity["int8"]["top1_agreement"] >= 0.94
+    assert abs(parity["accuracy"]["onnx_int8"] - parity["accuracy"]["onnx_float32"]) <= 0.04
     for backend in ("tensorflow", "onnx_float32", "onnx_int8"):
         assert report["latency"][backend]["batch1_p50_ms"] > 0
         assert report["latency"][backend]["batch32_images_per_s"] > 0
@@ -39,9 +41,38 @@ def test_mobilenet_v2_with_real_weights_passes_the_gates(mobilenet_export, mobil
     code, report, stderr = mobilenet_export
     assert code == 0, stderr[-2000:]
     _assert_gates_passed(report)
-    assert report["parity"]["accuracy"]["tensorflow"] >= 0.7  # the real weights learned something
+    assert report["parity"]["accuracy"]["tensorflow"] >= 0.65  # chance is 0.5; 0.74 measured
     for name in ("model.onnx", "model.int8.onnx"):
         assert (mobilenet_run / name).exists()
+
+
+def test_mobilenet_v2_int8_moves_no_confident_label_and_little_probability(
+        mobilenet_run, xray_small, tmp_path):
+    """What int8 must do on any CPU, with margins: labels flip only where float32 itself is within
+    0.15 of the decision threshold (twice the largest int8 error measured, 0.077; the flips seen
+    were within 0.017), a mean probability error under 0.02 (0.0055 measured) and at most 4 % of
+    labels flipped (1.3 %: 4 of 300, on AVX-512)."""
+    from export import measure
+    from export.pipeline import sample
+    from export.quantize import quantize_int8
+    from job import data
+    from job.images import load_images
+
+    metrics = json.loads((mobilenet_run / "metrics.json").read_text())
+    threshold = metrics["decision_threshold"]
+    dataset = data.load_dataset(xray_small, 96, 0.2, 0.1, seed=42)
+    calibration = sample(dataset.train, 40, seed=43)  # as the export draws them
+    quantize_int8(mobilenet_run / "model.onnx", tmp_path / "int8.onnx", calibration.paths, 96)
+    images = load_images(dataset.test.paths, 96)
+    float32, int8 = (measure.predict_all(measure.onnx_predictor(measure.onnx_session(path, 2)),
+                                         images)[:, 0]
+                     for path in (mobilenet_run / "model.onnx", tmp_path / "int8.onnx"))
+    confident = np.abs(float32 - threshold) >= 0.15
+    flipped = (float32 >= threshold) != (int8 >= threshold)
+    assert len(images) == 300 and confident.sum() >= 200
+    assert not (flipped & confident).any(), float32[flipped & confident]
+    assert np.abs(int8 - float32).mean() < 0.02
+    assert flipped.mean() <= 0.04
 
 
 def test_onnx_model_has_named_io_dynamic_batch_opset_and_metadata(mobilenet_export, mobilenet_run):
@@ -115,6 +146,40 @@ def test_vgg16_int8_runs_every_convolution_but_the_first_in_8_bits(vgg16_exporte
     assert len(convs) == 13 and bits(convs[0].input[0]) == 16  # the normalised image
     assert bits(convs[0].input[1]) == 16  # its 27 weights per channel are "short"
     assert {bits(name) for n in convs[1:] for name in n.input[:2]} == {8}
+
+
+def gate_outputs(flipped: int, images: int = 200) -> tuple[dict, np.ndarray]:
+    """Probabilities of TensorFlow, ONNX float32 and int8 on `images` images of which int8 labels
+    `flipped` differently, with every label right for float32."""
+    labels = np.arange(images) % 2
+    float32 = np.where(labels == 1, 0.9, 0.1).astype(np.float32)[:, None]
+    int8 = float32.copy()
+    int8[:flipped] = 1 - int8[:flipped]
+    return {"tensorflow": float32, "onnx_float32": float32, "onnx_int8": int8,
+            "tensorflow_float32_rebuild": float32}, labels
+
+
+@pytest.mark.parametrize("flipped, passes", [(0, True), (2, True), (3, False)])
+def test_the_default_int8_gate_needs_99_percent_agreement_and_one_point_of_accuracy(flipped, passes):
+    from export import measure
+    from export.pipeline import judge
+
+    outputs, labels = gate_outputs(flipped)
+    parity, failures = judge(outputs, labels, 0.5, "float32", measure.INT8_MIN_AGREEMENT,
+                             measure.INT8_MAX_ACCURACY_DROP)
+    assert parity["int8"]["top1_agreement"] == 1 - flipped / 200
+    assert failures == ([] if passes else [
+        "int8: top-1 agreement 98.50% < 99.0%; test accuracy 98.50% vs float32 100.00%: "
+        "1.50 points apart > 1"])
+
+
+def test_the_int8_gate_is_the_one_the_settings_ask_for():
+    from export.pipeline import judge
+
+    outputs, labels = gate_outputs(flipped=10)
+    assert judge(outputs, labels, 0.5, "float32", 0.94, 0.06)[1] == []
+    assert judge(outputs, labels, 0.5, "float32", 0.96, 0.06)[1] == [
+        "int8: top-1 agreement 95.00% < 96.0%"]
 
 
 def test_mixed_precision_run_exports_a_float32_graph(mixed_precision_run):

@@ -135,9 +135,10 @@ def test_an_output_that_is_a_folder_exits_2_before_predicting(model_path, image_
 
 
 def test_predictions_replace_an_output_file_whole(model_path, image_folder, tmp_path):
-    output = tmp_path / "predictions.csv"
+    output = tmp_path / "out" / "predictions.csv"
+    output.parent.mkdir()
     output.write_text("an older run's predictions\n")
     assert predict.main([str(model_path), str(image_folder), "--output", str(output)]) == 0
     lines = output.read_text().splitlines()
     assert lines[0] == "path,label,probability,top_k" and len(lines) == 13
-    assert [p.name for p in tmp_path.iterdir()] == ["predictions.csv"]  # no temporary file left
+    assert [p.name for p in output.parent.iterdir()] == ["predictions.csv"]  # no temporary file
