@@ -34,9 +34,10 @@ COPY job/ /app/job/
 COPY export/ /app/export/
 # Everything the job writes goes under /tmp (an emptyDir in Kubernetes; the root file system is
 # read-only there): pulled data, backbone weights (Keras), matplotlib's cache, local outputs.
+# Keras' and matplotlib's folders stay outside CACHE_DIR, which the job marks and prunes as its own.
 ENV CACHE_DIR=/tmp/image-classifier-cache \
-    KERAS_HOME=/tmp/image-classifier-cache/keras \
-    MPLCONFIGDIR=/tmp/image-classifier-cache/matplotlib \
+    KERAS_HOME=/tmp/keras \
+    MPLCONFIGDIR=/tmp/matplotlib \
     OUTPUT_URI=/tmp/outputs
 USER 10001:10001
 ENTRYPOINT ["python", "-m", "job"]

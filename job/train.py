@@ -43,12 +43,13 @@ def validate(config: Config) -> None:
     names a layer of the base. Raises SetupError (exit 2) naming the setting at fault."""
     distribute.strategy_for(config.tf_config, config.cluster_spec)  # before any other TF op
     deadline = config.storage_deadline
-    for name, check in (
-            ("CACHE_DIR", lambda: storage.claim_cache(config.cache_dir)),
-            ("OUTPUT_URI", lambda: storage.check_writable(config.output_uri)),
-            ("CHECKPOINT_URI", lambda: storage.claim_owned(config.checkpoint_uri, config.run_id,
-                                                           retry_deadline=deadline)),
-            ("WEIGHTS", lambda: weights_file(config))):
+    checks = {"CACHE_DIR": lambda: storage.claim_cache(config.cache_dir),
+              "CHECKPOINT_URI": lambda: storage.claim_owned(config.checkpoint_uri, config.run_id,
+                                                            retry_deadline=deadline),
+              "WEIGHTS": lambda: weights_file(config)}
+    if distribute.is_chief(config.tf_config, config.cluster_spec):  # the others write nothing
+        checks["OUTPUT_URI"] = lambda: storage.check_writable(config.output_uri)
+    for name, check in checks.items():
         try:
             check()
         except storage.Unusable as error:

@@ -144,7 +144,7 @@ def test_object_names_that_cannot_be_local_files_are_skipped_with_their_reasons(
 def test_a_prefix_with_only_unstorable_names_is_a_one_line_error_naming_one(gcs_client, gcs_bucket,
                                                                             tmp_path):
     gcs_client.bucket(gcs_bucket).blob("data/a/../b.jpeg").upload_from_string(b"odd")
-    with pytest.raises(storage.StorageError) as error:
+    with pytest.raises(storage.Unusable) as error:  # exit 2: retrying cannot help
         storage.pull_tree(f"gs://{gcs_bucket}/data", tmp_path / "local")
     assert "no usable objects" in str(error.value) and "'a/../b.jpeg'" in str(error.value)
 

@@ -313,6 +313,15 @@ def test_a_prefix_recorded_by_another_run_is_refused(gcs_bucket, file_tree, tmp_
         storage.pull_owned(f"gs://{gcs_bucket}/ckpt", tmp_path / "restored", "r2")
 
 
+def test_a_record_naming_files_outside_its_prefix_is_refused(gcs_client, gcs_bucket, tmp_path):
+    record = {"owner": "r1", "names": ["../../../../escaped.txt"]}
+    gcs_client.bucket(gcs_bucket).blob("ckpt/r1/WRITTEN.json").upload_from_string(json.dumps(record))
+    gcs_client.bucket(gcs_bucket).blob("ckpt/r1/../../../../escaped.txt").upload_from_string(b"x")
+    with pytest.raises(storage.Unusable, match="not a record this job wrote"):
+        storage.pull_owned(f"gs://{gcs_bucket}/ckpt/r1", tmp_path / "a" / "b" / "c" / "d", "r1")
+    assert list(tmp_path.rglob("escaped.txt")) == []
+
+
 def test_pull_owned_of_a_prefix_with_nothing_yet_gives_an_empty_directory(gcs_bucket, tmp_path):
     stats = storage.pull_owned(f"gs://{gcs_bucket}/ckpt/r1", tmp_path / "restored", "r1")
     assert stats.objects == 0 and tree_contents(tmp_path / "restored") == {}
