@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Mapping
 
 from export import measure
-from job.config import ConfigError, _Reader
+from job.config import ConfigError, EnvReader
 
 MIN_OPSET, MAX_OPSET = 13, 18  # QDQ per-channel needs 13; tf2onnx 1.17 is tested up to 18
 
@@ -43,7 +43,7 @@ class ExportConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "ExportConfig":
-        env = _Reader(environ)
+        env = EnvReader(environ)
         run_uri = env.uri("RUN_URI", "")
         if not run_uri:
             raise ConfigError("RUN_URI is required: set it to a run directory (local or gs://) "

@@ -42,11 +42,12 @@ def rebuild_float32(run_dir: Path, metrics: dict):
     import keras
 
     from job import model as job_model
+    from job.config import BACKBONES
 
     config, classes = metrics["config"], metrics["classes"]
-    if config["backbone"] not in job_model._APPLICATIONS:
+    if config["backbone"] not in BACKBONES:
         raise BadInput(f"backbone {config['backbone']!r}: only the built-in backbones "
-                       f"({', '.join(job_model._APPLICATIONS)}) can be rebuilt in float32 for export")
+                       f"({', '.join(BACKBONES)}) can be rebuilt in float32 for export")
     with float32_policy():
         base, mode = job_model.build_base(config["backbone"], float(config["alpha"]), None,
                                           int(config["image_size"]))

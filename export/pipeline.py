@@ -176,21 +176,6 @@ def export_run(config: ExportConfig) -> dict:
     return report
 
 
-def export_after_training(job_config) -> dict:
-    """Called by `python -m job` with EXPORT_ONNX=1: exports the run it has just published.
-
-    The export settings (OPSET, INT8, EXPORT_URI, ...) come from the same environment."""
-    environ = {**os.environ, "RUN_URI": job_config.run_uri, "CACHE_DIR": str(job_config.cache_dir)}
-    environ.pop("DATA_URI", None)  # the run's own DATA_URI is read from its metrics.json
-    from job.config import ConfigError
-
-    try:
-        config = ExportConfig.from_env(environ)
-    except ConfigError as error:
-        raise BadInput(f"export configuration: {error}") from None
-    return export_run(config)
-
-
 def read_run(run_dir: Path, run_uri: str) -> dict:
     """metrics.json of a complete run; BadInput naming what is missing otherwise."""
     missing = [name for name in RUN_FILES if not (run_dir / name).exists()]

@@ -22,6 +22,7 @@ def main(environ=os.environ) -> int:
 
     try:
         config = Config.from_env(environ)
+        export_config = _export_config(config, environ) if config.export_onnx else None
     except ConfigError as error:
         return _fail(f"configuration error: {error}", EXIT_BAD_INPUT)
 
@@ -30,12 +31,18 @@ def main(environ=os.environ) -> int:
     from job.data import DataError
     from job.storage import StorageError, Unusable
     from export.errors import ExportError
+    from export.pipeline import export_run
+
+    from job.context import RunContext
 
     stop = StopSignal()
     stop.install()
     try:
-        train.validate(config)
-        train.run(config, stop)
+        context = RunContext.create(config)  # the strategy: before any other TensorFlow op
+        train.validate(config, context)
+        metrics = train.run(config, context, stop)
+        if export_config and metrics.get("status") != train.ALREADY_COMPLETE:
+            export_run(export_config)  # ONNX float32/int8 beside the SavedModel, gated
     except Preempted as error:
         return _fail(f"preempted: {error}; exit {EXIT_PREEMPTED}, rerun with RUN_ID={config.run_id} "
                      "to resume", EXIT_PREEMPTED)
@@ -48,6 +55,16 @@ def main(environ=os.environ) -> int:
     except ExportError as error:  # EXPORT_ONNX=1: the run is complete, its export is not
         return _fail(f"ONNX export: {error.__class__.__name__}: {error}", error.exit_code)
     return EXIT_OK
+
+
+def _export_config(config, environ):
+    """With EXPORT_ONNX=1, the export's settings (OPSET, INT8, EXPORT_URI, ...) from the same
+    environment, checked before training: the run to export is this one, in its cache, and the
+    data is the run's own (recorded in its metrics.json), so DATA_URI is not passed on."""
+    from export.config import ExportConfig
+
+    return ExportConfig.from_env({**{k: v for k, v in environ.items() if k != "DATA_URI"},
+                                  "RUN_URI": config.run_uri, "CACHE_DIR": str(config.cache_dir)})
 
 
 def _fail(message: str, code: int) -> int:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Callable, Mapping
 
-from job import storage
+from job import distribute, storage
 
 BACKBONES = ("vgg16", "mobilenet_v2", "resnet50", "efficientnet_b0")
 MOBILENET_V2_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
@@ -67,6 +67,7 @@ class Config:
     # (workerpool0..3), used when TF_CONFIG is unset. Neither set: one machine.
     tf_config: str = ""
     cluster_spec: str = ""
+    cluster: distribute.Cluster | None = None  # the two above, parsed; None: one machine
     export_onnx: bool = False
     storage_deadline: float = 120.0  # seconds a storage call may go without progress
 
@@ -80,7 +81,7 @@ class Config:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "Config":
-        env = _Reader(environ)
+        env = EnvReader(environ)
         data_uri = env.uri("DATA_URI", required=True)
         backbone = env.backbone("BACKBONE", "vgg16")
         output_uri = env.uri("OUTPUT_URI", "outputs")
@@ -90,6 +91,11 @@ class Config:
         # A CHECKPOINT_URI (or Vertex AI's AIP_CHECKPOINT_DIR) holds one prefix per run, so that
         # the run's own checkpoints can be cleared without touching anything else there.
         checkpoint_base = env.uri("CHECKPOINT_URI", env.uri("AIP_CHECKPOINT_DIR", ""))
+        tf_config, cluster_spec = env.text("TF_CONFIG", ""), env.text("CLUSTER_SPEC", "")
+        try:
+            cluster = distribute.parse_cluster(tf_config, cluster_spec)
+        except distribute.ClusterError as error:
+            raise ConfigError(str(error)) from None
         config = cls(
             data_uri=data_uri,
             output_uri=output_uri,
@@ -123,17 +129,12 @@ class Config:
             checkpoint_uri=(_join(checkpoint_base, run_id) if checkpoint_base
                             else _join(run_uri, DEFAULT_CHECKPOINT_FOLDER)),
             tensorboard_uri=env.uri("AIP_TENSORBOARD_LOG_DIR", ""),
-            tf_config=env.text("TF_CONFIG", ""),
-            cluster_spec=env.text("CLUSTER_SPEC", ""),
+            tf_config=tf_config,
+            cluster_spec=cluster_spec,
+            cluster=cluster,
             export_onnx=env.flag("EXPORT_ONNX", False),
             storage_deadline=env.positive_float("STORAGE_DEADLINE", 120.0),
         )
-        try:
-            from job import distribute
-
-            distribute.parse_cluster(config.tf_config, config.cluster_spec)
-        except distribute.ClusterError as error:
-            raise ConfigError(str(error)) from None
         if is_hub and config.fine_tune_from:
             raise ConfigError(
                 "FINE_TUNE_FROM applies to the built-in backbones only; "
@@ -200,7 +201,7 @@ def _join(uri: str, *parts: str) -> str:
     return storage.join(uri, *parts)
 
 
-class _Reader:
+class EnvReader:
     """Typed access to the environment; every parse error names the variable and what it accepts."""
 
     def __init__(self, environ: Mapping[str, str]):

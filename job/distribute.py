@@ -1,7 +1,7 @@
 """Distribute: which tf.distribute strategy a run uses, and which replica publishes outputs.
 
-The caller passes the cluster description in (`Config.tf_config` / `Config.cluster_spec`, read
-from TF_CONFIG and CLUSTER_SPEC by job/config.py); nothing here reads the environment.
+job/config.py parses TF_CONFIG and CLUSTER_SPEC once (`parse_cluster`) into `Config.cluster`;
+everything else here takes that parsed Cluster, and nothing reads the environment.
 
 - TF_CONFIG (Kubernetes, see job/tfconfig.py; also set by Vertex AI) or Vertex AI's CLUSTER_SPEC
   (converted to TF_CONFIG form) naming more than one worker -> MultiWorkerMirroredStrategy;
@@ -9,8 +9,8 @@ from TF_CONFIG and CLUSTER_SPEC by job/config.py); nothing here reads the enviro
 - otherwise the default strategy (one device; no-op scope).
 
 Only the chief writes outputs. The other workers still run every save (collective ops inside
-saving must run on all of them) but into a throwaway directory, as in TensorFlow's multi-worker
-Keras guide.
+saving must run on all of them) but into throwaway directories (job/context.py), as in
+TensorFlow's multi-worker Keras guide.
 """
 from __future__ import annotations
 
@@ -89,9 +89,8 @@ def parse_cluster(tf_config: str = "", cluster_spec: str = "") -> Cluster | None
     return cluster
 
 
-def choose_strategy(tf_config: str = "", cluster_spec: str = "", gpu_count: int = 0) -> str:
-    """Pure: MULTI_WORKER, MIRRORED or DEFAULT for this cluster description and GPU count."""
-    cluster = parse_cluster(tf_config, cluster_spec)
+def choose_strategy(cluster: Cluster | None, gpu_count: int = 0) -> str:
+    """Pure: MULTI_WORKER, MIRRORED or DEFAULT for this cluster and GPU count."""
     if cluster is not None and cluster.num_workers > 1:
         return MULTI_WORKER
     if gpu_count > 1:
@@ -99,15 +98,13 @@ def choose_strategy(tf_config: str = "", cluster_spec: str = "", gpu_count: int 
     return DEFAULT
 
 
-def make_strategy(tf_config: str = "", cluster_spec: str = ""):
-    """The tf.distribute strategy choose_strategy picks for this process. Call it before any other
-    TensorFlow work: MultiWorkerMirroredStrategy must be created first."""
+def make_strategy(cluster: Cluster | None):
+    """The tf.distribute strategy choose_strategy picks for this process. Call it once, before
+    any other TensorFlow work: MultiWorkerMirroredStrategy must be created first."""
     import tensorflow as tf
 
-    gpus = len(tf.config.list_physical_devices("GPU"))
-    kind = choose_strategy(tf_config, cluster_spec, gpus)
+    kind = choose_strategy(cluster, len(tf.config.list_physical_devices("GPU")))
     if kind == MULTI_WORKER:
-        cluster = parse_cluster(tf_config, cluster_spec)
         resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
             tf.train.ClusterSpec(cluster.spec), task_type=cluster.task_type,
             task_id=cluster.task_index, rpc_layer="grpc")
@@ -115,18 +112,6 @@ def make_strategy(tf_config: str = "", cluster_spec: str = ""):
     if kind == MIRRORED:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
-
-
-_STRATEGIES: dict[tuple[str, str], object] = {}
-
-
-def strategy_for(tf_config: str = "", cluster_spec: str = ""):
-    """make_strategy(), once per process: the job asks for it first thing (MultiWorkerMirrored
-    must exist before any other TensorFlow op) and again wherever it needs it."""
-    key = (tf_config, cluster_spec)
-    if key not in _STRATEGIES:
-        _STRATEGIES[key] = make_strategy(tf_config, cluster_spec)
-    return _STRATEGIES[key]
 
 
 def is_multi_worker(strategy) -> bool:
@@ -199,10 +184,9 @@ def global_batch_size(per_replica: int, strategy) -> int:
     return int(per_replica) * int(strategy.num_replicas_in_sync)
 
 
-def is_chief(tf_config: str = "", cluster_spec: str = "") -> bool:
+def is_chief(cluster: Cluster | None) -> bool:
     """True for the one process that writes outputs: a process alone, the `chief` task, or worker 0
     of a cluster without a chief. Evaluators and parameter servers are not."""
-    cluster = parse_cluster(tf_config, cluster_spec)
     if cluster is None:
         return True
     return (cluster.task_type, cluster.task_index) == cluster.chief

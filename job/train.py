@@ -29,25 +29,26 @@ from keras import ops
 from job import data, distribute, model, report, storage
 from job.checkpoint import Checkpoints, StopSignal
 from job.config import Config, ConfigError
+from job.context import RunContext
 
 log = logging.getLogger("job")
+ALREADY_COMPLETE = "already complete"
 
 
 class SetupError(Exception):
     """The run cannot start in this environment (e.g. weights that cannot be fetched)."""
 
 
-def validate(config: Config) -> None:
+def validate(config: Config, context: RunContext) -> None:
     """Checks, before any data is read, what the environment alone cannot: that the places the
     job writes can be written and are its own, that WEIGHTS can be had, and that FINE_TUNE_FROM
     names a layer of the base. Raises SetupError (exit 2) naming the setting at fault."""
-    distribute.strategy_for(config.tf_config, config.cluster_spec)  # before any other TF op
     deadline = config.storage_deadline
     checks = {"CACHE_DIR": lambda: storage.claim_cache(config.cache_dir),
               "CHECKPOINT_URI": lambda: storage.claim_owned(config.checkpoint_uri, config.run_id,
                                                             retry_deadline=deadline),
               "WEIGHTS": lambda: weights_file(config)}
-    if distribute.is_chief(config.tf_config, config.cluster_spec):  # the others write nothing
+    if context.chief:  # the others write nothing
         checks["OUTPUT_URI"] = lambda: storage.check_writable(config.output_uri)
     for name, check in checks.items():
         try:
@@ -72,30 +73,59 @@ def weights_file(config: Config) -> str | None:
                                   retry_deadline=config.storage_deadline))
 
 
-def run(config: Config, stop: StopSignal | None = None) -> dict:
+def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> dict:
     """Trains, evaluates and writes one run; returns its metrics (or the finished run's status).
 
     A run that an earlier attempt with the same RUN_ID left unfinished resumes from its
     checkpoints; a complete run is left untouched.
     """
-    deadline = config.storage_deadline
-    manifest_uri = storage.join(config.run_uri, report.MANIFEST)
-    if storage.exists(manifest_uri, retry_deadline=deadline):
+    if storage.exists(storage.join(config.run_uri, report.MANIFEST),
+                      retry_deadline=config.storage_deadline):
         log.info("run %s is already complete at %s; nothing to do", config.run_id, config.run_uri)
-        return {"status": "already complete", "run_uri": config.run_uri}
-
-    strategy = distribute.strategy_for(config.tf_config, config.cluster_spec)
-    chief = distribute.is_chief(config.tf_config, config.cluster_spec)
+        return {"status": ALREADY_COMPLETE, "run_uri": config.run_uri}
+    strategy = context.strategy
     log.info("strategy: %s, %d replica(s) in sync, %s", type(strategy).__name__,
-             strategy.num_replicas_in_sync, "chief" if chief else "worker (writes nothing)")
+             strategy.num_replicas_in_sync, context.role)
     precision = choose_precision(config.mixed_precision)
     keras.mixed_precision.set_dtype_policy(precision)
     keras.utils.set_random_seed(config.seed)
     log.info("precision policy: %s (MIXED_PRECISION=%s, GPUs: %d)", precision,
              config.mixed_precision, len(tf.config.list_physical_devices("GPU")))
+    dataset, pulled = load_data(config)
 
+    with strategy.scope():  # variables (model, optimizers, metrics) mirrored across replicas
+        base, preprocess_mode = build_base(config)
+        parts = model.build_classifier(base, preprocess_mode, len(dataset.class_names),
+                                       config.image_size, config.dense_units, config.dropout)
+        checkpoints = Checkpoints(context.checkpoint_dir, config.checkpoint_uri, config.run_id,
+                                  stop or StopSignal(), writer=context.chief,
+                                  retry_deadline=config.storage_deadline)
+        context.scratch_dir.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(config, dataset, parts, context.scratch_dir, checkpoints, strategy)
+        phase1 = trainer.train_head()
+        summaries = {"phase1": _summary(parts.classifier)}
+        phase2 = trainer.fine_tune() if config.fine_tune_epochs > 0 else None
+        if phase2:
+            summaries["phase2"] = _summary(parts.classifier)
+
+    metrics = run_metrics(config, precision, dataset, pulled, trainer.class_weights, phase1,
+                          phase2, summaries)
+    log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
+    context.run_dir.mkdir(parents=True, exist_ok=True)
+    write_run(context.run_dir, config, parts.classifier, dataset.class_names, metrics, summaries)
+    if not context.chief:
+        context.discard_throwaways()
+        log.info("worker done; the chief publishes the run")
+        return metrics
+    publish_run(config, context, checkpoints)
+    return metrics
+
+
+def load_data(config: Config) -> tuple[data.DataSet, storage.TransferStats | None]:
+    """The data set (pulled into the cache first when DATA_URI is remote), its skipped files
+    logged; and the pull's statistics."""
     data_root = storage.local_dir_for(config.data_uri, config.cache_dir / "data")
-    pulled = storage.pull_tree(config.data_uri, data_root, retry_deadline=deadline) \
+    pulled = storage.pull_tree(config.data_uri, data_root, retry_deadline=config.storage_deadline) \
         if storage.is_remote(config.data_uri) else None
     dataset = data.load_dataset(data_root, config.image_size, config.validation_split,
                                 config.test_split, config.seed)
@@ -106,32 +136,15 @@ def run(config: Config, stop: StopSignal | None = None) -> dict:
         log.warning("skipped %s: %s", path, reason)
     log.info("classes %s; images per split %s; skipped %d", dataset.class_names,
              {name: len(getattr(dataset, name)) for name in data.SPLITS}, len(dataset.skipped))
+    return dataset, pulled
 
-    with strategy.scope():  # variables (model, optimizers, metrics) mirrored across replicas
-        base, preprocess_mode = build_base(config)
-        parts = model.build_classifier(base, preprocess_mode, len(dataset.class_names),
-                                       config.image_size, config.dense_units, config.dropout)
-    # Only the chief writes the run; other workers save into a throwaway directory.
-    work_dir = distribute.write_dir(
-        storage.local_dir_for(config.run_uri, config.cache_dir / "runs" / config.run_id), chief)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpoints(
-        distribute.write_dir(config.cache_dir / "checkpoints" / config.run_id, chief),
-        config.checkpoint_uri, config.run_id, stop or StopSignal(), writer=chief,
-        retry_deadline=deadline)
-    # decoded images and cached features, kept until the run is complete so a restart reuses them
-    scratch_dir = distribute.write_dir(config.cache_dir / "scratch" / config.run_id, chief)
-    scratch_dir.mkdir(parents=True, exist_ok=True)
-    with strategy.scope():
-        trainer = Trainer(config, dataset, parts, scratch_dir, checkpoints, strategy)
-        phase1 = trainer.train_head()
-        summaries = {"phase1": _summary(parts.classifier)}
-        phase2 = trainer.fine_tune() if config.fine_tune_epochs > 0 else None
-        if phase2:
-            summaries["phase2"] = _summary(parts.classifier)
+
+def run_metrics(config: Config, precision: str, dataset: data.DataSet,
+                pulled: storage.TransferStats | None, class_weights, phase1: dict,
+                phase2: dict | None, summaries: dict) -> dict:
+    """metrics.json: the settings, the environment, the data and both phases' results."""
     final = phase2 or phase1
-
-    metrics = {
+    return {
         "run_id": config.run_id,
         "config": _config_record(config),
         "precision_policy": precision,
@@ -142,7 +155,7 @@ def run(config: Config, stop: StopSignal | None = None) -> dict:
         "data_pull": pulled.as_dict() if pulled else None,
         "data_notes": dataset.notes,
         "skipped_files": dataset.skipped,
-        "class_weights": trainer.class_weights,
+        "class_weights": class_weights,
         "phase1": phase1,
         "phase2": phase2,
         "validation": final["validation"],
@@ -150,23 +163,20 @@ def run(config: Config, stop: StopSignal | None = None) -> dict:
         "decision_threshold": final["decision_threshold"],
         "parameters": {phase: s["parameters"] for phase, s in summaries.items()},
     }
-    log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
-    write_run(work_dir, config, parts.classifier, dataset.class_names, metrics, summaries)
-    if not chief:
-        for throwaway in (work_dir, checkpoints.local_dir, scratch_dir):
-            distribute.discard(throwaway, chief)
-        log.info("worker done; the chief publishes the run")
-        return metrics
-    storage.publish_tree(work_dir, config.run_uri, last=report.MANIFEST, retry_deadline=deadline)
+
+
+def publish_run(config: Config, context: RunContext, checkpoints: Checkpoints) -> None:
+    """The chief's last step: the run to its URI (MANIFEST.json last), the SavedModel also to
+    AIP_MODEL_DIR when set, then what the run no longer needs: its checkpoints and scratch."""
+    deadline = config.storage_deadline
+    storage.publish_tree(context.run_dir, config.run_uri, last=report.MANIFEST,
+                         retry_deadline=deadline)
     if config.model_uri != storage.join(config.run_uri, "saved_model"):
-        storage.publish_tree(work_dir / "saved_model", config.model_uri, retry_deadline=deadline)
+        storage.publish_tree(context.run_dir / "saved_model", config.model_uri,
+                             retry_deadline=deadline)
     log.info("run complete: %s", config.run_uri)
     checkpoints.clear()
-    shutil.rmtree(scratch_dir, ignore_errors=True)
-    if config.export_onnx:  # ONNX float32/int8 beside the SavedModel, gated (see export/)
-        from export.pipeline import export_after_training
-        export_after_training(config)
-    return metrics
+    shutil.rmtree(context.scratch_dir, ignore_errors=True)
 
 
 def choose_precision(mode: str) -> str:

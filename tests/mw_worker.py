@@ -28,8 +28,9 @@ def digest(weights) -> str:
 def main(output_dir: str) -> int:
     tf_config = os.environ.get("TF_CONFIG", "")
     cluster_spec = os.environ.get("CLUSTER_SPEC", "")
-    strategy = distribute.make_strategy(tf_config, cluster_spec)
-    chief = distribute.is_chief(tf_config, cluster_spec)
+    cluster = distribute.parse_cluster(tf_config, cluster_spec)
+    strategy = distribute.make_strategy(cluster)
+    chief = distribute.is_chief(cluster)
 
     import numpy as np
     import tensorflow as tf

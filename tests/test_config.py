@@ -187,3 +187,11 @@ def test_every_variable_an_entrypoint_reads_is_documented_in_the_readme(entrypoi
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert len(environment.read) > 5
     assert [name for name in sorted(environment.read) if f"`{name}`" not in readme] == []
+
+
+def test_a_bad_export_setting_with_export_onnx_exits_2_before_training(tmp_path):
+    result = run_job({"DATA_URI": str(tmp_path / "absent"), "EXPORT_ONNX": "1", "OPSET": "99"},
+                     timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if " ERROR job: " in line]
+    assert len(errors) == 1 and "OPSET=99 is not valid" in errors[0]

@@ -30,22 +30,27 @@ def vertex_cluster_spec(workers: int, pool: str = "workerpool0", index: int = 0)
                        "task": {"type": pool, "index": index}, "job": "{}"})
 
 
+def cluster(tf_config_text: str, cluster_spec: str = ""):
+    """The parsed cluster, as job/config.py hands it on."""
+    return distribute.parse_cluster(tf_config_text, cluster_spec)
+
+
 def test_several_workers_in_tf_config_choose_multi_worker_mirrored():
-    assert distribute.choose_strategy(tf_config(2, index=1), "", gpu_count=1) == distribute.MULTI_WORKER
+    assert distribute.choose_strategy(cluster(tf_config(2, index=1)), gpu_count=1) == distribute.MULTI_WORKER
 
 
 def test_several_workers_in_vertex_cluster_spec_choose_multi_worker_mirrored():
-    assert distribute.choose_strategy("", vertex_cluster_spec(3, "workerpool1", 1), 0) == distribute.MULTI_WORKER
+    assert distribute.choose_strategy(cluster("", vertex_cluster_spec(3, "workerpool1", 1)), 0) == distribute.MULTI_WORKER
 
 
 def test_one_machine_with_several_gpus_chooses_mirrored():
-    assert distribute.choose_strategy(tf_config(1), "", gpu_count=4) == distribute.MIRRORED
-    assert distribute.choose_strategy("", "", gpu_count=2) == distribute.MIRRORED
+    assert distribute.choose_strategy(cluster(tf_config(1)), gpu_count=4) == distribute.MIRRORED
+    assert distribute.choose_strategy(cluster(""), gpu_count=2) == distribute.MIRRORED
 
 
 def test_one_machine_with_one_gpu_or_none_chooses_the_default_strategy():
-    assert distribute.choose_strategy("", "", gpu_count=1) == distribute.DEFAULT
-    assert distribute.choose_strategy("", "", gpu_count=0) == distribute.DEFAULT
+    assert distribute.choose_strategy(cluster(""), gpu_count=1) == distribute.DEFAULT
+    assert distribute.choose_strategy(cluster(""), gpu_count=0) == distribute.DEFAULT
 
 
 def test_vertex_cluster_spec_converts_to_tf_config_with_workerpool0_as_chief():
@@ -69,7 +74,7 @@ def test_tf_config_wins_over_cluster_spec_when_both_are_set():
     ("", vertex_cluster_spec(3, "workerpool1", 0), False),
 ])
 def test_only_the_chief_writes_outputs(config, spec, chief):
-    assert distribute.is_chief(config, spec) is chief
+    assert distribute.is_chief(cluster(config, spec)) is chief
 
 
 def test_global_batch_size_scales_with_replicas_in_sync():

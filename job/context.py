@@ -1,0 +1,45 @@
+"""Context: what one process of a run is and where it works, decided once, at start.
+
+Built from the parsed cluster before any other TensorFlow op (MultiWorkerMirroredStrategy must
+come first): the tf.distribute strategy, whether this process is the chief (the one process that
+writes the run, its checkpoints and its caches), and its local folders. A worker that is not the
+chief runs every save too (collective ops inside saving must run on all workers) but into
+throwaway folders, which `discard_throwaways` removes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from job import distribute, storage
+from job.config import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    strategy: object  # a tf.distribute.Strategy
+    chief: bool
+    run_dir: Path  # the run's files, written here and then published to Config.run_uri
+    checkpoint_dir: Path  # the checkpoints, mirrored to Config.checkpoint_uri
+    scratch_dir: Path  # decoded images and cached features, kept until the run is complete
+
+    @classmethod
+    def create(cls, config: Config) -> "RunContext":
+        strategy = distribute.make_strategy(config.cluster)
+        chief = distribute.is_chief(config.cluster)
+        cache, run_id = config.cache_dir, config.run_id
+        return cls(
+            strategy=strategy, chief=chief,
+            run_dir=distribute.write_dir(
+                storage.local_dir_for(config.run_uri, cache / "runs" / run_id), chief),
+            checkpoint_dir=distribute.write_dir(cache / "checkpoints" / run_id, chief),
+            scratch_dir=distribute.write_dir(cache / "scratch" / run_id, chief))
+
+    @property
+    def role(self) -> str:
+        return "chief" if self.chief else "worker (writes nothing)"
+
+    def discard_throwaways(self) -> None:
+        """A worker's folders, once its part is done; the chief's stay."""
+        for folder in (self.run_dir, self.checkpoint_dir, self.scratch_dir):
+            distribute.discard(folder, self.chief)
