@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Two images from one file:
 #   docker build --target train -t trainer .   GPU training job: python -m job
-#   docker build --target edge  -t edge .      ONNX edge predictor: python -m export.predict (no TensorFlow)
+#   docker build --target edge  -t edge .      ONNX edge predictor: python -m edge.predict (no TensorFlow)
 #
 # Base image choice: python:3.11-slim (Debian bookworm), exact patch tag, plus the CUDA libraries
 # as pinned pip wheels (requirements-gpu.txt, what `tensorflow[and-cuda]==2.21.0` installs). Not
@@ -31,6 +31,7 @@ RUN python -m pip install --no-cache-dir pip==25.3 \
 RUN python -m pip install --no-cache-dir --no-deps -r /tmp/requirements/requirements-gpu.txt
 # export/ too: with EXPORT_ONNX=1 the training job converts its model to ONNX at its end.
 COPY job/ /app/job/
+COPY edge/ /app/edge/
 COPY export/ /app/export/
 # Everything the job writes goes under /tmp (an emptyDir in Kubernetes; the root file system is
 # read-only there): pulled data, backbone weights (Keras), matplotlib's cache, local outputs.
@@ -47,8 +48,7 @@ FROM python-base AS edge
 COPY requirements-edge.txt /tmp/requirements/
 RUN python -m pip install --no-cache-dir pip==25.3 \
     && python -m pip install --no-cache-dir -r /tmp/requirements/requirements-edge.txt
-# Only what the predictor imports: the shared Pillow image loading and the export package.
-COPY job/__init__.py job/images.py /app/job/
-COPY export/ /app/export/
+# Only the edge package: the predictor, its image decoding and runtime; nothing imports TensorFlow.
+COPY edge/ /app/edge/
 USER 10001:10001
-ENTRYPOINT ["python", "-m", "export.predict"]
+ENTRYPOINT ["python", "-m", "edge.predict"]

@@ -6,10 +6,10 @@ and what it accepts (exit code 2) before any work starts.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Mapping
 
+from edge.runtime import available_cores
 from export import measure
 from job.config import ConfigError, EnvReader
 
@@ -67,10 +67,3 @@ class ExportConfig:
             int8_max_accuracy_drop=env.fraction("INT8_MAX_ACCURACY_DROP",
                                                 measure.INT8_MAX_ACCURACY_DROP),
         )
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1

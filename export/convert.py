@@ -112,7 +112,7 @@ def metadata(metrics: dict, run_uri: str, opset: int, precision: str) -> dict[st
         "image_size": str(size),
         "input": f"{INPUT_NAME}: float32 [batch, {size}, {size}, 3] NHWC",
         "preprocessing": f"RGB 0-255, resized bilinear to {size} x {size} with "
-                         "job.images.load_image (the model normalises internally)",
+                         "edge.images.load_image (the model normalises internally)",
         "output": output,
         "decision_threshold": str(float(metrics.get("decision_threshold", 0.5))),
         "source_run_id": str(metrics.get("run_id", "")),

@@ -1,7 +1,7 @@
 """Errors of the export, each carrying the exit code the entrypoint returns for it."""
 from __future__ import annotations
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+from edge.runtime import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK  # noqa: F401 (the entrypoint's too)
 
 
 class ExportError(Exception):

@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from edge.runtime import predict_labels
 from export.convert import INPUT_NAME, OUTPUT_NAME
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -19,17 +20,6 @@ FLOAT32_MAX_ABS_DIFF = 1e-4
 FLOAT32_MIN_AGREEMENT = 1.0
 INT8_MIN_AGREEMENT = 0.99  # defaults of INT8_MIN_AGREEMENT and INT8_MAX_ACCURACY_DROP
 INT8_MAX_ACCURACY_DROP = 0.01  # one percentage point, either way
-
-
-def onnx_session(path: Path, threads: int):
-    """An onnxruntime CPU session tuned for latency: all graph optimisations, `threads` intra-op."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def onnx_predictor(session) -> Predict:
@@ -65,25 +55,19 @@ def predict_all(predict: Predict, images: np.ndarray, batch_size: int = 32) -> n
     return np.concatenate(outputs).astype(np.float32)
 
 
-def labels_of(probabilities: np.ndarray, threshold: float) -> np.ndarray:
-    from job.report import predict_labels
-
-    return predict_labels(probabilities, threshold)
-
-
 def compare(candidate: np.ndarray, reference: np.ndarray, threshold: float) -> dict:
     """How far a model's probabilities and labels are from a reference's on the same images."""
     difference = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
     return {
         "max_abs_diff": float(difference.max()),
         "mean_abs_diff": float(difference.mean()),
-        "top1_agreement": float(np.mean(labels_of(candidate, threshold)
-                                        == labels_of(reference, threshold))),
+        "top1_agreement": float(np.mean(predict_labels(candidate, threshold)
+                                        == predict_labels(reference, threshold))),
     }
 
 
 def accuracy(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> float:
-    return float(np.mean(labels_of(probabilities, threshold) == np.asarray(labels)))
+    return float(np.mean(predict_labels(probabilities, threshold) == np.asarray(labels)))
 
 
 def float32_gate(figures: dict) -> str | None:

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from export import convert, measure
-from job.images import load_images
+from edge.images import load_images
 from job.report import sha256, write_json
-from export.config import ExportConfig, available_cores
+from edge.runtime import available_cores, cpu_session
+from export.config import ExportConfig
 from export.errors import BadInput, ExportError, GateFailed
 
 log = logging.getLogger("export")
@@ -97,10 +98,10 @@ def export_run(config: ExportConfig) -> dict:
         threads = config.intra_op_threads
         backends = {"tensorflow": measure.saved_model_predictor(run_dir / "saved_model"),
                     "onnx_float32": measure.onnx_predictor(
-                        measure.onnx_session(staging / FLOAT32_MODEL, threads))}
+                        cpu_session(staging / FLOAT32_MODEL, threads))}
         if config.int8:
             backends["onnx_int8"] = measure.onnx_predictor(
-                measure.onnx_session(staging / INT8_MODEL, threads))
+                cpu_session(staging / INT8_MODEL, threads))
         outputs = {name: measure.predict_all(predict, images) for name, predict in backends.items()}
         outputs["tensorflow_float32_rebuild"] = measure.predict_all(
             measure.keras_predictor(rebuilt), images)

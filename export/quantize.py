@@ -68,7 +68,7 @@ class ImageReader(CalibrationDataReader):
         self.position = 0
 
     def get_next(self) -> dict | None:
-        from job.images import load_images
+        from edge.images import load_images
 
         if self.position >= len(self.paths):
             return None

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from job.images import ImageError, load_image
+from edge.images import ImageError, load_image
 
 SPLITS = ("train", "validation", "test")
 

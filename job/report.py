@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
+from edge.runtime import predict_labels
+
 MANIFEST = "MANIFEST.json"
 
 
@@ -51,14 +53,6 @@ def balanced_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     false_positive_rate, true_positive_rate, thresholds = skm.roc_curve(labels, scores)
     best = int(np.argmax(true_positive_rate - false_positive_rate))
     return float(np.clip(thresholds[best], 0.0, 1.0))
-
-
-def predict_labels(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Class indices from the model's output: one sigmoid unit, or a softmax row."""
-    probabilities = np.asarray(probabilities)
-    if probabilities.shape[-1] == 1:
-        return (probabilities[:, 0] >= threshold).astype(int)
-    return probabilities.argmax(axis=-1)
 
 
 def _class_probabilities(probabilities: np.ndarray) -> np.ndarray:

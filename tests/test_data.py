@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from job import data
-from job.images import DecodeBudget, ImageError, load_image
+from edge.images import DecodeBudget, ImageError, load_image
 from tests.conftest import write_class_images
 
 

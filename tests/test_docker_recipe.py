@@ -103,14 +103,14 @@ def test_training_image_recipe_trains_a_tiny_run_to_a_manifest(tmp_path, tiny_im
 
 @pytest.mark.timeout(300)
 def test_edge_image_recipe_installs_its_lock_and_imports_without_tensorflow(tmp_path):
-    workdir, env, venv = replay("edge", tmp_path, not_yet=("export/",))
+    workdir, env, venv = replay("edge", tmp_path)
     installed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=json"],
                                env=env, capture_output=True, text=True, check=True).stdout
     names = {p["name"].lower().replace("_", "-") for p in json.loads(installed)}
     assert {"onnxruntime", "numpy", "pillow"} <= names
     assert not {n for n in names if n.startswith(("tensorflow", "keras", "tf-"))}
-    probe = ("import sys, job.images; import onnxruntime, numpy, PIL; "
-             "assert 'tensorflow' not in sys.modules; print(job.images.__file__)")
+    probe = ("import sys, edge.images; import onnxruntime, numpy, PIL; "
+             "assert 'tensorflow' not in sys.modules; print(edge.images.__file__)")
     result = subprocess.run(["python", "-c", probe], cwd=workdir, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -118,12 +118,10 @@ def test_edge_image_recipe_installs_its_lock_and_imports_without_tensorflow(tmp_
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(not (ROOT / "export" / "predict.py").exists(),
-                    reason="the edge predictor (export/predict.py, branch main) is not here yet")
 def test_edge_image_entrypoint_starts_without_tensorflow(tmp_path):
     workdir, env, venv = replay("edge", tmp_path)
     entrypoint = recipe.entrypoint(recipe.chain("edge"))
-    assert entrypoint == ["python", "-m", "export.predict"]
+    assert entrypoint == ["python", "-m", "edge.predict"]
     result = subprocess.run([*entrypoint, "--help"], cwd=workdir, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -56,7 +56,8 @@ def test_mobilenet_v2_int8_moves_no_confident_label_and_little_probability(
     from export.pipeline import sample
     from export.quantize import quantize_int8
     from job import data
-    from job.images import load_images
+    from edge.images import load_images
+    from edge.runtime import cpu_session
 
     metrics = json.loads((mobilenet_run / "metrics.json").read_text())
     threshold = metrics["decision_threshold"]
@@ -64,7 +65,7 @@ def test_mobilenet_v2_int8_moves_no_confident_label_and_little_probability(
     calibration = sample(dataset.train, 40, seed=43)  # as the export draws them
     quantize_int8(mobilenet_run / "model.onnx", tmp_path / "int8.onnx", calibration.paths, 96)
     images = load_images(dataset.test.paths, 96)
-    float32, int8 = (measure.predict_all(measure.onnx_predictor(measure.onnx_session(path, 2)),
+    float32, int8 = (measure.predict_all(measure.onnx_predictor(cpu_session(path, 2)),
                                          images)[:, 0]
                      for path in (mobilenet_run / "model.onnx", tmp_path / "int8.onnx"))
     confident = np.abs(float32 - threshold) >= 0.15
@@ -86,7 +87,7 @@ def test_onnx_model_has_named_io_dynamic_batch_opset_and_metadata(mobilenet_expo
     assert json.loads(meta["labels"]) == ["NORMAL", "PNEUMONIA"]
     threshold = json.loads((mobilenet_run / "metrics.json").read_text())["decision_threshold"]
     assert meta["image_size"] == "96" and float(meta["decision_threshold"]) == threshold
-    assert "job.images.load_image" in meta["preprocessing"] and "RGB 0-255" in meta["preprocessing"]
+    assert "edge.images.load_image" in meta["preprocessing"] and "RGB 0-255" in meta["preprocessing"]
     assert "class index 1" in meta["output"]
     assert meta["source_run_id"] == "mobilenet" and meta["source_run_uri"] == str(mobilenet_run)
     assert json.loads(meta["parity"])["status"] == "passed"

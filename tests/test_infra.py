@@ -344,7 +344,7 @@ def test_every_hadolint_ignore_says_why():
 
 def test_images_run_as_non_root_with_the_right_entrypoints():
     stages = dockerfile_recipe.stages()
-    for stage, entrypoint in (("train", ["python", "-m", "job"]), ("edge", ["python", "-m", "export.predict"])):
+    for stage, entrypoint in (("train", ["python", "-m", "job"]), ("edge", ["python", "-m", "edge.predict"])):
         instructions = stages[stage]
         users = [a for i, a in instructions if i == "USER"]
         assert users and not users[-1].startswith(("root", "0")), stage
@@ -355,8 +355,7 @@ def test_images_run_as_non_root_with_the_right_entrypoints():
 def test_edge_image_gets_only_the_edge_lock_and_predictor_code():
     edge = dockerfile_recipe.stages()["edge"]
     copies = [a for i, a in edge if i == "COPY"]
-    assert copies == ["requirements-edge.txt /tmp/requirements/",
-                      "job/__init__.py job/images.py /app/job/", "export/ /app/export/"]
+    assert copies == ["requirements-edge.txt /tmp/requirements/", "edge/ /app/edge/"]
     assert not {name for name in _pins(ROOT / "requirements-edge.txt") if name.startswith(("tensorflow", "keras", "tf-"))}
 
 
@@ -414,7 +413,7 @@ def test_dockerignore_keeps_data_environments_outputs_caches_and_git_out():
                      "key.json", ".env"):
         assert _dockerignored(kept_out, patterns), kept_out
     for needed in ("Dockerfile", "requirements.txt", "requirements-gpu.txt", "requirements-edge.txt",
-                   "job/config.py", "job/images.py", "export/predict.py"):
+                   "job/config.py", "edge/images.py", "edge/predict.py"):
         assert not _dockerignored(needed, patterns), needed
 
 

@@ -1,4 +1,4 @@
-"""python -m export.predict: the TensorFlow-free edge predictor on real images."""
+"""python -m edge.predict: the TensorFlow-free edge predictor on real images."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
-from export import predict
+from edge import predict
 
 HEAVY = ("tensorflow", "keras", "tf2onnx", "tf_keras", "sklearn")
 
@@ -36,7 +36,7 @@ def image_folder(xray_small, tmp_path) -> Path:
 
 def test_predictor_gives_the_saved_model_labels_on_real_images(model_path, image_folder, tmp_path):
     from export.measure import saved_model_predictor
-    from job.images import load_images
+    from edge.images import load_images
 
     output = tmp_path / "predictions.json"
     assert predict.main([str(model_path), str(image_folder), "--output", str(output)]) == 0
@@ -51,9 +51,9 @@ def test_predictor_gives_the_saved_model_labels_on_real_images(model_path, image
     np.testing.assert_allclose([r["probability"] for r in results], chosen, atol=1e-4)
 
 
-def test_predictor_never_imports_tensorflow(model_path, image_folder, tmp_path):
+def test_the_edge_package_never_imports_tensorflow(model_path, image_folder, tmp_path):
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys, export.predict; "
+        [sys.executable, "-c", "import sys, edge, edge.images, edge.runtime, edge.predict; "
          f"print([m for m in sys.modules if m.split('.')[0] in {HEAVY!r}])"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0 and probe.stdout.strip() == "[]", probe.stderr
@@ -68,7 +68,7 @@ def test_predictor_never_imports_tensorflow(model_path, image_folder, tmp_path):
         sys.meta_path.insert(0, Block())
     """))
     result = subprocess.run(
-        [sys.executable, "-m", "export.predict", str(model_path), str(image_folder)],
+        [sys.executable, "-m", "edge.predict", str(model_path), str(image_folder)],
         cwd=ROOT, env={"PYTHONPATH": f"{blocker}:{ROOT}", "PATH": "/usr/bin:/bin"},
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -1,6 +1,6 @@
-"""Edge predictor: `python -m export.predict MODEL INPUT` labels images with an exported ONNX model.
+"""Edge predictor: `python -m edge.predict MODEL INPUT` labels images with an exported ONNX model.
 
-Needs only onnxruntime, numpy and Pillow (through job.images, the decoder training used, so the
+Needs only onnxruntime, numpy and Pillow (through edge.images, the decoder training used, so the
 resizing matches); it never imports TensorFlow. INPUT is an image file or a folder (searched
 recursively, hidden files skipped). Each image gets its label, that label's probability and the
 top-k classes, printed as one line each or written to --output (.csv or .json). A file that is not a
@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from job.images import ImageError, load_image
+from edge.images import ImageError, load_image
+from edge.runtime import EXIT_BAD_INPUT, EXIT_OK, cpu_session, predict_labels
 
-EXIT_OK, EXIT_NOTHING_PREDICTED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_NOTHING_PREDICTED = 1
 BATCH_SIZE = 32
 
 
@@ -33,12 +34,7 @@ class Model:
     """An exported model and what its metadata says: labels, input size, decision threshold."""
 
     def __init__(self, path: str, threads: int | None = None):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or _cores()
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, threads)
         meta = self.session.get_modelmeta().custom_metadata_map
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
@@ -48,12 +44,10 @@ class Model:
         self.labels = json.loads(meta["labels"]) if "labels" in meta else None
         self.decision_threshold = float(meta.get("decision_threshold", 0.5))
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """Per-class probabilities, shape [n, classes], for float32 RGB 0-255 images."""
-        output = self.session.run([self.output_name], {self.input_name: images})[0]
-        if output.shape[-1] == 1:  # one sigmoid unit: the probability of class index 1
-            return np.concatenate([1.0 - output, output], axis=-1)
-        return output
+    def outputs(self, images: np.ndarray) -> np.ndarray:
+        """The model's output for float32 RGB 0-255 images: [n, 1] (the probability of class
+        index 1) for two classes, [n, classes] softmax probabilities otherwise."""
+        return self.session.run([self.output_name], {self.input_name: images})[0]
 
     def label_names(self, count: int) -> list[str]:
         return self.labels if self.labels and len(self.labels) == count else \
@@ -75,13 +69,12 @@ def predict_files(model: Model, paths: list[Path], threshold: float, top_k: int,
                     on_error(path, str(error))
         if not images:
             continue
-        probabilities = model.probabilities(np.stack(images).astype(np.float32))
+        outputs = model.outputs(np.stack(images).astype(np.float32))
+        indices = predict_labels(outputs, threshold)
+        probabilities = np.concatenate([1.0 - outputs, outputs], axis=-1) \
+            if outputs.shape[-1] == 1 else outputs
         names = model.label_names(probabilities.shape[-1])
-        for path, row in zip(chunk, probabilities):
-            if len(row) == 2:
-                index = int(row[1] >= threshold)
-            else:
-                index = int(np.argmax(row))
+        for path, row, index in zip(chunk, probabilities, indices):
             order = np.argsort(-row, kind="stable")[:max(1, top_k)]
             results.append({
                 "path": str(path),
@@ -140,7 +133,7 @@ def _write(results: list[dict], path: Path, as_json: bool) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m export.predict",
+        prog="python -m edge.predict",
         description="Label images with an exported ONNX classifier (no TensorFlow needed).")
     parser.add_argument("model", type=Path, help="model.onnx or model.int8.onnx")
     parser.add_argument("input", type=Path, help="an image file or a folder of images")
@@ -196,13 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"predicted {len(results)} of {len(paths)} file(s); {len(failed)} failed",
           file=sys.stderr)
     return EXIT_OK if results else EXIT_NOTHING_PREDICTED
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _error(message: str, code: int) -> int:

@@ -1,0 +1,11 @@
+"""The edge side: what a device needs to run an exported ONNX model, and nothing that imports
+TensorFlow (a test imports it with TensorFlow made unimportable).
+
+- `edge.images`: decoding any image file to the model's input, exactly as training did;
+- `edge.runtime`: the onnxruntime CPU session, the cores to give it, the label a model's output
+  means, the exit codes;
+- `edge.predict`: the predictor, `python -m edge.predict MODEL INPUT`.
+
+The training job and the export use the same pieces, so a deployed model sees its pixels, threads
+and decision rule as they were measured.
+"""
