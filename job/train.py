@@ -102,14 +102,13 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
                                   retry_deadline=config.storage_deadline)
         context.scratch_dir.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(config, dataset, parts, context.scratch_dir, checkpoints, strategy)
-        phase1 = trainer.train_head()
-        summaries = {"phase1": _summary(parts.classifier)}
-        phase2 = trainer.fine_tune() if config.fine_tune_epochs > 0 else None
-        if phase2:
-            summaries["phase2"] = _summary(parts.classifier)
+        records, summaries = {}, {}
+        for phase in phases(config):
+            records[phase.key] = trainer.fit(phase)
+            summaries[phase.key] = _summary(parts.classifier)
 
-    metrics = run_metrics(config, precision, dataset, pulled, trainer.class_weights, phase1,
-                          phase2, summaries)
+    metrics = run_metrics(config, precision, dataset, pulled, trainer.class_weights, records,
+                          summaries)
     log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
     context.run_dir.mkdir(parents=True, exist_ok=True)
     write_run(context.run_dir, config, parts.classifier, dataset.class_names, metrics, summaries)
@@ -140,10 +139,10 @@ def load_data(config: Config) -> tuple[data.DataSet, storage.TransferStats | Non
 
 
 def run_metrics(config: Config, precision: str, dataset: data.DataSet,
-                pulled: storage.TransferStats | None, class_weights, phase1: dict,
-                phase2: dict | None, summaries: dict) -> dict:
-    """metrics.json: the settings, the environment, the data and both phases' results."""
-    final = phase2 or phase1
+                pulled: storage.TransferStats | None, class_weights, records: dict[str, dict],
+                summaries: dict) -> dict:
+    """metrics.json: the settings, the environment, the data and each phase's results."""
+    final = records.get("phase2") or records["phase1"]
     return {
         "run_id": config.run_id,
         "config": _config_record(config),
@@ -156,8 +155,8 @@ def run_metrics(config: Config, precision: str, dataset: data.DataSet,
         "data_notes": dataset.notes,
         "skipped_files": dataset.skipped,
         "class_weights": class_weights,
-        "phase1": phase1,
-        "phase2": phase2,
+        "phase1": records["phase1"],
+        "phase2": records.get("phase2"),
         "validation": final["validation"],
         "test": final["test"],
         "decision_threshold": final["decision_threshold"],
@@ -209,8 +208,40 @@ def build_base(config: Config):
                          f"({str(error).splitlines()[0][:200]})") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One training phase: its name (in logs and checkpoints), epochs and learning rate, whether it
+    fine-tunes (unfreezes the base from FINE_TUNE_FROM, trains with RMSprop and lowers the learning
+    rate when validation stalls) or trains the new head alone (Adam), and the seed of the
+    augmentation drawn afresh each epoch when the frozen layers' outputs are not cached."""
+
+    name: str
+    epochs: int
+    learning_rate: float
+    fine_tunes: bool
+    augmentation_seed: int
+
+    @property
+    def key(self) -> str:
+        """Its name in metrics.json and file names: "phase1", "phase2"."""
+        return self.name.replace(" ", "")
+
+    def optimizer(self) -> keras.optimizers.Optimizer:
+        kind = keras.optimizers.RMSprop if self.fine_tunes else keras.optimizers.Adam
+        return kind(self.learning_rate)
+
+
+def phases(config: Config) -> list[Phase]:
+    """Feature extraction (the base frozen, a new head), then fine-tuning unless it has 0 epochs."""
+    head = Phase("phase 1", config.head_epochs, config.head_learning_rate, fine_tunes=False,
+                 augmentation_seed=config.seed)
+    fine_tune = Phase("phase 2", config.fine_tune_epochs, config.fine_tune_learning_rate,
+                      fine_tunes=True, augmentation_seed=config.seed + 1)
+    return [head, fine_tune] if config.fine_tune_epochs > 0 else [head]
+
+
 class Trainer:
-    """The two phases over one data set and one classifier."""
+    """The phases over one data set and one classifier."""
 
     def __init__(self, config: Config, dataset: data.DataSet, parts: model.Classifier,
                  scratch_dir: Path, checkpoints: Checkpoints, strategy=None):
@@ -275,14 +306,14 @@ class Trainer:
             cached[name] = data.cached(outputs, str(self.scratch_dir / f"{tag}-{name}"))
         return cached
 
-    def frozen_outputs(self, phase: str) -> dict[str, tf.data.Dataset]:
+    def frozen_outputs(self, phase: Phase) -> dict[str, tf.data.Dataset]:
         """What each phase trains on: phase 2 on the outputs of the layers below FINE_TUNE_FROM,
         phase 1 on pooled features, computed from those same outputs when phase 2 will use them."""
         if not self.fine_tunes_cached:
             return self.outputs(self.parts.feature_extractor, self.frozen_inputs(), "features")
         bottom, upper, _ = self.fine_tuning_parts
         activations = self.outputs(bottom, self.frozen_inputs(), "bottom")
-        if phase == "phase 2":
+        if phase.fine_tunes:
             return activations
         return self.outputs(upper, {name: (examples.batch(self.batch_size),
                                            int(examples.cardinality()))
@@ -305,55 +336,43 @@ class Trainer:
                                         reshuffle_each_iteration=True)
         return examples.batch(self.batch_size).prefetch(tf.data.AUTOTUNE)
 
-    def train_head(self) -> dict:
-        """Phase 1: the base frozen, only the new head learns."""
-        config = self.config
-        if self.checkpoints.finished("phase 1"):
-            self.checkpoints.restore("phase 1", self.parts.classifier)
-            return self.checkpoints.finished("phase 1")
-        optimizer = keras.optimizers.Adam(config.head_learning_rate)
-        if config.cache_features:
-            record = self._fit_cached("phase 1", self.parts.head, optimizer, config.head_epochs)
+    def fit(self, phase: Phase) -> dict:
+        """Trains one phase and returns its record, or restores it when an earlier attempt of
+        the run finished it."""
+        finished = self.checkpoints.finished(phase.name)
+        if finished:
+            self.checkpoints.restore(phase.name, self.parts.classifier)
+            return finished
+        if phase.fine_tunes and self.config.is_hub_backbone:
+            self.parts.base.trainable = True  # a hub module is fine-tuned whole
+        elif phase.fine_tunes:
+            model.unfreeze_from(self.parts.base, self.config.fine_tune_from)
+        if phase.fine_tunes and self.fine_tunes_cached:
+            record = self._fit_cached(phase, self.fine_tuning_parts[2])
+        elif not phase.fine_tunes and self.config.cache_features:
+            record = self._fit_cached(phase, self.parts.head)
         else:
-            record = self._fit_online("phase 1", optimizer, config.head_epochs, config.seed)
-        self.checkpoints.finish("phase 1", self.parts.classifier, record)
+            record = self._fit_online(phase)
+        self.checkpoints.finish(phase.name, self.parts.classifier, record)
         return record
 
-    def fine_tune(self) -> dict:
-        """Phase 2: the top of the base unfrozen, at a low learning rate."""
-        config = self.config
-        optimizer = keras.optimizers.RMSprop(config.fine_tune_learning_rate)
-        if self.checkpoints.finished("phase 2"):
-            self.checkpoints.restore("phase 2", self.parts.classifier)
-            return self.checkpoints.finished("phase 2")
-        if config.is_hub_backbone:
-            self.parts.base.trainable = True
-        else:
-            model.unfreeze_from(self.parts.base, config.fine_tune_from)
-        if self.fine_tunes_cached:
-            top = self.fine_tuning_parts[2]
-            record = self._fit_cached("phase 2", top, optimizer, config.fine_tune_epochs)
-        else:
-            record = self._fit_online("phase 2", optimizer, config.fine_tune_epochs, config.seed + 1)
-        self.checkpoints.finish("phase 2", self.parts.classifier, record)
-        return record
-
-    def _fit_online(self, phase: str, optimizer, epochs: int, augmentation_seed: int) -> dict:
+    def _fit_online(self, phase: Phase) -> dict:
         """Trains the classifier on the images, through the frozen layers every epoch."""
         trainer = self.parts.classifier
         if self.config.augment:
-            trainer = model.with_augmentation(trainer, model.build_augmentation(augmentation_seed))
-        return self._fit(phase, trainer, optimizer, epochs, self.images("train", training=True),
+            trainer = model.with_augmentation(trainer,
+                                              model.build_augmentation(phase.augmentation_seed))
+        return self._fit(phase, trainer, self.images("train", training=True),
                          self.images("validation"), len(self.dataset.train))
 
-    def _fit_cached(self, phase: str, trained: keras.Model, optimizer, epochs: int) -> dict:
+    def _fit_cached(self, phase: Phase, trained: keras.Model) -> dict:
         """Trains `trained` on the cached outputs of the frozen layers, then evaluates on them too."""
         started = time.perf_counter()
         cached = self.frozen_outputs(phase)
         extraction_seconds = time.perf_counter() - started
-        log.info("%s: outputs of the frozen layers for %d examples ready in %.1f s", phase,
+        log.info("%s: outputs of the frozen layers for %d examples ready in %.1f s", phase.name,
                  sum(int(examples.cardinality()) for examples in cached.values()), extraction_seconds)
-        record = self._fit(phase, trained, optimizer, epochs, self.batches(cached["train"], True),
+        record = self._fit(phase, trained, self.batches(cached["train"], True),
                            self.batches(cached["validation"]), int(cached["train"].cardinality()),
                            predict=lambda name, flipped: distribute.predict(
                                trained, self.batches(cached[f"{name}_flipped" if flipped else name]),
@@ -363,20 +382,15 @@ class Trainer:
         record["cache_seconds"] = round(extraction_seconds, 2)
         return record
 
-    def _fit(self, phase: str, trainer: keras.Model, optimizer, epochs: int,
-             train_batches: tf.data.Dataset, validation_batches: tf.data.Dataset,
-             train_examples: int, predict=None) -> dict:
+    def _fit(self, phase: Phase, trainer: keras.Model, train_batches: tf.data.Dataset,
+             validation_batches: tf.data.Dataset, train_examples: int, predict=None) -> dict:
         loss, metrics = model.loss_and_metrics(self.num_classes, self.config.label_smoothing)
-        trainer.compile(optimizer=optimizer, loss=loss, metrics=metrics)
-        callbacks = self.callbacks(phase, epochs)
-        if phase == "phase 2":
-            callbacks.append(keras.callbacks.ReduceLROnPlateau(
-                monitor="val_loss", factor=0.2, patience=max(1, self.config.patience - 1),
-                min_lr=self.config.fine_tune_learning_rate / 100))
-        callbacks.extend(self.checkpoints.callbacks(phase))
-        history = self.checkpoints.history_so_far(phase)
+        trainer.compile(optimizer=phase.optimizer(), loss=loss, metrics=metrics)
+        callbacks = self.callbacks(phase)
+        callbacks.extend(self.checkpoints.callbacks(phase.name))
+        history = self.checkpoints.history_so_far(phase.name)
         started = time.perf_counter()
-        fitted = trainer.fit(train_batches, validation_data=validation_batches, epochs=epochs,
+        fitted = trainer.fit(train_batches, validation_data=validation_batches, epochs=phase.epochs,
                              class_weight=self.class_weights, callbacks=callbacks,
                              shuffle=False, verbose=self.verbose)  # the data set shuffles itself
         seconds = time.perf_counter() - started
@@ -391,19 +405,23 @@ class Trainer:
             "training_seconds": round(seconds, 2),
             "train_examples": train_examples,
             "images_per_second": round(epochs_now * train_examples / seconds, 1),
-            **self.evaluate(phase, predict),
+            **self.evaluate(phase.name, predict),
         }
         return record
 
-    def callbacks(self, phase: str, epochs: int) -> list[keras.callbacks.Callback]:
+    def callbacks(self, phase: Phase) -> list[keras.callbacks.Callback]:
         callbacks = [
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.config.patience,
                                           restore_best_weights=True),
-            EpochLog(phase, epochs),
+            EpochLog(phase.name, phase.epochs),
         ]
+        if phase.fine_tunes:  # a low learning rate, lowered further when validation stalls
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=0.2, patience=max(1, self.config.patience - 1),
+                min_lr=phase.learning_rate / 100))
         if self.config.tensorboard_uri:
             callbacks.append(keras.callbacks.TensorBoard(
-                log_dir=storage.join(self.config.tensorboard_uri, phase.replace(" ", ""))))
+                log_dir=storage.join(self.config.tensorboard_uri, phase.key)))
         return callbacks
 
     def evaluate(self, phase: str, predict=None) -> dict:

@@ -32,13 +32,15 @@ def phases(tmp_path_factory):
     keras.utils.set_random_seed(config.seed)
     dataset = data.load_dataset(root / "images", 32, 0.25, 0.0, seed=config.seed)
     parts = model.build_classifier(*model.build_base("vgg16", 1.0, None, 32), 2, 32, 16, 0.5)
-    trainer = train.Trainer(config, dataset, parts, root, Checkpoints(root / "ckpt", str(root / "ckpt-uri"), "test", StopSignal()))
+    trainer = train.Trainer(config, dataset, parts, root,
+                            Checkpoints(root / "ckpt", str(root / "ckpt-uri"), "test", StopSignal()))
+    head_phase, fine_tune_phase = train.phases(config)
     snapshots = {"start": weights_by_layer(parts.base)}
     head_before = [np.array(w) for w in parts.head.get_weights()]
-    trainer.train_head()
+    trainer.fit(head_phase)
     snapshots["phase1"] = weights_by_layer(parts.base)
     head_after = [np.array(w) for w in parts.head.get_weights()]
-    trainer.fine_tune()
+    trainer.fit(fine_tune_phase)
     snapshots["phase2"] = weights_by_layer(parts.base)
     return {"parts": parts, "snapshots": snapshots, "head": (head_before, head_after),
             "root": root, "dataset": dataset}
@@ -145,7 +147,8 @@ def cached_trainer(root, **overrides) -> train.Trainer:
                          Checkpoints(root / "ckpt", str(root / "ckpt-uri"), "test", StopSignal()))
 
 
-def cached_train_outputs(trainer: train.Trainer, phase: str) -> np.ndarray:
+def cached_train_outputs(trainer: train.Trainer, phase_name: str) -> np.ndarray:
+    phase = next(p for p in train.phases(trainer.config) if p.name == phase_name)
     return np.stack([x.numpy() for x, _ in trainer.frozen_outputs(phase)["train"]])
 
 
