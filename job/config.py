@@ -69,7 +69,7 @@ class Config:
     cluster_spec: str = ""
     cluster: distribute.Cluster | None = None  # the two above, parsed; None: one machine
     export_onnx: bool = False
-    storage_deadline: float = 120.0  # seconds a storage call may go without progress
+    storage_deadline: float = storage.DEFAULT_RETRY_DEADLINE_S  # seconds without progress
 
     @property
     def run_uri(self) -> str:
@@ -133,7 +133,8 @@ class Config:
             cluster_spec=cluster_spec,
             cluster=cluster,
             export_onnx=env.flag("EXPORT_ONNX", False),
-            storage_deadline=env.positive_float("STORAGE_DEADLINE", 120.0),
+            storage_deadline=env.positive_float("STORAGE_DEADLINE",
+                                                storage.DEFAULT_RETRY_DEADLINE_S),
         )
         if is_hub and config.fine_tune_from:
             raise ConfigError(
