@@ -12,7 +12,7 @@ seconds; anything that still fails raises StorageError with one line naming the 
 Transfers of many objects run in parallel on threads (the job has TensorFlow loaded, which must
 not be forked), in bounded batches fed from the listing as it pages, so a prefix of any size never
 sits in memory as a whole. A call gives up when `retry_deadline` seconds pass with no transfer
-finishing, and a signal (SIGTERM) stops it at once, keeping every file already finished. Each
+succeeding, and a signal (SIGTERM) stops it at once, keeping every file already finished. Each
 transfer returns TransferStats, which is also logged on the "job.storage" logger.
 
 What the job may delete (the ownership rule): only what it can prove it wrote. Checkpoints go
@@ -205,7 +205,8 @@ def pull_tree(uri: str, local_dir: Path, *, allow_empty: bool = False,
     what is missing or changed); files under local_dir that are not under uri are deleted. Each
     download goes to a temporary name and is renamed as soon as it is complete and verified.
     Objects whose names cannot be local files are skipped, each with its reason in
-    `TransferStats.skipped`. An empty or absent prefix raises StorageError unless allow_empty.
+    `TransferStats.skipped`. An empty or absent prefix, or one with no storable name, raises
+    Unusable unless allow_empty.
     """
     local_dir = Path(local_dir)
     if not is_remote(uri):
@@ -257,8 +258,7 @@ class _NameCheck:
 
     def accept(self, relative: str) -> bool:
         problem = name_problem(relative)
-        parts = relative.split("/")
-        parents = ["/".join(parts[:end]) for end in range(1, len(parts))]
+        parents = _parent_folders(relative)
         if problem is None and relative in self.folders:
             problem = f"is also a folder of other objects ({relative}/...)"
         if problem is None:
@@ -273,6 +273,12 @@ class _NameCheck:
         self.files.add(relative)
         self.folders.update(parents)
         return True
+
+
+def _parent_folders(name: str) -> list[str]:
+    """The folders a relative name lies in, outermost first: "a/b/c.jpeg" -> ["a", "a/b"]."""
+    parts = name.split("/")
+    return ["/".join(parts[:end]) for end in range(1, len(parts))]
 
 
 def _first(skipped: dict[str, str]) -> str:
@@ -505,8 +511,8 @@ class _Prefix:
             else:
                 self.present[name].unlink(missing_ok=True)
         if not self.remote:
-            folders = {Path(self.uri, *name.split("/")[:end]) for name in present
-                       for end in range(1, name.count("/") + 1)}
+            folders = {Path(self.uri, folder) for name in present
+                       for folder in _parent_folders(name)}
             for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
                 with contextlib.suppress(OSError):
                     folder.rmdir()
