@@ -69,12 +69,12 @@ class Checkpoints:
 
     def restore(self, phase: str, model: keras.Model) -> None:
         """Loads the weights a finished phase left."""
-        model.load_weights(self.local_dir / f"{_slug(phase)}.weights.h5")
+        model.load_weights(self.local_dir / f"{phase_key(phase)}.weights.h5")
         log.info("%s: finished by an earlier attempt; its weights are restored", phase)
 
     def finish(self, phase: str, model: keras.Model, record: dict) -> None:
         """Keeps a finished phase's weights and record, then drops its in-progress backup."""
-        model.save_weights(self.local_dir / f"{_slug(phase)}.weights.h5")
+        model.save_weights(self.local_dir / f"{phase_key(phase)}.weights.h5")
         self.state["phases"][phase] = record
         report.write_json(self.local_dir / "state.json", self.state)
         shutil.rmtree(self._backup_dir(phase), ignore_errors=True)
@@ -110,10 +110,10 @@ class Checkpoints:
             storage.clear_owned(self.uri, self.run_id, retry_deadline=self.retry_deadline)
 
     def _backup_dir(self, phase: str) -> Path:
-        return self.local_dir / f"{_slug(phase)}-backup"
+        return self.local_dir / f"{phase_key(phase)}-backup"
 
     def _history_file(self, phase: str) -> Path:
-        return self.local_dir / f"{_slug(phase)}-history.json"
+        return self.local_dir / f"{phase_key(phase)}-history.json"
 
 
 class PreemptibleBackup(keras.callbacks.BackupAndRestore):
@@ -173,5 +173,6 @@ class EpochHistory(keras.callbacks.Callback):
         report.write_json(self.path, history)
 
 
-def _slug(phase: str) -> str:
+def phase_key(phase: str) -> str:
+    """A phase's name in file names and metrics.json: "phase 1" -> "phase1"."""
     return phase.replace(" ", "")

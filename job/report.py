@@ -1,7 +1,8 @@
-"""Report: evaluation metrics, training-curve plots, the model summary and the run manifest.
+"""Report: scoring a phase's predictions, training-curve plots and the run manifest.
 
-Everything here turns numbers into files in a local run directory; MANIFEST.json, written last
-by `write_manifest`, is what marks a run as complete.
+The scoring functions are pure (labels and probabilities in, metrics out); the rest turns numbers
+into files in a local run directory. MANIFEST.json, written last by `write_manifest`, is what
+marks a run as complete.
 """
 from __future__ import annotations
 
@@ -16,6 +17,76 @@ from sklearn import metrics as skm
 from edge.runtime import predict_labels
 
 MANIFEST = "MANIFEST.json"
+
+
+SCORED_SPLITS = ("validation", "test")
+TOP_K = (3, 5)  # top-k accuracies recorded where there are more than k classes
+WEAK_RECALL = 0.5  # a class whose recall is under this share of the mean is called out
+
+
+def score_phase(labels: dict[str, np.ndarray], probabilities: dict[str, np.ndarray],
+                class_names: list[str],
+                flipped: dict[str, np.ndarray] | None = None) -> dict:
+    """The scores of a phase's predictions on the validation and test splits.
+
+    With TTA, flipped holds the predictions on the horizontally flipped images: the scores are
+    those of the mean of each image and its flip, and each split also records its scores without
+    TTA (at their own decision threshold) as "without_tta".
+    """
+    if flipped is None:
+        return score_splits(labels, probabilities, class_names)
+    result = score_splits(labels, {name: (probabilities[name] + flipped[name]) / 2
+                                   for name in probabilities}, class_names)
+    without_tta = score_splits(labels, probabilities, class_names)
+    for name in probabilities:
+        result[name]["without_tta"] = {**without_tta[name],
+                                       "decision_threshold": without_tta["decision_threshold"]}
+    return result
+
+
+def score_splits(labels: dict[str, np.ndarray], probabilities: dict[str, np.ndarray],
+                 class_names: list[str]) -> dict:
+    """Metrics of each scored split (None where it has no images) and the decision threshold.
+
+    For two classes the threshold that maximises balanced accuracy on the validation split is
+    chosen, and each split is scored at 0.5 and, as "at_decision_threshold", at that threshold.
+    """
+    two_classes = len(class_names) == 2
+    threshold = 0.5
+    if two_classes and "validation" in probabilities:
+        threshold = balanced_threshold(labels["validation"], probabilities["validation"][:, 0])
+    result: dict = {"decision_threshold": threshold}
+    for name in SCORED_SPLITS:
+        if name not in probabilities:
+            result[name] = None
+            continue
+        scores = classification_metrics(labels[name], probabilities[name], class_names)
+        if two_classes:
+            scores["at_decision_threshold"] = classification_metrics(
+                labels[name], probabilities[name], class_names, threshold)
+        result[name] = scores
+    return result
+
+
+def summary_line(scores: dict) -> str:
+    """One split's scores as a log line: accuracy and loss, for two classes ROC AUC and the
+    accuracy at the decision threshold."""
+    line = (f"accuracy {scores['accuracy']:.4f}, loss {scores['loss']:.4f}, macro recall "
+            f"{scores['macro_recall']:.4f}")
+    if scores.get("roc_auc") is None:
+        return line
+    at_threshold = scores["at_decision_threshold"]
+    return (f"{line}, ROC AUC {scores['roc_auc']:.4f}, accuracy at threshold "
+            f"{at_threshold['threshold']:.3f}: {at_threshold['accuracy']:.4f}")
+
+
+def weak_classes(scores: dict) -> dict[str, float]:
+    """The classes (with their recall) whose recall is under WEAK_RECALL of the mean recall: the
+    ones a good overall accuracy hides."""
+    recalls = {name: figures["recall"] for name, figures in scores["per_class"].items()
+               if figures["support"]}
+    mean = float(np.mean(list(recalls.values()))) if recalls else 0.0
+    return {name: recall for name, recall in recalls.items() if recall < WEAK_RECALL * mean}
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
@@ -37,7 +108,14 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
         },
         "confusion_matrix": skm.confusion_matrix(
             labels, predicted, labels=range(len(class_names))).tolist(),
+        "macro_recall": float(np.mean(recall)),
+        "macro_f1": float(np.mean(f1)),
     }
+    if len(labels):
+        result["top_k_accuracy"] = {
+            str(k): float(skm.top_k_accuracy_score(labels, class_probabilities, k=k,
+                                                   labels=range(len(class_names))))
+            for k in TOP_K if k < len(class_names)}
     if len(class_names) == 2:
         result["threshold"] = threshold
         result["roc_auc"] = (float(skm.roc_auc_score(labels, class_probabilities[:, 1]))

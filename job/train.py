@@ -1,18 +1,15 @@
 """Train: one run of the job, from a validated Config to a complete run directory.
 
 Phase 1 (feature extraction) trains a new head on a frozen conv base; phase 2 (fine-tuning)
-unfreezes the base from FINE_TUNE_FROM up and trains at a low learning rate. With CACHE_FEATURES
-on (the default) both train on the outputs of their frozen layers, computed once: the layers below
-FINE_TUNE_FROM run once per image (per augmented view of each training image when AUGMENT is on),
-and phase 1's pooled features are computed from those outputs. With CACHE_FEATURES off the frozen
-layers run every epoch, behind augmentation layers when AUGMENT is on. With TTA on, predictions
-are averaged over each image and its horizontal flip. The run directory gets the SavedModel,
-labels, metrics, plots and summary, then MANIFEST.json.
+unfreezes the base from FINE_TUNE_FROM up and trains at a low learning rate. What each phase fits
+on (the cached outputs of its frozen layers, or the images) is job.features' concern; how a phase
+is scored (validation-chosen threshold, TTA) is job.report's. The run directory gets the
+SavedModel, labels, metrics (with the run record the export reads), plots and summary, then
+MANIFEST.json.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import platform
@@ -24,12 +21,13 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-from keras import ops
 
 from job import data, distribute, model, report, storage
-from job.checkpoint import Checkpoints, StopSignal
+from job.checkpoint import Checkpoints, StopSignal, phase_key
 from job.config import Config, ConfigError
 from job.context import RunContext
+from job.features import Features, PhaseInputs
+from job.record import KEY as RECORD_KEY, RunRecord
 
 log = logging.getLogger("job")
 ALREADY_COMPLETE = "already complete"
@@ -83,17 +81,10 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
                       retry_deadline=config.storage_deadline):
         log.info("run %s is already complete at %s; nothing to do", config.run_id, config.run_uri)
         return {"status": ALREADY_COMPLETE, "run_uri": config.run_uri}
-    strategy = context.strategy
-    log.info("strategy: %s, %d replica(s) in sync, %s", type(strategy).__name__,
-             strategy.num_replicas_in_sync, context.role)
-    precision = choose_precision(config.mixed_precision)
-    keras.mixed_precision.set_dtype_policy(precision)
-    keras.utils.set_random_seed(config.seed)
-    log.info("precision policy: %s (MIXED_PRECISION=%s, GPUs: %d)", precision,
-             config.mixed_precision, len(tf.config.list_physical_devices("GPU")))
+    precision = set_up_keras(config, context)
     dataset, pulled = load_data(config)
 
-    with strategy.scope():  # variables (model, optimizers, metrics) mirrored across replicas
+    with context.strategy.scope():  # variables (model, optimizers, metrics) mirrored across replicas
         base, preprocess_mode = build_base(config)
         parts = model.build_classifier(base, preprocess_mode, len(dataset.class_names),
                                        config.image_size, config.dense_units, config.dropout)
@@ -101,7 +92,8 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
                                   stop or StopSignal(), writer=context.chief,
                                   retry_deadline=config.storage_deadline)
         context.scratch_dir.mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(config, dataset, parts, context.scratch_dir, checkpoints, strategy)
+        trainer = Trainer(config, dataset, parts, context.scratch_dir, checkpoints,
+                          context.strategy)
         records, summaries = {}, {}
         for phase in phases(config):
             records[phase.key] = trainer.fit(phase)
@@ -118,6 +110,19 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
         return metrics
     publish_run(config, context, checkpoints)
     return metrics
+
+
+def set_up_keras(config: Config, context: RunContext) -> str:
+    """Sets the dtype policy MIXED_PRECISION chooses and seeds Keras; returns the policy."""
+    strategy = context.strategy
+    log.info("strategy: %s, %d replica(s) in sync, %s", type(strategy).__name__,
+             strategy.num_replicas_in_sync, context.role)
+    precision = choose_precision(config.mixed_precision)
+    keras.mixed_precision.set_dtype_policy(precision)
+    keras.utils.set_random_seed(config.seed)
+    log.info("precision policy: %s (MIXED_PRECISION=%s, GPUs: %d)", precision,
+             config.mixed_precision, len(tf.config.list_physical_devices("GPU")))
+    return precision
 
 
 def load_data(config: Config) -> tuple[data.DataSet, storage.TransferStats | None]:
@@ -143,8 +148,15 @@ def run_metrics(config: Config, precision: str, dataset: data.DataSet,
                 summaries: dict) -> dict:
     """metrics.json: the settings, the environment, the data and each phase's results."""
     final = records.get("phase2") or records["phase1"]
+    record = RunRecord(
+        run_id=config.run_id, classes=dataset.class_names, image_size=config.image_size,
+        backbone=config.backbone, alpha=config.alpha, dense_units=config.dense_units,
+        dropout=config.dropout, precision_policy=precision, seed=config.seed,
+        data_uri=config.data_uri, validation_split=config.validation_split,
+        test_split=config.test_split, decision_threshold=final["decision_threshold"])
     return {
         "run_id": config.run_id,
+        RECORD_KEY: record.as_dict(),
         "config": _config_record(config),
         "precision_policy": precision,
         "versions": _versions(),
@@ -224,7 +236,7 @@ class Phase:
     @property
     def key(self) -> str:
         """Its name in metrics.json and file names: "phase1", "phase2"."""
-        return self.name.replace(" ", "")
+        return phase_key(self.name)
 
     def optimizer(self) -> keras.optimizers.Optimizer:
         kind = keras.optimizers.RMSprop if self.fine_tunes else keras.optimizers.Adam
@@ -241,100 +253,20 @@ def phases(config: Config) -> list[Phase]:
 
 
 class Trainer:
-    """The phases over one data set and one classifier."""
+    """Fits the phases of one classifier on one data set and scores each."""
 
     def __init__(self, config: Config, dataset: data.DataSet, parts: model.Classifier,
                  scratch_dir: Path, checkpoints: Checkpoints, strategy=None):
-        self.config = config
+        self.config, self.dataset, self.parts = config, dataset, parts
         self.checkpoints = checkpoints
-        self.dataset = dataset
-        self.parts = parts
-        self.scratch_dir = scratch_dir
         self.strategy = strategy or tf.distribute.get_strategy()
         # BATCH_SIZE is per replica; tf.data and fit() take the global batch.
-        self.batch_size = distribute.global_batch_size(config.batch_size, self.strategy)
-        self.num_classes = len(dataset.class_names)
-        self.class_weights = (data.class_weights(dataset.train, self.num_classes)
+        batch_size = distribute.global_batch_size(config.batch_size, self.strategy)
+        self.features = Features(config, dataset, parts, scratch_dir, batch_size)
+        self.class_weights = (data.class_weights(dataset.train, len(dataset.class_names))
                               if config.class_weights == "auto" and _imbalanced(dataset.train)
                               else None)
         self.verbose = 1 if sys.stdout.isatty() else 0
-
-    def images(self, split_name: str, training: bool = False, flipped: bool = False) -> tf.data.Dataset:
-        split = getattr(self.dataset, split_name)
-        images = data.image_dataset(split, self.config.image_size, self.batch_size,
-                                    shuffle=training, seed=self.config.seed,
-                                    cache_file=str(self.scratch_dir / split_name))
-        return images.map(lambda x, y: (ops.flip(x, axis=2), y)) if flipped else images
-
-    def labels(self, split_name: str) -> np.ndarray:
-        return np.asarray(getattr(self.dataset, split_name).labels, dtype=np.int32)
-
-    def frozen_inputs(self) -> dict[str, tuple[tf.data.Dataset, int]]:
-        """(image batches, image count) per split, for the frozen layers to run on once.
-
-        With AUGMENT on, the training images come as AUGMENT_VIEWS random augmented views each
-        (seeded by SEED); with TTA on, the flipped validation and test images come too.
-        """
-        config = self.config
-        train = self.images("train")
-        views = 1
-        if config.augment:
-            augmentation = model.build_augmentation(config.seed)
-            views = config.augment_views
-            train = train.repeat(views).map(lambda x, y: (augmentation(x, training=True), y))
-        inputs = {"train": (train, views * len(self.dataset.train))}
-        for name in ("validation", "test"):
-            count = len(getattr(self.dataset, name))
-            if count:
-                inputs[name] = (self.images(name), count)
-                if config.tta:
-                    inputs[f"{name}_flipped"] = (self.images(name, flipped=True), count)
-        return inputs
-
-    def outputs(self, extractor: keras.Model, inputs: dict[str, tuple[tf.data.Dataset, int]],
-                tag: str) -> dict[str, tf.data.Dataset]:
-        """(extractor output, label) per example of each input, computed once and cached on disk.
-
-        The frozen layers below what is trained are deterministic (BatchNormalization runs in
-        inference mode), so running them once gives exactly what every epoch would compute.
-        """
-        cached = {}
-        for name, (batches, count) in inputs.items():
-            outputs = batches.map(
-                lambda x, labels: (extractor(x, training=False), labels)).unbatch()
-            outputs = outputs.apply(tf.data.experimental.assert_cardinality(count))
-            cached[name] = data.cached(outputs, str(self.scratch_dir / f"{tag}-{name}"))
-        return cached
-
-    def frozen_outputs(self, phase: Phase) -> dict[str, tf.data.Dataset]:
-        """What each phase trains on: phase 2 on the outputs of the layers below FINE_TUNE_FROM,
-        phase 1 on pooled features, computed from those same outputs when phase 2 will use them."""
-        if not self.fine_tunes_cached:
-            return self.outputs(self.parts.feature_extractor, self.frozen_inputs(), "features")
-        bottom, upper, _ = self.fine_tuning_parts
-        activations = self.outputs(bottom, self.frozen_inputs(), "bottom")
-        if phase.fine_tunes:
-            return activations
-        return self.outputs(upper, {name: (examples.batch(self.batch_size),
-                                           int(examples.cardinality()))
-                                    for name, examples in activations.items()}, "features")
-
-    @property
-    def fine_tunes_cached(self) -> bool:
-        config = self.config
-        return (config.cache_features and not config.is_hub_backbone
-                and config.fine_tune_epochs > 0)
-
-    @functools.cached_property
-    def fine_tuning_parts(self) -> tuple[keras.Model, keras.Model, keras.Model]:
-        """(frozen bottom, upper features, trainable top), cut at FINE_TUNE_FROM."""
-        return model.split_for_fine_tuning(self.parts, self.config.fine_tune_from)
-
-    def batches(self, examples: tf.data.Dataset, training: bool = False) -> tf.data.Dataset:
-        if training:
-            examples = examples.shuffle(data.shuffle_buffer(examples), seed=self.config.seed,
-                                        reshuffle_each_iteration=True)
-        return examples.batch(self.batch_size).prefetch(tf.data.AUTOTUNE)
 
     def fit(self, phase: Phase) -> dict:
         """Trains one phase and returns its record, or restores it when an earlier attempt of
@@ -347,67 +279,41 @@ class Trainer:
             self.parts.base.trainable = True  # a hub module is fine-tuned whole
         elif phase.fine_tunes:
             model.unfreeze_from(self.parts.base, self.config.fine_tune_from)
-        if phase.fine_tunes and self.fine_tunes_cached:
-            record = self._fit_cached(phase, self.fine_tuning_parts[2])
-        elif not phase.fine_tunes and self.config.cache_features:
-            record = self._fit_cached(phase, self.parts.head)
-        else:
-            record = self._fit_online(phase)
+        inputs = self.features.for_phase(phase.fine_tunes, phase.augmentation_seed)
+        if inputs.cached:
+            log.info("%s: outputs of the frozen layers for %d examples ready in %.1f s",
+                     phase.name, inputs.cached_examples, inputs.cache_seconds)
+        record = self._fit(phase, inputs)
         self.checkpoints.finish(phase.name, self.parts.classifier, record)
         return record
 
-    def _fit_online(self, phase: Phase) -> dict:
-        """Trains the classifier on the images, through the frozen layers every epoch."""
-        trainer = self.parts.classifier
-        if self.config.augment:
-            trainer = model.with_augmentation(trainer,
-                                              model.build_augmentation(phase.augmentation_seed))
-        return self._fit(phase, trainer, self.images("train", training=True),
-                         self.images("validation"), len(self.dataset.train))
-
-    def _fit_cached(self, phase: Phase, trained: keras.Model) -> dict:
-        """Trains `trained` on the cached outputs of the frozen layers, then evaluates on them too."""
-        started = time.perf_counter()
-        cached = self.frozen_outputs(phase)
-        extraction_seconds = time.perf_counter() - started
-        log.info("%s: outputs of the frozen layers for %d examples ready in %.1f s", phase.name,
-                 sum(int(examples.cardinality()) for examples in cached.values()), extraction_seconds)
-        record = self._fit(phase, trained, self.batches(cached["train"], True),
-                           self.batches(cached["validation"]), int(cached["train"].cardinality()),
-                           predict=lambda name, flipped: distribute.predict(
-                               trained, self.batches(cached[f"{name}_flipped" if flipped else name]),
-                               self.strategy))
-        record["seconds"] = round(time.perf_counter() - started, 2)
-        record["cached"] = True
-        record["cache_seconds"] = round(extraction_seconds, 2)
-        return record
-
-    def _fit(self, phase: Phase, trainer: keras.Model, train_batches: tf.data.Dataset,
-             validation_batches: tf.data.Dataset, train_examples: int, predict=None) -> dict:
-        loss, metrics = model.loss_and_metrics(self.num_classes, self.config.label_smoothing)
-        trainer.compile(optimizer=phase.optimizer(), loss=loss, metrics=metrics)
-        callbacks = self.callbacks(phase)
-        callbacks.extend(self.checkpoints.callbacks(phase.name))
+    def _fit(self, phase: Phase, inputs: PhaseInputs) -> dict:
+        loss, metrics = model.loss_and_metrics(len(self.dataset.class_names),
+                                               self.config.label_smoothing)
+        inputs.trained.compile(optimizer=phase.optimizer(), loss=loss, metrics=metrics)
+        callbacks = self.callbacks(phase) + self.checkpoints.callbacks(phase.name)
         history = self.checkpoints.history_so_far(phase.name)
         started = time.perf_counter()
-        fitted = trainer.fit(train_batches, validation_data=validation_batches, epochs=phase.epochs,
-                             class_weight=self.class_weights, callbacks=callbacks,
-                             shuffle=False, verbose=self.verbose)  # the data set shuffles itself
+        fitted = inputs.trained.fit(inputs.train, validation_data=inputs.validation,
+                                    epochs=phase.epochs, class_weight=self.class_weights,
+                                    callbacks=callbacks, shuffle=False,  # the data shuffles itself
+                                    verbose=self.verbose)
         seconds = time.perf_counter() - started
         epochs_now = len(fitted.history.get("loss", []))
         for key, values in fitted.history.items():
             history[key] = history.get(key, []) + [float(v) for v in values]
-        record = {
+        scores = self.evaluate(phase.name, inputs)
+        return {
             "epochs_run": len(history.get("loss", [])),
             "history": history,
-            "cached": False,
-            "seconds": round(seconds, 2),
+            "cached": inputs.cached,
+            "seconds": round(inputs.cache_seconds + time.perf_counter() - started, 2),
             "training_seconds": round(seconds, 2),
-            "train_examples": train_examples,
-            "images_per_second": round(epochs_now * train_examples / seconds, 1),
-            **self.evaluate(phase.name, predict),
+            "cache_seconds": round(inputs.cache_seconds, 2),
+            "train_examples": inputs.train_examples,
+            "images_per_second": round(epochs_now * inputs.train_examples / seconds, 1),
+            **scores,
         }
-        return record
 
     def callbacks(self, phase: Phase) -> list[keras.callbacks.Callback]:
         callbacks = [
@@ -424,47 +330,25 @@ class Trainer:
                 log_dir=storage.join(self.config.tensorboard_uri, phase.key)))
         return callbacks
 
-    def evaluate(self, phase: str, predict=None) -> dict:
-        """Validation and test metrics of the classifier as it stands after a phase.
+    def evaluate(self, phase: str, inputs: PhaseInputs) -> dict:
+        """The validation and test scores of the classifier as it stands after a phase (see
+        report.score_phase), logged."""
+        names = [name for name in report.SCORED_SPLITS if len(getattr(self.dataset, name))]
 
-        For two classes the decision threshold that maximises balanced accuracy on the validation
-        split is chosen, and the test split is scored at 0.5 and at that threshold. With TTA on,
-        the scores are those of predictions averaged over each image and its horizontal flip, and
-        each split also records its scores without TTA (at their own threshold) as "without_tta".
-        """
-        predict = predict or (lambda name, flipped: distribute.predict(
-            self.parts.classifier, self.images(name, flipped=flipped), self.strategy))
-        names = [name for name in ("validation", "test") if len(getattr(self.dataset, name))]
-        plain = {name: predict(name, False) for name in names}
-        if not self.config.tta:
-            return self.scores(phase, plain)
-        result = self.scores(phase, {name: (plain[name] + predict(name, True)) / 2 for name in names})
-        without_tta = self.scores(f"{phase} without TTA", plain)
+        def predict(name: str, flipped: bool):
+            return distribute.predict(inputs.scored, inputs.scored_batches(name, flipped),
+                                      self.strategy)
+
+        labels = {name: np.asarray(getattr(self.dataset, name).labels, dtype=np.int32)
+                  for name in names}
+        result = report.score_phase(
+            labels, {name: predict(name, False) for name in names}, self.dataset.class_names,
+            {name: predict(name, True) for name in names} if self.config.tta else None)
         for name in names:
-            result[name]["without_tta"] = {**without_tta[name],
-                                           "decision_threshold": without_tta["decision_threshold"]}
-        return result
-
-    def scores(self, phase: str, probabilities: dict[str, np.ndarray]) -> dict:
-        threshold = 0.5
-        if self.num_classes == 2 and "validation" in probabilities:
-            threshold = report.balanced_threshold(self.labels("validation"),
-                                                  probabilities["validation"][:, 0])
-        result = {"decision_threshold": threshold}
-        for name in ("validation", "test"):
-            if name not in probabilities:
-                result[name] = None
-                continue
-            scores = report.classification_metrics(self.labels(name), probabilities[name],
-                                                   self.dataset.class_names)
-            if self.num_classes == 2:
-                scores["at_decision_threshold"] = report.classification_metrics(
-                    self.labels(name), probabilities[name], self.dataset.class_names, threshold)
-            result[name] = scores
-            log.info("%s after %s: accuracy %.4f, loss %.4f%s", name, phase, scores["accuracy"],
-                     scores["loss"], f", ROC AUC {scores['roc_auc']:.4f}, accuracy at threshold "
-                     f"{threshold:.3f}: {scores['at_decision_threshold']['accuracy']:.4f}"
-                     if scores.get("roc_auc") is not None else "")
+            log.info("%s after %s: %s", name, phase, report.summary_line(result[name]))
+            for weak, recall in report.weak_classes(result[name]).items():
+                log.warning("%s after %s: class %r has recall %.3f, under half the mean "
+                            "recall of the classes", name, phase, weak, recall)
         return result
 
 

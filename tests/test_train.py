@@ -10,6 +10,8 @@ import tensorflow as tf
 from job import data, model, report, train
 from job.checkpoint import Checkpoints, StopSignal
 from job.config import Config
+from job.features import Features
+from job.record import RunRecord
 from tests.conftest import run_job, tiny_vgg16_settings, write_class_images
 
 
@@ -121,6 +123,15 @@ def test_metrics_record_config_history_evaluation_and_skipped_files(tiny_run):
     assert metrics["parameters"]["phase2"]["trainable"] > metrics["parameters"]["phase1"]["trainable"]
 
 
+def test_metrics_hold_the_typed_record_the_export_reads(tiny_run):
+    metrics = json.loads((tiny_run["run_dir"] / "metrics.json").read_text())
+    record = RunRecord.from_metrics(metrics)
+    assert record.classes == ["cat", "dog", "fox"] and record.backbone == "vgg16"
+    assert record.image_size == 32 and record.precision_policy == "float32"
+    assert record.decision_threshold == metrics["decision_threshold"] == 0.5
+    assert record.data_uri == metrics["config"]["data_uri"]
+
+
 def test_model_summary_counts_trainable_and_frozen_parameters(tiny_run):
     text = (tiny_run["run_dir"] / "model_summary.txt").read_text()
     assert "== after phase1 ==" in text and "== after phase2 ==" in text and "'frozen'" in text
@@ -135,50 +146,37 @@ def test_a_completed_run_is_left_untouched(tiny_run):
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
 
 
-def cached_trainer(root, **overrides) -> train.Trainer:
-    """A Trainer over 2 x 6 tiny images (VGG16, random weights), its caches under root."""
+def cached_features(root, **overrides) -> Features:
+    """The features of 2 x 6 tiny images (VGG16, random weights), cached under root."""
     write_class_images(root / "images", ["a", "b"], per_class=6)
     config = Config.from_env(tiny_vgg16_settings(root / "images", root / "out", root / "cache",
                                                  **overrides))
     keras.utils.set_random_seed(config.seed)
     dataset = data.load_dataset(root / "images", 32, 0.34, 0.0, seed=config.seed)
     parts = model.build_classifier(*model.build_base("vgg16", 1.0, None, 32), 2, 32, 8, 0.5)
-    return train.Trainer(config, dataset, parts, root,
-                         Checkpoints(root / "ckpt", str(root / "ckpt-uri"), "test", StopSignal()))
+    return Features(config, dataset, parts, root, batch_size=8)
 
 
-def cached_train_outputs(trainer: train.Trainer, phase_name: str) -> np.ndarray:
-    phase = next(p for p in train.phases(trainer.config) if p.name == phase_name)
-    return np.stack([x.numpy() for x, _ in trainer.frozen_outputs(phase)["train"]])
+def cached_train_outputs(features: Features, head: bool) -> np.ndarray:
+    return np.stack([x.numpy() for x, _ in features.frozen_outputs(head)["train"]])
 
 
 def test_augmented_views_are_cached_once_per_view_and_seeded(tmp_path):
-    trainer = cached_trainer(tmp_path / "one", AUGMENT="1", AUGMENT_VIEWS="3")
-    bottom_outputs = cached_train_outputs(trainer, "phase 2")
-    assert len(bottom_outputs) == 3 * len(trainer.dataset.train)
+    features = cached_features(tmp_path / "one", AUGMENT="1", AUGMENT_VIEWS="3")
+    bottom_outputs = cached_train_outputs(features, head=False)
+    assert len(bottom_outputs) == 3 * len(features.dataset.train)
     views = np.split(bottom_outputs, 3)
     assert not np.allclose(views[0], views[1])
-    features = cached_train_outputs(trainer, "phase 1")
-    upper = trainer.fine_tuning_parts[1]
-    np.testing.assert_allclose(features, upper.predict(bottom_outputs, verbose=0), rtol=1e-5, atol=1e-5)
-    again = cached_train_outputs(cached_trainer(tmp_path / "two", AUGMENT="1", AUGMENT_VIEWS="3"),
-                                 "phase 2")
+    pooled = cached_train_outputs(features, head=True)
+    upper = features.fine_tuning_parts[1]
+    np.testing.assert_allclose(pooled, upper.predict(bottom_outputs, verbose=0), rtol=1e-5, atol=1e-5)
+    again = cached_train_outputs(cached_features(tmp_path / "two", AUGMENT="1", AUGMENT_VIEWS="3"),
+                                 head=False)
     np.testing.assert_array_equal(again, bottom_outputs)
 
 
-def test_tta_scores_the_mean_of_each_image_and_its_flip(tmp_path):
-    trainer = cached_trainer(tmp_path, TTA="1")
-    plain, flipped = 0.4, 0.8  # a mean of 0.6 calls every image class 1 at threshold 0.5
-    result = trainer.evaluate("phase 1", predict=lambda name, is_flipped: np.full(
-        (len(getattr(trainer.dataset, name)), 1), flipped if is_flipped else plain))
-    labels = trainer.labels("validation")
-    assert result["validation"]["accuracy"] == np.mean(labels == 1)
-    assert result["validation"]["without_tta"]["accuracy"] == np.mean(labels == 0)
-
-
 def test_tta_caches_the_flipped_images(tmp_path):
-    trainer = cached_trainer(tmp_path, TTA="1")
-    inputs = trainer.frozen_inputs()
+    inputs = cached_features(tmp_path, TTA="1").frozen_inputs()
     images = next(iter(inputs["validation"][0]))[0].numpy()
     np.testing.assert_array_equal(next(iter(inputs["validation_flipped"][0]))[0].numpy(),
                                   images[:, :, ::-1])

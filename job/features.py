@@ -1,0 +1,151 @@
+"""Features: what each training phase fits and is scored on, as tf.data batches.
+
+With CACHE_FEATURES on (the default) a phase trains only the part of the classifier above its
+frozen layers, on their outputs computed once and cached in the scratch directory: phase 2
+(fine-tuning) on the outputs of the layers below FINE_TUNE_FROM, phase 1 on pooled features,
+computed from those same outputs when phase 2 will use them. The frozen layers run in inference
+mode (BatchNormalization too), so running them once gives exactly what every epoch would compute.
+With AUGMENT on, each training image enters as AUGMENT_VIEWS random views (seeded by SEED); with
+TTA on, the flipped validation and test images are cached too.
+
+With CACHE_FEATURES off, and for a hub backbone's fine-tuning (a hub module cannot be cut at a
+layer), the whole classifier trains on the images, the frozen layers running every epoch behind
+augmentation drawn afresh each epoch when AUGMENT is on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Callable
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from job import data, model
+from job.report import SCORED_SPLITS
+from job.config import Config
+
+@dataclasses.dataclass(frozen=True)
+class PhaseInputs:
+    """One phase's inputs: the model that fits (behind augmentation layers when the images are
+    augmented online), the model that is scored, and the batches of both."""
+
+    trained: keras.Model
+    scored: keras.Model
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    train_examples: int
+    scored_batches: Callable[[str, bool], tf.data.Dataset]  # (split name, flipped) -> batches
+    cached: bool
+    cache_seconds: float = 0.0  # the frozen layers' run over every input
+    cached_examples: int = 0
+
+
+class Features:
+    """The batches of one data set for one classifier, cached on disk under scratch_dir."""
+
+    def __init__(self, config: Config, dataset: data.DataSet, parts: model.Classifier,
+                 scratch_dir: Path, batch_size: int):
+        self.config, self.dataset, self.parts = config, dataset, parts
+        self.scratch_dir, self.batch_size = scratch_dir, batch_size
+
+    def for_phase(self, fine_tunes: bool, augmentation_seed: int) -> PhaseInputs:
+        """The inputs of the head phase (fine_tunes False) or the fine-tuning phase. Call it after
+        the base is unfrozen for fine-tuning: the part that trains is cut from it then."""
+        if fine_tunes and self.fine_tunes_cached:
+            return self._cached(self.fine_tuning_parts[2], head=False)
+        if not fine_tunes and self.config.cache_features:
+            return self._cached(self.parts.head, head=True)
+        return self._online(augmentation_seed)
+
+    @property
+    def fine_tunes_cached(self) -> bool:
+        config = self.config
+        return config.cache_features and not config.is_hub_backbone and config.fine_tune_epochs > 0
+
+    @functools.cached_property
+    def fine_tuning_parts(self) -> tuple[keras.Model, keras.Model, keras.Model]:
+        """(frozen bottom, upper features, trainable top), cut at FINE_TUNE_FROM."""
+        return model.split_for_fine_tuning(self.parts, self.config.fine_tune_from)
+
+    def images(self, split_name: str, training: bool = False,
+               flipped: bool = False) -> tf.data.Dataset:
+        """Batches of (image, label) of a split, decoded once and cached on disk."""
+        split = getattr(self.dataset, split_name)
+        images = data.image_dataset(split, self.config.image_size, self.batch_size,
+                                    shuffle=training, seed=self.config.seed,
+                                    cache_file=str(self.scratch_dir / split_name))
+        return images.map(lambda x, y: (ops.flip(x, axis=2), y)) if flipped else images
+
+    def _online(self, augmentation_seed: int) -> PhaseInputs:
+        classifier = self.parts.classifier
+        trained = classifier
+        if self.config.augment:
+            trained = model.with_augmentation(classifier,
+                                              model.build_augmentation(augmentation_seed))
+        return PhaseInputs(trained, classifier, self.images("train", training=True),
+                           self.images("validation"), len(self.dataset.train),
+                           lambda name, flipped: self.images(name, flipped=flipped), cached=False)
+
+    def _cached(self, trained: keras.Model, head: bool) -> PhaseInputs:
+        started = time.perf_counter()
+        outputs = self.frozen_outputs(head)
+        seconds = time.perf_counter() - started
+        return PhaseInputs(
+            trained, trained, self.batches(outputs["train"], training=True),
+            self.batches(outputs["validation"]), int(outputs["train"].cardinality()),
+            lambda name, flipped: self.batches(outputs[f"{name}_flipped" if flipped else name]),
+            cached=True, cache_seconds=seconds,
+            cached_examples=sum(int(examples.cardinality()) for examples in outputs.values()))
+
+    def frozen_outputs(self, head: bool) -> dict[str, tf.data.Dataset]:
+        """(frozen layers' output, label) per example of each input: pooled features for the
+        head, the outputs below FINE_TUNE_FROM for fine-tuning (and under them the head's, when
+        fine-tuning is cached too)."""
+        if not self.fine_tunes_cached:
+            return self._run_once(self.parts.feature_extractor, self.frozen_inputs(), "features")
+        bottom, upper, _ = self.fine_tuning_parts
+        activations = self._run_once(bottom, self.frozen_inputs(), "bottom")
+        if not head:
+            return activations
+        return self._run_once(upper, {name: (examples.batch(self.batch_size),
+                                             int(examples.cardinality()))
+                                      for name, examples in activations.items()}, "features")
+
+    def frozen_inputs(self) -> dict[str, tuple[tf.data.Dataset, int]]:
+        """(image batches, image count) per input the frozen layers run on once: the training
+        images (as AUGMENT_VIEWS augmented views each with AUGMENT on), the validation and test
+        images (and their horizontal flips with TTA on)."""
+        config = self.config
+        train, views = self.images("train"), 1
+        if config.augment:
+            augmentation = model.build_augmentation(config.seed)
+            views = config.augment_views
+            train = train.repeat(views).map(lambda x, y: (augmentation(x, training=True), y))
+        inputs = {"train": (train, views * len(self.dataset.train))}
+        for name in SCORED_SPLITS:
+            count = len(getattr(self.dataset, name))
+            if count:
+                inputs[name] = (self.images(name), count)
+                if config.tta:
+                    inputs[f"{name}_flipped"] = (self.images(name, flipped=True), count)
+        return inputs
+
+    def _run_once(self, extractor: keras.Model, inputs: dict[str, tuple[tf.data.Dataset, int]],
+                  tag: str) -> dict[str, tf.data.Dataset]:
+        cached = {}
+        for name, (batches, count) in inputs.items():
+            outputs = batches.map(
+                lambda x, labels: (extractor(x, training=False), labels)).unbatch()
+            outputs = outputs.apply(tf.data.experimental.assert_cardinality(count))
+            cached[name] = data.cached(outputs, str(self.scratch_dir / f"{tag}-{name}"))
+        return cached
+
+    def batches(self, examples: tf.data.Dataset, training: bool = False) -> tf.data.Dataset:
+        if training:
+            examples = examples.shuffle(data.shuffle_buffer(examples), seed=self.config.seed,
+                                        reshuffle_each_iteration=True)
+        return examples.batch(self.batch_size).prefetch(tf.data.AUTOTUNE)
