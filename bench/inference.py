@@ -4,9 +4,12 @@ For VGG16 at 150 and MobileNetV2 (alpha 0.5, real ImageNet weights) at 224, trai
 on real chest X-rays with `python -m job`, exports it with `python -m export` (onnxruntime with
 intra-op threads = cores and ORT_ENABLE_ALL), and prints JSON: p50/p95 latency at batch 1 and
 images/s at batch 32 of each backend, measured in the same export run, and their ratios.
-Latency does not depend on the weights, so VGG16 runs with WEIGHTS=none here.
+Latency does not depend on the weights, so VGG16 runs with WEIGHTS=none here. --models picks
+some of them, --data another data set with train/validation/test folders, --image-size another
+input size for every model (a quick look: the figures then say little about the real sizes).
 
-    python bench/inference.py [--latency-runs 100]
+    python bench/inference.py [--latency-runs 100] [--models vgg16_150,mobilenet_v2_050_224]
+        [--data DIR] [--image-size N]
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ def run(module: str, env: dict) -> None:
 
 
 def measure(name: str, settings: dict, data: Path, work: Path, latency_runs: int) -> dict:
+    """Trains, exports and times one model; the export report's latency, sizes and ratios."""
     run("job", {"DATA_URI": str(data), "OUTPUT_URI": str(work), "RUN_ID": name,
                 "CACHE_DIR": str(work / "cache"), "HEAD_EPOCHS": "2", "FINE_TUNE_EPOCHS": "0",
                 **settings})
@@ -49,6 +53,7 @@ def measure(name: str, settings: dict, data: Path, work: Path, latency_runs: int
     report = json.loads((work / name / "export_report.json").read_text())
     latency = report["latency"]
     return {
+        "settings": settings,
         "latency": latency,
         "sizes_bytes": report["sizes_bytes"],
         "onnx_float32_vs_tensorflow_batch32": round(
@@ -62,13 +67,23 @@ def measure(name: str, settings: dict, data: Path, work: Path, latency_runs: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency-runs", type=int, default=100)
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="comma-separated, from: " + ", ".join(MODELS))
+    parser.add_argument("--data", type=Path, default=DATA,
+                        help="class folders under train/validation/test")
+    parser.add_argument("--image-size", type=int, default=0, help="default: each model's own")
     args = parser.parse_args()
-    if not DATA.is_dir():
-        raise SystemExit(f"real data not found at {DATA}")
+    names = args.models.split(",")
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    if not args.data.is_dir():
+        raise SystemExit(f"data not found at {args.data}")
+    size = {"IMAGE_SIZE": str(args.image_size)} if args.image_size else {}
     with tempfile.TemporaryDirectory() as work:
-        data = link_slice(DATA, Path(work) / "data", {"train": 40, "validation": 10, "test": 50})
-        results = {name: measure(name, settings, data, Path(work), args.latency_runs)
-                   for name, settings in MODELS.items()}
+        data = link_slice(args.data, Path(work) / "data", {"train": 40, "validation": 10, "test": 50})
+        results = {name: measure(name, {**MODELS[name], **size}, data, Path(work), args.latency_runs)
+                   for name in names}
     print(json.dumps({"cpus": os.cpu_count(), "load_average": os.getloadavg(), **results}, indent=1))
 
 

@@ -1,8 +1,12 @@
-"""Quality benchmark: the job with its defaults on a real data set, and what each part contributes.
+"""Quality benchmark: the job on real data sets, against a linear probe of its frozen backbone.
 
-Runs `python -m job` once per configuration, each in a fresh process with only DATA_URI,
-BACKBONE, ALPHA and WEIGHTS set (plus TTA=1, which changes evaluation only, so that every row
-has its scores with and without test-time augmentation), and the ablation's own overrides:
+For each data set (--data, several allowed) and seed (--seeds), this script owns two measurements
+made in the same run, on the same train/validation/test images:
+
+- The job. `python -m job` runs once per configuration, each in a fresh process with only
+  DATA_URI, BACKBONE, ALPHA, WEIGHTS and SEED set (plus TTA=1, which changes evaluation only, so
+  that every row has its scores with and without test-time augmentation), the --set settings and
+  the ablation's own overrides:
 
     default           the job's defaults
     no_augmentation   AUGMENT=0
@@ -10,14 +14,41 @@ has its scores with and without test-time augmentation), and the ablation's own 
     no_pretraining    WEIGHTS=none (random initial weights)
     lr_x0.1, lr_x10   both learning rates (HEAD_ and FINE_TUNE_) divided or multiplied by 10
 
-and prints one JSON object: per configuration and phase, test accuracy (at 0.5 and at the
-threshold chosen on validation), per-class recall, ROC AUC, each with and without TTA, the
-validation accuracy and AUC, and the run's wall time. --subset N runs on the first N images of
-each class of each split (symlinked), for a quick look; the table says what was run.
+- The linear probe, in this process: the pooled features of the frozen conv base (the job's
+  backbone, weights, preprocessing and image size, through job.model.build_base and
+  build_classifier(...).feature_extractor, in float32), on exactly the job's splits
+  (job.data.load_dataset with the settings job.config.Config reads from the same environment,
+  SEED included), standardised on the training features, without augmentation. A multinomial
+  logistic regression (L2) is fitted on the training split for each C of C_GRID; the C with the
+  best validation accuracy (ties: the lower validation log loss) is kept and scored on the test
+  split, with no refit. Classes are weighted as the job weights them (balanced when CLASS_WEIGHTS
+  is auto and the training split is imbalanced). For two classes it is also scored at its own
+  validation-chosen threshold, as the job is. The probe is a floor: a job that does not beat a
+  logistic regression on its own frozen features has a training problem, not a data problem.
 
-    python bench/quality.py --data ../shared/data/chest_xray_pneumonia_224 --backbone mobilenet_v2 \\
-        --alpha 0.5 --weights ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5 \\
-        [--ablations default,no_augmentation,...] [--subset N] [--work DIR] [--set NAME=VALUE]
+Prints one JSON object on stdout (progress goes to stderr):
+
+    {"backbone", "alpha", "subset_per_class", "settings", "c_grid",
+     "rows": [{"data", "seed", "classes", "images": {split: count},
+               "probe": {"C", "unconverged_C", "validation", "test", "feature_seconds",
+                         "wall_seconds"},
+               "runs": {ablation: {"overrides", "wall_seconds", "decision_threshold",
+                                   "phase1", "phase2", "versus_probe"}}}]}
+
+one row per data set and seed. "validation" and "test" of the probe and "versus_probe" of a run
+hold accuracy and macro_recall (and for two classes roc_auc and accuracy_at_threshold); the job's
+figures there are its final test scores without TTA (with TTA: accuracy_tta), beside the error
+ratio job_error / probe_error (below 1: the job beats the probe) and whether the job's split
+counts equal the probe's. phase1/phase2 hold each phase's validation and test scores with and
+without TTA, per-class recall and the threshold chosen on validation. A failed run holds its exit
+code and log tail instead. --subset N runs on the first N images of each class of each split
+(symlinked), for a quick look; the table says what was run.
+
+    python bench/quality.py --data ../shared/data/intel_scenes,../shared/data/clothing10 \\
+        --backbone mobilenet_v2 --alpha 0.5 \\
+        --weights ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5 \\
+        [--seeds 42,1,2] [--ablations default,no_augmentation,...] [--subset N] [--work DIR] \\
+        [--set NAME=VALUE]
 """
 from __future__ import annotations
 
@@ -28,12 +59,23 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.metrics import log_loss  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from bench.datasets import link_slice  # noqa: E402
+from job import data, model, report  # noqa: E402
+from job.config import Config  # noqa: E402
 
 ABLATIONS = {
     "default": {},
@@ -43,14 +85,41 @@ ABLATIONS = {
     "lr_x0.1": "scale 0.1",
     "lr_x10": "scale 10",
 }
+C_GRID = [float(f"{c:.3g}") for c in np.logspace(-4, 2, 10)]  # inverse L2 strengths tried
+IMBALANCED = 1.5  # the job's CLASS_WEIGHTS=auto line: largest class over smallest
 
 
 def main() -> None:
+    args = parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="quality-"))
+    base_env = {"BACKBONE": args.backbone, "ALPHA": args.alpha, "TTA": "1",
+                "WEIGHTS": args.weights if args.weights in ("none", "imagenet")
+                else str(Path(args.weights).resolve()),
+                **args.settings}
+    table = {"backbone": args.backbone, "alpha": args.alpha, "subset_per_class": args.subset or None,
+             "settings": args.settings, "c_grid": C_GRID, "rows": []}
+    for index, source in enumerate(args.data):
+        place = work / f"{index}-{Path(source).name}"
+        root = Path(source).resolve()
+        if args.subset:
+            root = subset(root, place / f"subset-{args.subset}", args.subset)
+        for seed in args.seeds:
+            env = {**base_env, "DATA_URI": str(root), "SEED": str(seed),
+                   "OUTPUT_URI": str(place / "out"), "CACHE_DIR": str(place / "cache")}
+            table["rows"].append(benchmark(source, seed, env, args.ablations, place / "out"))
+    print(json.dumps(table, indent=2))
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True, help="class-per-folder images, with train/validation/test")
+    parser.add_argument("--data", action="append", required=True,
+                        help="class-per-folder images (with or without train/validation/test); "
+                             "comma-separated or repeated")
+    parser.add_argument("--seeds", default="42",
+                        help="comma-separated: SEED of the job, the split and the probe")
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--alpha", default="0.5")
-    parser.add_argument("--weights", required=True)
+    parser.add_argument("--weights", required=True, help="a local Keras .h5 file, none or imagenet")
     parser.add_argument("--ablations", default=",".join(ABLATIONS),
                         help="comma-separated, from: " + ", ".join(ABLATIONS))
     parser.add_argument("--subset", type=int, default=0, help="first N images per class and split")
@@ -58,53 +127,189 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a job setting for every run, e.g. --set AUGMENT_VIEWS=4 (repeatable)")
     args = parser.parse_args()
-    names = args.ablations.split(",")
-    unknown = sorted(set(names) - set(ABLATIONS))
+    args.data = [item for value in args.data for item in value.split(",") if item]
+    args.ablations = args.ablations.split(",")
+    unknown = sorted(set(args.ablations) - set(ABLATIONS))
     if unknown:
         parser.error(f"unknown ablations {unknown}; choose from {', '.join(ABLATIONS)}")
-
-    work = Path(args.work or tempfile.mkdtemp(prefix="quality-"))
-    data = Path(args.data).resolve()
-    if args.subset:
-        data = link_slice(data, work / f"subset-{args.subset}",
-                          {split.name: args.subset for split in data.iterdir() if split.is_dir()})
-    base_env = {"DATA_URI": str(data), "BACKBONE": args.backbone, "ALPHA": args.alpha,
-                "WEIGHTS": str(Path(args.weights).resolve()), "TTA": "1"}
+    try:
+        args.seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: expected integers such as 42,1,2")
     malformed = [item for item in args.set if "=" not in item]
     if malformed:
         parser.error(f"--set {malformed[0]!r}: expected NAME=VALUE")
-    settings = dict(item.split("=", 1) for item in args.set)
-    base_env.update(settings)
-    table = {"data": args.data, "subset_per_class": args.subset or None, "backbone": args.backbone,
-             "alpha": args.alpha, "settings": settings, "runs": {}}
-    for name in names:
-        overrides = learning_rates(ABLATIONS[name], args.backbone) \
+    args.settings = dict(item.split("=", 1) for item in args.set)
+    if "SEED" in args.settings:
+        parser.error("--set SEED: use --seeds, which also seeds the probe's split")
+    return args
+
+
+def subset(root: Path, target: Path, per_class: int) -> Path:
+    """The first per_class images of each class of each split folder of root, symlinked."""
+    splits = [name for name in data.SPLITS if (root / name).is_dir()]
+    if splits:
+        return link_slice(root, target, {name: per_class for name in splits})
+    # Class folders at the root: sliced as one split folder, which the job then splits itself.
+    return link_slice(root.parent, target, {root.name: per_class}) / root.name
+
+
+def benchmark(source: str, seed: int, env: dict[str, str], ablations: list[str],
+              out: Path) -> dict:
+    """One row: the probe, then each configuration's job run, on one data set and seed."""
+    print(f"probe {source} seed {seed}", file=sys.stderr, flush=True)
+    dataset, probe = linear_probe({**env, "RUN_ID": "probe"})
+    row = {"data": source, "seed": seed, "classes": dataset.class_names,
+           "images": {name: len(getattr(dataset, name)) for name in data.SPLITS},
+           "probe": probe, "runs": {}}
+    for name in ablations:
+        overrides = learning_rates(ABLATIONS[name], env["BACKBONE"]) \
             if isinstance(ABLATIONS[name], str) else ABLATIONS[name]
-        env = {**base_env, **overrides, "OUTPUT_URI": str(work / "out"), "RUN_ID": name,
-               "CACHE_DIR": str(work / "cache")}
-        print(f"running {name} {overrides}", file=sys.stderr, flush=True)
-        table["runs"][name] = {"overrides": overrides, **run(env, work / "out" / name)}
-    print(json.dumps(table, indent=2))
+        run_id = f"{name}-seed{seed}"
+        print(f"running {source} {run_id} {overrides}", file=sys.stderr, flush=True)
+        result, metrics = run({**env, **overrides, "RUN_ID": run_id}, out / run_id)
+        if metrics:
+            result["versus_probe"] = versus_probe(metrics, probe, dataset)
+        row["runs"][name] = {"overrides": overrides, **result}
+    return row
 
 
 def learning_rates(scale_spec: str, backbone: str) -> dict[str, str]:
     """The job's default head and fine-tuning learning rates for backbone, scaled."""
-    from job.config import Config
-
     defaults = Config.from_env({"DATA_URI": "-", "BACKBONE": backbone})
     scale = float(scale_spec.split()[1])
     return {"HEAD_LEARNING_RATE": f"{defaults.head_learning_rate * scale:g}",
             "FINE_TUNE_LEARNING_RATE": f"{defaults.fine_tune_learning_rate * scale:g}"}
 
 
-def run(env: dict[str, str], run_dir: Path) -> dict:
+def linear_probe(env: dict[str, str]) -> tuple[data.DataSet, dict]:
+    """The job's data set as its settings split it, and the probe's scores on it."""
+    started = time.perf_counter()
+    config = Config.from_env(env)
+    dataset = data.load_dataset(Path(config.data_uri), config.image_size, config.validation_split,
+                                config.test_split, config.seed)
+    feature_started = time.perf_counter()
+    features = frozen_features(config, dataset)
+    feature_seconds = time.perf_counter() - feature_started
+    scaler = StandardScaler().fit(features["train"])
+    features = {name: scaler.transform(values) for name, values in features.items()}
+    labels = {name: np.asarray(getattr(dataset, name).labels) for name in data.SPLITS}
+    fitted, unconverged = fit_grid(features["train"], labels["train"], config.class_weights)
+    chosen = choose(fitted, features["validation"], labels["validation"])
+    scores = probe_scores(fitted[chosen], features, labels, dataset.class_names)
+    return dataset, {"C": chosen, "unconverged_C": unconverged, **scores,
+                     "feature_seconds": round(feature_seconds, 1),
+                     "wall_seconds": round(time.perf_counter() - started, 1)}
+
+
+def frozen_features(config: Config, dataset: data.DataSet) -> dict[str, np.ndarray]:
+    """Pooled features of the frozen base per split, as the job's phase 1 head would see them
+    without augmentation."""
+    keras.utils.set_random_seed(config.seed)  # WEIGHTS=none: the job's seed, the same random base
+    weights = None if config.weights == "none" else config.weights
+    base, mode = model.build_base(config.backbone, config.alpha, weights, config.image_size)
+    extractor = model.build_classifier(base, mode, len(dataset.class_names), config.image_size,
+                                       config.dense_units, config.dropout).feature_extractor
+    features = {name: extractor.predict(data.image_dataset(getattr(dataset, name), config.image_size,
+                                                           config.batch_size), verbose=0)
+                for name in data.SPLITS}
+    keras.backend.clear_session()
+    return features
+
+
+def fit_grid(features: np.ndarray, labels: np.ndarray, class_weights: str
+             ) -> tuple[dict[float, LogisticRegression], list[float]]:
+    """A logistic regression per C of C_GRID, and the Cs whose solver did not converge."""
+    counts = np.bincount(labels)
+    balanced = class_weights == "auto" and counts.max() > IMBALANCED * counts.min()
+    fitted, unconverged = {}, []
+    for c in C_GRID:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            fitted[c] = LogisticRegression(C=c, max_iter=2000,
+                                           class_weight="balanced" if balanced else None
+                                           ).fit(features, labels)
+        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+            unconverged.append(c)
+    return fitted, unconverged
+
+
+def choose(fitted: dict[float, LogisticRegression], features: np.ndarray, labels: np.ndarray) -> float:
+    """The C with the best validation accuracy; ties (frequent on small splits) go to the lower
+    validation log loss."""
+    def rank(c: float) -> tuple[float, float]:
+        probabilities = fitted[c].predict_proba(features)
+        accuracy = float(np.mean(probabilities.argmax(axis=1) == labels))
+        return accuracy, -log_loss(labels, probabilities, labels=fitted[c].classes_)
+
+    return max(fitted, key=rank)
+
+
+def probe_scores(fitted: LogisticRegression, features: dict[str, np.ndarray],
+                 labels: dict[str, np.ndarray], class_names: list[str]) -> dict:
+    """Validation and test headline scores, the job's way (job.report): for two classes the
+    probability of the second class, and its threshold chosen on validation."""
+    two_classes = len(class_names) == 2
+    probabilities = {name: fitted.predict_proba(features[name]) for name in ("validation", "test")}
+    if two_classes:
+        probabilities = {name: p[:, 1:] for name, p in probabilities.items()}
+    threshold = (report.balanced_threshold(labels["validation"], probabilities["validation"][:, 0])
+                 if two_classes else 0.5)
+    scores = {}
+    for name, p in probabilities.items():
+        metrics = report.classification_metrics(labels[name], p, class_names)
+        if two_classes:
+            metrics["at_decision_threshold"] = report.classification_metrics(
+                labels[name], p, class_names, threshold)
+        scores[name] = headline(metrics)
+    return scores
+
+
+def headline(split: dict) -> dict:
+    """Accuracy and macro recall of one split's metrics; for two classes also ROC AUC and the
+    accuracy at the decision threshold."""
+    row = {"accuracy": rounded(split["accuracy"]),
+           "macro_recall": rounded(np.mean([c["recall"] for c in split["per_class"].values()]))}
+    if "at_decision_threshold" in split:
+        row.update(roc_auc=rounded(split["roc_auc"]),
+                   accuracy_at_threshold=rounded(split["at_decision_threshold"]["accuracy"]))
+    return row
+
+
+def rounded(value) -> float | None:
+    return None if value is None else round(float(value), 4)
+
+
+def versus_probe(metrics: dict, probe: dict, dataset: data.DataSet) -> dict:
+    """The job's final test scores without TTA beside the probe's, and their error ratios."""
+    test = metrics["test"]
+    row = {**headline(test.get("without_tta", test)), "accuracy_tta": rounded(test["accuracy"])}
+    probe_test = probe["test"]
+    row["error_ratio"] = error_ratio(row["accuracy"], probe_test["accuracy"])
+    if "accuracy_at_threshold" in row:
+        row["error_ratio_at_threshold"] = error_ratio(row["accuracy_at_threshold"],
+                                                      probe_test["accuracy_at_threshold"])
+    # Both read the data set on their own: equal counts per class and split show they agreed.
+    row["same_split_counts"] = metrics["class_counts"] == dataset.counts()
+    return row
+
+
+def error_ratio(accuracy: float, probe_accuracy: float) -> float | None:
+    """job error / probe error; None when the probe makes no error."""
+    probe_error = 1 - probe_accuracy
+    return round((1 - accuracy) / probe_error, 3) if probe_error > 0 else None
+
+
+def run(env: dict[str, str], run_dir: Path) -> tuple[dict, dict | None]:
+    """One job run: its row of the table, and its metrics.json (None when it failed)."""
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "job"], cwd=REPO, text=True, capture_output=True,
                             env={"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
                                  "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", **env})
     wall = round(time.perf_counter() - started, 1)
     if result.returncode != 0:
-        return {"exit_code": result.returncode, "wall_seconds": wall, "log_tail": result.stderr[-2000:]}
+        return {"exit_code": result.returncode, "wall_seconds": wall,
+                "log_tail": result.stderr[-2000:]}, None
     metrics = json.loads((run_dir / "metrics.json").read_text())
     row = {"wall_seconds": wall, "decision_threshold": metrics["decision_threshold"]}
     for phase in ("phase1", "phase2"):
@@ -112,12 +317,12 @@ def run(env: dict[str, str], run_dir: Path) -> dict:
         if record:
             row[phase] = {"epochs_run": record["epochs_run"], "seconds": record["seconds"],
                           "validation": scores(record["validation"]), "test": scores(record["test"])}
-    return row
+    return row, metrics
 
 
 def scores(split: dict) -> dict:
     """The headline numbers of one split, with TTA and (when recorded) without."""
-    def headline(s: dict) -> dict:
+    def phase_headline(s: dict) -> dict:
         row = {"accuracy": s["accuracy"], "roc_auc": s.get("roc_auc"),
                "recall": {name: round(c["recall"], 4) for name, c in s["per_class"].items()}}
         if "at_decision_threshold" in s:
@@ -127,9 +332,9 @@ def scores(split: dict) -> dict:
                 "recall": {name: round(c["recall"], 4) for name, c in at["per_class"].items()}}
         return row
 
-    row = headline(split)
+    row = phase_headline(split)
     if "without_tta" in split:
-        row = {"tta": row, "without_tta": headline(split["without_tta"])}
+        row = {"tta": row, "without_tta": phase_headline(split["without_tta"])}
     return row
 
 

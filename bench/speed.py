@@ -1,10 +1,13 @@
 """Training speed on this machine: input pipeline, cached against uncached phases, step throughput.
 
 Every comparison is a ratio of two figures measured in this one run (medians of --repeats), on
-real chest X-rays from ../shared. Prints one JSON object.
+real chest X-rays from ../shared (or the class folders --data names). Prints one JSON object.
+MobileNetV2 runs with the real ImageNet weights from ../shared, VGG16 with random ones (speed does
+not depend on the weights).
 
     python bench/speed.py [--backbone mobilenet_v2] [--images 256] [--repeats 3]
-        [--only pipeline,phase1,phase2,steps]
+        [--only pipeline,phase1,phase2,steps] [--precisions float32,mixed_float16,mixed_bfloat16]
+        [--data DIR] [--image-size N]
 
 - pipeline: decoded and resized images/s from local disk (no cache), against the model's own
   training images/s in phase 2 (the pipeline should be at least 2x faster, never the bottleneck).
@@ -40,6 +43,7 @@ SHARED = REPO.parent / "shared"
 XRAY_TRAIN = SHARED / "data" / "chest_xray_pneumonia_224" / "train"
 WEIGHTS = {"mobilenet_v2": SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"}
 BATCH_SIZE = 32
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def median_seconds(work, repeats: int) -> float:
@@ -51,10 +55,12 @@ def median_seconds(work, repeats: int) -> float:
     return statistics.median(times)
 
 
-def real_images(count: int) -> data.Split:
-    per_class = count // 2
+def real_images(root: Path, count: int) -> data.Split:
+    """The first count / classes images of each class folder under root."""
+    class_dirs = sorted(path for path in root.iterdir() if path.is_dir())
+    per_class = count // len(class_dirs)
     paths, labels = [], []
-    for label, class_dir in enumerate(sorted(XRAY_TRAIN.iterdir())):
+    for label, class_dir in enumerate(class_dirs):
         chosen = sorted(class_dir.iterdir())[:per_class]
         paths += [str(p) for p in chosen]
         labels += [label] * len(chosen)
@@ -109,7 +115,7 @@ def bench_phase2(split, size, parts, backbone, repeats) -> dict:
     model.unfreeze_from(parts.base, layer)
     images = data.image_dataset(split, size, BATCH_SIZE).cache()
     uncached = epoch_seconds(parts.classifier, images, repeats)
-    bottom, top = model.split_for_fine_tuning(parts, layer)
+    bottom, _, top = model.split_for_fine_tuning(parts, layer)
     started = time.perf_counter()
     activations = bottom.predict(images, verbose=0)
     extraction = time.perf_counter() - started
@@ -120,11 +126,11 @@ def bench_phase2(split, size, parts, backbone, repeats) -> dict:
             "ratio": round(uncached / cached, 2)}
 
 
-def bench_steps(split, size, backbone, repeats) -> list[dict]:
+def bench_steps(split, size, backbone, repeats, policies) -> list[dict]:
     """images/s of training steps on one real batch, for each precision and XLA setting."""
     batch = next(iter(data.image_dataset(split, size, BATCH_SIZE)))
     rows = []
-    for policy in ("float32", "mixed_float16", "mixed_bfloat16"):
+    for policy in policies:
         for jit in (False, True):
             for phase in ("phase 1, augmented", "phase 2"):
                 keras.backend.clear_session()
@@ -151,11 +157,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default="pipeline,phase1,phase2,steps")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="dtype policies of steps")
+    parser.add_argument("--data", type=Path, default=XRAY_TRAIN, help="a folder of class folders")
+    parser.add_argument("--image-size", type=int, default=0, help="default: the backbone's")
     args = parser.parse_args()
-    if not XRAY_TRAIN.is_dir():
-        raise SystemExit(f"real data not found at {XRAY_TRAIN}")
-    size = default_image_size(args.backbone)
-    split = real_images(args.images)
+    if not args.data.is_dir():
+        raise SystemExit(f"data not found at {args.data}")
+    size = args.image_size or default_image_size(args.backbone)
+    split = real_images(args.data, args.images)
     wanted = args.only.split(",")
     keras.utils.set_random_seed(0)
     parts = build(args.backbone, size)
@@ -170,7 +179,8 @@ def main() -> None:
     if "phase2" in wanted:
         result["phase2"] = bench_phase2(split, size, parts, args.backbone, args.repeats)
     if "steps" in wanted:
-        result["steps"] = bench_steps(split, size, args.backbone, args.repeats)
+        result["steps"] = bench_steps(split, size, args.backbone, args.repeats,
+                                      args.precisions.split(","))
     print(json.dumps(result, indent=1))
 
 

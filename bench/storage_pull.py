@@ -1,6 +1,6 @@
 """Storage pull benchmark: the job's parallel pull against a one-by-one download loop.
 
-Uploads N small real images from ../shared/data/chest_xray_pneumonia_224 to a GCS emulator on
+Uploads N small real images from ../shared/data/chest_xray_pneumonia_224 (or --data) to a GCS emulator on
 loopback (tests/gcs_emulator.py), then pulls the prefix into fresh cache directories, alternating
 storage.pull_tree (listing + transfer_manager threads) with a loop of blob.download_to_filename,
 and prints one JSON object: objects/s of each (median over the repeats) and their ratio.
@@ -9,6 +9,7 @@ and prints one JSON object: objects/s of each (median over the repeats) and thei
 with 0 the numbers measure per-request CPU cost on this machine only.
 
     python bench/storage_pull.py [--objects 2000] [--repeats 3] [--latency-ms 0] [--max-workers 8]
+        [--data DIR]
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from google.cloud.storage import transfer_manager  # noqa: E402
 
 from job import storage  # noqa: E402
 
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 BUCKET = "bench"
 PREFIX = "chest_xray"
 
@@ -41,15 +43,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--max-workers", type=int, default=storage.DEFAULT_MAX_WORKERS)
+    parser.add_argument("--data", type=Path, default=DATA, help="a folder of images, nested or not")
     args = parser.parse_args()
-    images = sorted(DATA.rglob("*.jpeg"))[:args.objects]
+    source = args.data.resolve()
+    images = sorted(path for path in source.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
+    images = images[:args.objects]
     if len(images) < args.objects:
-        sys.exit(f"{DATA}: found {len(images)} images, need {args.objects}")
+        sys.exit(f"{source}: found {len(images)} images, need {args.objects}")
 
     with gcs_emulator.running(latency_ms=args.latency_ms) as url, tempfile.TemporaryDirectory() as tmp:
         os.environ["STORAGE_EMULATOR_HOST"] = url
         client = gcs.Client(project="bench")
-        upload(client, images)
+        upload(client, source, images)
         uri = f"gs://{BUCKET}/{PREFIX}"
         parallel, sequential = [], []
         for repeat in range(args.repeats):
@@ -70,10 +75,10 @@ def main() -> None:
     print(json.dumps(result))
 
 
-def upload(client: gcs.Client, images: list[Path]) -> None:
+def upload(client: gcs.Client, source: Path, images: list[Path]) -> None:
     bucket = client.create_bucket(BUCKET)
     transfer_manager.upload_many(
-        [(str(path), bucket.blob(f"{PREFIX}/{path.relative_to(DATA).as_posix()}")) for path in images],
+        [(str(path), bucket.blob(f"{PREFIX}/{path.relative_to(source).as_posix()}")) for path in images],
         worker_type=transfer_manager.THREAD, raise_exception=True)
 
 

@@ -1,0 +1,178 @@
+"""Smoke tests of the bench/ scripts: each runs end to end on tiny generated images and prints
+the JSON it promises, so none can rot unnoticed between the hand runs that fill the README.
+
+Tiny means VGG16 with random weights at 32x32, one or two epochs, a handful of images: the
+figures mean nothing, the keys and the code paths behind them are what is checked. The scripts
+run as their users run them (`python bench/<script>.py`), all started side by side when the
+module's first test asks for them: each is mostly one core's work (imports, tracing, a job run),
+so on two cores that halves the wall time. Only the scripts whose tests are selected start.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.datasets import link_slice
+from tests.conftest import ROOT, write_class_images
+
+TINY_JOB = ["--set", "IMAGE_SIZE=32", "--set", "HEAD_EPOCHS=1", "--set", "FINE_TUNE_EPOCHS=1",
+            "--set", "BATCH_SIZE=8"]
+
+
+def script_arguments(trees: dict[str, Path], work: Path) -> dict[str, list[str]]:
+    """Per test name: the script and its flags for a tiny run."""
+    split, flat = str(trees["split"]), str(trees["flat"])
+    return {
+        "speed": ["bench/speed.py", "--backbone", "vgg16", "--images", "16", "--repeats", "1",
+                  "--image-size", "32", "--data", f"{split}/train", "--precisions", "float32"],
+        "inference": ["bench/inference.py", "--models", "vgg16_150", "--image-size", "32",
+                      "--latency-runs", "2", "--data", split],
+        "memory": ["bench/memory.py", "--backbone", "vgg16", "--weights", "none", "--image-size",
+                   "32", "--per-class", "2", "--data", split],
+        # Class folders without split folders: the job and the probe each split them, seeded.
+        "quality": ["bench/quality.py", "--data", flat, "--subset", "12", "--seeds", "7",
+                    "--backbone", "vgg16", "--weights", "none", "--ablations", "default",
+                    "--work", str(work / "quality"), *TINY_JOB],
+        "storage_pull": ["bench/storage_pull.py", "--objects", "20", "--repeats", "1",
+                         "--data", split],
+    }
+
+
+def tiny_trees(root: Path) -> dict[str, Path]:
+    """split: two classes under train/ (8 each), validation/ and test/ (3 each); flat: two
+    classes of 14 images, no split folders."""
+    for name, count in (("train", 8), ("validation", 3), ("test", 3)):
+        write_class_images(root / "split" / name, ["cats", "dogs"], count, size=32)
+    write_class_images(root / "flat", ["cats", "dogs"], 14, size=32, seed=1)
+    return {"split": root / "split", "flat": root / "flat"}
+
+
+@pytest.fixture(scope="module")
+def bench_root(tmp_path_factory) -> Path:
+    """The tiny data sets, the scripts' output and their work folders."""
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def bench_runs(request, bench_root):
+    """Starts the selected scripts at once; yields name -> (process, stdout file, stderr file)."""
+    root = bench_root
+    arguments = script_arguments(tiny_trees(root), root)
+    selected = {item.originalname.removeprefix("test_") for item in request.session.items
+                if item.path == Path(__file__)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2",
+           "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("STORAGE_EMULATOR_HOST", None)
+    runs = {}
+    for name in sorted(selected & set(arguments)):
+        stdout, stderr = root / f"{name}.json", root / f"{name}.log"
+        # A session of its own: memory.py's /usr/bin/time and the jobs under it stop with it.
+        process = subprocess.Popen([sys.executable, *arguments[name]], cwd=ROOT, env=env,
+                                   stdout=stdout.open("w"), stderr=stderr.open("w"),
+                                   start_new_session=True)
+        runs[name] = (process, stdout, stderr)
+    yield runs
+    for process, _, _ in runs.values():
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def output(bench_runs, name: str) -> dict:
+    """The script's JSON on stdout, once it has exited 0."""
+    process, stdout, stderr = bench_runs[name]
+    code = process.wait(timeout=600)
+    assert code == 0, stderr.read_text()[-3000:]
+    return json.loads(stdout.read_text())
+
+
+def test_speed(bench_runs):
+    result = output(bench_runs, "speed")
+    assert {"machine", "backbone", "image_size", "images", "tensorflow"} <= set(result)
+    assert result["image_size"] == 32 and result["images"] == 16
+    assert {"pipeline_images_per_s", "model_training_images_per_s", "ratio"} <= set(result["pipeline"])
+    assert {"uncached_epoch_s", "cached_epoch_s", "ratio"} <= set(result["phase1"])
+    # phase 2 cuts the classifier where fine-tuning starts (split_for_fine_tuning)
+    assert result["phase2"]["fine_tune_from"] == "block5_conv1"
+    assert result["phase2"]["cached_epoch_s"] > 0
+    steps = result["steps"]
+    assert {(row["phase"], row["xla"]) for row in steps} == {
+        (phase, xla) for phase in ("phase 1, augmented", "phase 2") for xla in (False, True)}
+    assert all(row["precision"] == "float32" for row in steps)
+    assert all(isinstance(row["images_per_s"], float) for row in steps if not row["xla"])
+
+
+def test_inference(bench_runs):
+    result = output(bench_runs, "inference")
+    assert set(result) == {"cpus", "load_average", "vgg16_150"}
+    vgg = result["vgg16_150"]
+    assert vgg["settings"]["IMAGE_SIZE"] == "32"
+    for backend in ("tensorflow", "onnx_float32", "onnx_int8"):
+        assert vgg["latency"][backend]["batch1_p50_ms"] > 0
+        assert vgg["latency"][backend]["batch32_images_per_s"] > 0
+    assert {"model.onnx", "model.int8.onnx"} <= set(vgg["sizes_bytes"])
+    assert vgg["onnx_float32_vs_tensorflow_batch32"] > 0
+    assert vgg["onnx_int8_vs_float32_batch1_p50"] > 0
+    assert isinstance(vgg["export_status"], str)
+
+
+def test_memory(bench_runs):
+    result = output(bench_runs, "memory")
+    assert result["backbone"] == "vgg16" and result["image_size"] == 32
+    assert [run["train_images"] for run in result["runs"]] == [4, 16]
+    assert all(run["peak_rss_mib"] > 0 and run["wall"] for run in result["runs"])
+    assert result["rss_ratio_4x_data"] > 0
+
+
+def test_quality(bench_runs, bench_root):
+    result = output(bench_runs, "quality")
+    assert {"backbone", "alpha", "subset_per_class", "settings", "c_grid", "rows"} <= set(result)
+    assert result["subset_per_class"] == 12 and result["settings"]["IMAGE_SIZE"] == "32"
+    (row,) = result["rows"]
+    assert row["seed"] == 7 and row["classes"] == ["cats", "dogs"]
+    assert sum(row["images"].values()) == 24  # the subset: 12 per class, split by the job's rule
+    probe = row["probe"]
+    assert probe["C"] in result["c_grid"]
+    for split in ("validation", "test"):
+        assert {"accuracy", "macro_recall", "roc_auc", "accuracy_at_threshold"} <= set(probe[split])
+    assert probe["wall_seconds"] > 0
+    run = row["runs"]["default"]
+    assert "exit_code" not in run, run.get("log_tail")
+    assert {"wall_seconds", "decision_threshold", "phase1", "phase2"} <= set(run)
+    versus = run["versus_probe"]
+    assert {"accuracy", "macro_recall", "roc_auc", "accuracy_at_threshold", "accuracy_tta",
+            "error_ratio", "error_ratio_at_threshold"} <= set(versus)
+    assert versus["same_split_counts"] is True
+    assert versus["error_ratio"] is None or versus["error_ratio"] >= 0
+    (metrics_file,) = (bench_root / "quality").glob("*/out/default-seed7/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["config"]["seed"] == 7  # --seeds reaches the job as SEED
+
+
+def test_storage_pull(bench_runs):
+    result = output(bench_runs, "storage_pull")
+    assert result["objects"] == 20 and result["repeats"] == 1
+    assert result["parallel_objects_per_s"] > 0 and result["sequential_objects_per_s"] > 0
+    assert result["speedup"] > 0
+
+
+def test_link_slice(tmp_path):
+    """bench/datasets.py: the first N of each class per split, as absolute links, idempotent."""
+    source = tmp_path / "source"
+    for name, count in (("train", 5), ("test", 3)):
+        write_class_images(source / name, ["a", "b"], count, size=8)
+    relative = Path(os.path.relpath(source, Path.cwd()))
+    for _ in range(2):  # a second slice in the same place keeps the links already there
+        target = link_slice(relative, tmp_path / "slice", {"train": 2, "test": 5})
+    for name, count in (("train", 2), ("test", 3)):
+        for label in ("a", "b"):
+            links = sorted((target / name / label).iterdir())
+            assert len(links) == count
+            assert all(link.is_symlink() and Path(os.readlink(link)).is_absolute() for link in links)
+            originals = sorted(path.name for path in (source / name / label).iterdir())
+            assert [link.name for link in links] == originals[:count]
