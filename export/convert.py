@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import BadInput, ExportError
+from job.record import RunRecord
 
 log = logging.getLogger("export")
 
@@ -33,7 +34,7 @@ def float32_policy():
         keras.mixed_precision.set_dtype_policy(previous)
 
 
-def rebuild_float32(run_dir: Path, metrics: dict):
+def rebuild_float32(run_dir: Path, record: RunRecord):
     """The run's classifier rebuilt under the float32 policy, with every weight of model.keras.
 
     Returns (float32 keras.Model, the loaded model.keras model). Raises BadInput when the run
@@ -44,15 +45,13 @@ def rebuild_float32(run_dir: Path, metrics: dict):
     from job import model as job_model
     from job.config import BACKBONES
 
-    config, classes = metrics["config"], metrics["classes"]
-    if config["backbone"] not in BACKBONES:
-        raise BadInput(f"backbone {config['backbone']!r}: only the built-in backbones "
+    if record.backbone not in BACKBONES:
+        raise BadInput(f"backbone {record.backbone!r}: only the built-in backbones "
                        f"({', '.join(BACKBONES)}) can be rebuilt in float32 for export")
     with float32_policy():
-        base, mode = job_model.build_base(config["backbone"], float(config["alpha"]), None,
-                                          int(config["image_size"]))
-        parts = job_model.build_classifier(base, mode, len(classes), int(config["image_size"]),
-                                           int(config["dense_units"]), float(config["dropout"]))
+        base, mode = job_model.build_base(record.backbone, record.alpha, None, record.image_size)
+        parts = job_model.build_classifier(base, mode, len(record.classes), record.image_size,
+                                           record.dense_units, record.dropout)
     trained = keras.saving.load_model(run_dir / "model.keras", compile=False)
     source = trained.get_weights()
     try:
@@ -96,10 +95,9 @@ def to_onnx(classifier, image_size: int, opset: int):
     return proto
 
 
-def metadata(metrics: dict, run_uri: str, opset: int, precision: str) -> dict[str, str]:
+def metadata(record: RunRecord, run_uri: str, opset: int, precision: str) -> dict[str, str]:
     """What a consumer needs to use the model without the run directory, as metadata_props."""
-    config, classes = metrics["config"], metrics["classes"]
-    size = int(config["image_size"])
+    classes, size = record.classes, record.image_size
     if len(classes) == 2:
         output = (f"{OUTPUT_NAME}: float32 [batch, 1], sigmoid probability of class index 1 "
                   f"({classes[1]!r}); class 0 ({classes[0]!r}) has 1 - p; label = class 1 when "
@@ -114,14 +112,26 @@ def metadata(metrics: dict, run_uri: str, opset: int, precision: str) -> dict[st
         "preprocessing": f"RGB 0-255, resized bilinear to {size} x {size} with "
                          "edge.images.load_image (the model normalises internally)",
         "output": output,
-        "decision_threshold": str(float(metrics.get("decision_threshold", 0.5))),
-        "source_run_id": str(metrics.get("run_id", "")),
+        "decision_threshold": str(record.decision_threshold),
+        "source_run_id": record.run_id,
         "source_run_uri": run_uri,
-        "backbone": str(config["backbone"]),
-        "training_precision_policy": str(metrics.get("precision_policy", "")),
+        "backbone": record.backbone,
+        "training_precision_policy": record.precision_policy,
         "precision": precision,
         "opset": str(opset),
     }
+
+
+def save(proto, path: Path) -> None:
+    import onnx
+
+    onnx.save(proto, str(path))
+
+
+def load(path: Path):
+    import onnx
+
+    return onnx.load(str(path))
 
 
 def set_metadata(proto, values: dict[str, str]) -> None:

@@ -220,6 +220,28 @@ def xray_small(xray_dir, tmp_path_factory) -> Path:
                        {"train": 40, "validation": 30, "test": 150})
 
 
+def run_record(**changes):
+    """The RunRecord of a two-class float32 run, for tests of the export that need no real run."""
+    from job.record import RunRecord
+
+    return RunRecord(**{"run_id": "run", "classes": ["NORMAL", "PNEUMONIA"], "image_size": 32,
+                        "backbone": "vgg16", "alpha": 1.0, "dense_units": 128, "dropout": 0.2,
+                        "precision_policy": "float32", "seed": 42, "data_uri": "/data",
+                        "validation_split": 0.2, "test_split": 0.1, "decision_threshold": 0.5,
+                        **changes})
+
+
+def gate_outputs(flipped: int, images: int = 200) -> tuple[dict, np.ndarray]:
+    """Probabilities of TensorFlow, ONNX float32 and int8 on `images` images of which int8 labels
+    `flipped` differently, with every label right for float32."""
+    labels = np.arange(images) % 2
+    float32 = np.where(labels == 1, 0.9, 0.1).astype(np.float32)[:, None]
+    int8 = float32.copy()
+    int8[:flipped] = 1 - int8[:flipped]
+    return {"tensorflow": float32, "onnx_float32": float32, "onnx_int8": int8,
+            "tensorflow_float32_rebuild": float32}, labels
+
+
 def train_run(tmp_path_factory, data: Path, name: str, **env) -> Path:
     out = tmp_path_factory.mktemp(f"run-{name}")
     result = run_job({"DATA_URI": str(data), "OUTPUT_URI": str(out), "RUN_ID": name,

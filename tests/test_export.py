@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tests.conftest import EXPORT_SETTINGS, export_run, run_module
+from tests.conftest import EXPORT_SETTINGS, export_run, gate_outputs, run_module, run_record
 
 
 def _assert_gates_passed(report: dict) -> None:
@@ -149,25 +149,13 @@ def test_vgg16_int8_runs_every_convolution_but_the_first_in_8_bits(vgg16_exporte
     assert {bits(name) for n in convs[1:] for name in n.input[:2]} == {8}
 
 
-def gate_outputs(flipped: int, images: int = 200) -> tuple[dict, np.ndarray]:
-    """Probabilities of TensorFlow, ONNX float32 and int8 on `images` images of which int8 labels
-    `flipped` differently, with every label right for float32."""
-    labels = np.arange(images) % 2
-    float32 = np.where(labels == 1, 0.9, 0.1).astype(np.float32)[:, None]
-    int8 = float32.copy()
-    int8[:flipped] = 1 - int8[:flipped]
-    return {"tensorflow": float32, "onnx_float32": float32, "onnx_int8": int8,
-            "tensorflow_float32_rebuild": float32}, labels
-
-
 @pytest.mark.parametrize("flipped, passes", [(0, True), (2, True), (3, False)])
 def test_the_default_int8_gate_needs_99_percent_agreement_and_one_point_of_accuracy(flipped, passes):
-    from export import measure
-    from export.pipeline import judge
+    from export.config import ExportConfig
+    from export.formats import judge
 
     outputs, labels = gate_outputs(flipped)
-    parity, failures = judge(outputs, labels, 0.5, "float32", measure.INT8_MIN_AGREEMENT,
-                             measure.INT8_MAX_ACCURACY_DROP)
+    parity, failures, _ = judge(outputs, labels, run_record(), ExportConfig(run_uri="run"))
     assert parity["int8"]["top1_agreement"] == 1 - flipped / 200
     assert failures == ([] if passes else [
         "int8: top-1 agreement 98.50% < 99.0%; test accuracy 98.50% vs float32 100.00%: "
@@ -175,11 +163,16 @@ def test_the_default_int8_gate_needs_99_percent_agreement_and_one_point_of_accur
 
 
 def test_the_int8_gate_is_the_one_the_settings_ask_for():
-    from export.pipeline import judge
+    from export.config import ExportConfig
+    from export.formats import judge
+
+    def settings(min_agreement: float, max_drop: float) -> ExportConfig:
+        return ExportConfig(run_uri="run", int8_min_agreement=min_agreement,
+                            int8_max_accuracy_drop=max_drop)
 
     outputs, labels = gate_outputs(flipped=10)
-    assert judge(outputs, labels, 0.5, "float32", 0.94, 0.06)[1] == []
-    assert judge(outputs, labels, 0.5, "float32", 0.96, 0.06)[1] == [
+    assert judge(outputs, labels, run_record(), settings(0.94, 0.06))[1] == []
+    assert judge(outputs, labels, run_record(), settings(0.96, 0.06))[1] == [
         "int8: top-1 agreement 95.00% < 96.0%"]
 
 
