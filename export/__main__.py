@@ -10,12 +10,11 @@ import logging
 import os
 import sys
 
-from job import configure_logging
+from job.logs import configure_logging, quiet_native_startup
 
 
 def main(environ=os.environ) -> int:
     configure_logging()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from job.config import ConfigError
     from export.config import ExportConfig
     from export.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ExportError
@@ -27,6 +26,8 @@ def main(environ=os.environ) -> int:
         log.error("configuration error: %s", error)
         return EXIT_BAD_INPUT
 
+    with quiet_native_startup(os.environ):  # TensorFlow reads the process's own environment
+        import tensorflow  # noqa: F401  (its C++ start-up lines are printed on import)
     from export import pipeline
     from job.storage import StorageError
 

@@ -10,14 +10,13 @@ import logging
 import os
 import sys
 
-from job import configure_logging
+from job.logs import configure_logging, quiet_native_startup
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def main(environ=os.environ) -> int:
     configure_logging()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from job.config import Config, ConfigError
 
     try:
@@ -26,6 +25,10 @@ def main(environ=os.environ) -> int:
     except ConfigError as error:
         return _fail(f"configuration error: {error}", EXIT_BAD_INPUT)
 
+    with quiet_native_startup(os.environ):  # TensorFlow reads the process's own environment
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")  # where the CUDA libraries announce themselves
     from job import train
     from job.checkpoint import EXIT_PREEMPTED, Preempted, StopSignal
     from job.data import DataError

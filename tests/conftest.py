@@ -74,7 +74,7 @@ def image_tree(tmp_path) -> Path:
 def job_environment(env: dict[str, str]) -> dict[str, str]:
     """Exactly these settings for `python -m job`, plus what any process needs."""
     return {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
-            "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **env}
+            "PYTHONPATH": str(ROOT), **env}
 
 
 def run_module(module: str, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
