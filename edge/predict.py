@@ -4,7 +4,8 @@ Needs only onnxruntime, numpy and Pillow (through edge.images, the decoder train
 resizing matches); it never imports TensorFlow. INPUT is an image file or a folder (searched
 recursively, hidden files skipped). Each image gets its label, that label's probability and the
 top-k classes, printed as one line each or written to --output (.csv or .json). A file that is not a
-usable image gets one error line on stderr and the rest are still predicted.
+usable image gets one error line on stderr (text or JSON, as LOG_FORMAT says; see edge.logs)
+and the rest are still predicted.
 
 For two classes the label is the second class when its probability reaches the threshold:
 --threshold, else the model's `decision_threshold` metadata (recorded by the training run), else 0.5.
@@ -17,12 +18,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from edge import logs
 from edge.images import ImageError, load_image
 from edge.runtime import EXIT_BAD_INPUT, EXIT_OK, cpu_session, predict_labels
 
@@ -154,7 +157,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+log = logging.getLogger("edge")
+
+
+def main(argv: list[str] | None = None, environ=os.environ) -> int:
+    try:
+        logs.configure(environ)
+    except logs.LogFormatError as error:
+        return _error(str(error), EXIT_BAD_INPUT)
     args = parse_args(argv)
     if not args.model.is_file():
         return _error(f"model {args.model}: no such file", EXIT_BAD_INPUT)
@@ -174,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_error(path: Path, reason: str) -> None:
         failed.append(str(path))
-        print(f"error: {path}: {reason}", file=sys.stderr)
+        log.error("%s: %s", path, reason)
 
     results = predict_files(model, paths, threshold, args.top_k, on_error)
     if args.output:
@@ -186,13 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         for result in results:
             top = " ".join(f"{item['label']}={item['probability']:.4f}" for item in result["top_k"])
             print(f"{result['path']}\t{result['label']}\t{result['probability']:.4f}\t{top}")
-    print(f"predicted {len(results)} of {len(paths)} file(s); {len(failed)} failed",
-          file=sys.stderr)
+    log.info("predicted %d of %d file(s); %d failed", len(results), len(paths), len(failed))
     return EXIT_OK if results else EXIT_NOTHING_PREDICTED
 
 
 def _error(message: str, code: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    log.error(message)
     return code
 
 

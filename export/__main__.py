@@ -10,21 +10,23 @@ import logging
 import os
 import sys
 
-from job.logs import configure_logging, quiet_native_startup
+from edge import logs
+from job.logs import quiet_native_startup
 
 
 def main(environ=os.environ) -> int:
-    configure_logging()
     from job.config import ConfigError
     from export.config import ExportConfig
     from export.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ExportError
 
     log = logging.getLogger("export")
     try:
+        logs.configure(environ)
         config = ExportConfig.from_env(environ)
-    except ConfigError as error:
+    except (logs.LogFormatError, ConfigError) as error:
         log.error("configuration error: %s", error)
         return EXIT_BAD_INPUT
+    logs.set_context(run_uri=config.run_uri)
 
     with quiet_native_startup(os.environ):  # TensorFlow reads the process's own environment
         import tensorflow  # noqa: F401  (its C++ start-up lines are printed on import)

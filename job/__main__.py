@@ -10,20 +10,22 @@ import logging
 import os
 import sys
 
-from job.logs import configure_logging, quiet_native_startup
+from edge import logs
+from job.logs import quiet_native_startup
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def main(environ=os.environ) -> int:
-    configure_logging()
     from job.config import Config, ConfigError
 
     try:
+        logs.configure(environ)
         config = Config.from_env(environ)
         export_config = _export_config(config, environ) if config.export_onnx else None
-    except ConfigError as error:
+    except (logs.LogFormatError, ConfigError) as error:
         return _fail(f"configuration error: {error}", EXIT_BAD_INPUT)
+    logs.set_context(run_id=config.run_id)
 
     with quiet_native_startup(os.environ):  # TensorFlow reads the process's own environment
         import tensorflow as tf

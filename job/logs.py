@@ -1,4 +1,4 @@
-"""Logs: what the job, the export and the predictor print, and TensorFlow's start-up kept quiet.
+"""Quiet start: TensorFlow's C++ start-up lines kept off stderr (the log format is edge.logs').
 
 TensorFlow's C++ layers print a dozen lines while it loads and looks for GPUs (oneDNN, the CUDA
 stub, cuInit, absl's "All log messages before absl::InitializeLog()"). Since TensorFlow moved to
@@ -11,7 +11,6 @@ those in the C++ log format. A Python traceback or any other line still reaches 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import sys
@@ -21,15 +20,6 @@ from typing import Iterator, MutableMapping
 # absl/glog lines, "I0000 00:00:1796164467.705782   24057 port.cc:153] ...", and absl's notice.
 NATIVE_LINE = re.compile(rb"^([IWEF]\d{4} [\d:.]+ +\d+ [^ \]]+:\d+\] |"
                          rb"WARNING: All log messages before absl::InitializeLog\(\))")
-
-
-def configure_logging() -> None:
-    """Timestamped lines on stderr: this project's loggers ("job", "export") from INFO, libraries
-    from WARNING (onnxruntime's quantizer, for one, logs a line per dead channel at INFO)."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    for own in ("job", "export"):
-        logging.getLogger(own).setLevel(logging.INFO)
 
 
 @contextlib.contextmanager

@@ -68,6 +68,16 @@ def score_splits(labels: dict[str, np.ndarray], probabilities: dict[str, np.ndar
     return result
 
 
+def headline(scores: dict) -> dict[str, float]:
+    """A split's headline figures as numbers: accuracy, loss, macro recall, ROC AUC (two classes)
+    and the accuracy at the decision threshold."""
+    figures = {key: scores[key] for key in ("accuracy", "loss", "macro_recall", "roc_auc")
+               if scores.get(key) is not None}
+    if "at_decision_threshold" in scores:
+        figures["accuracy_at_threshold"] = scores["at_decision_threshold"]["accuracy"]
+    return figures
+
+
 def summary_line(scores: dict) -> str:
     """One split's scores as a log line: accuracy and loss, for two classes ROC AUC and the
     accuracy at the decision threshold."""

@@ -22,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from edge import logs as edge_logs
 from job import data, distribute, model, report, storage
 from job.checkpoint import Checkpoints, StopSignal, phase_key
 from job.config import Config, ConfigError
@@ -345,7 +346,9 @@ class Trainer:
             labels, {name: predict(name, False) for name in names}, self.dataset.class_names,
             {name: predict(name, True) for name in names} if self.config.tta else None)
         for name in names:
-            log.info("%s after %s: %s", name, phase, report.summary_line(result[name]))
+            log.info("%s after %s: %s", name, phase, report.summary_line(result[name]),
+                     extra=edge_logs.fields(phase=phase, split=name,
+                                            metrics=report.headline(result[name])))
             for weak, recall in report.weak_classes(result[name]).items():
                 log.warning("%s after %s: class %r has recall %.3f, under half the mean "
                             "recall of the classes", name, phase, weak, recall)
@@ -360,8 +363,11 @@ class EpochLog(keras.callbacks.Callback):
         self.phase, self.epochs = phase, epochs
 
     def on_epoch_end(self, epoch, logs=None):
-        values = " ".join(f"{key}={float(value):.4f}" for key, value in (logs or {}).items())
-        log.info("%s epoch %d/%d: %s", self.phase, epoch + 1, self.epochs, values)
+        metrics = {key: float(value) for key, value in (logs or {}).items()}
+        values = " ".join(f"{key}={value:.4f}" for key, value in metrics.items())
+        log.info("%s epoch %d/%d: %s", self.phase, epoch + 1, self.epochs, values,
+                 extra=edge_logs.fields(phase=self.phase, epoch=epoch + 1, epochs=self.epochs,
+                                        metrics=metrics))
 
 
 def write_run(work_dir: Path, config: Config, classifier: keras.Model, class_names: list[str],

@@ -1,8 +1,11 @@
-"""What a run prints: TensorFlow's C++ start-up lines held back, everything else kept."""
+"""What a run prints: text or JSON lines as LOG_FORMAT says, TensorFlow's start-up lines held back."""
+import json
+import logging
 import os
 
+from edge.logs import JsonFormatter, choose_format, fields, set_context
 from job.logs import NATIVE_LINE, quiet_native_startup
-from tests.conftest import run_job
+from tests.conftest import run_job, tiny_vgg16_settings, write_class_images
 
 NATIVE = [b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
           b"I0000 00:00:1796164467.705782   24057 port.cc:153] oneDNN custom operations are on.\n",
@@ -37,3 +40,43 @@ def test_a_run_prints_no_native_line_before_its_own(tmp_path):
     lines = result.stderr.splitlines()
     assert lines and all(" job: " in line for line in lines), lines[:5]
     assert not [line for line in lines if NATIVE_LINE.match(line.encode())]
+
+
+def test_auto_writes_text_on_a_terminal_and_json_where_a_collector_reads_stderr():
+    assert choose_format({}) == "text"
+    assert choose_format({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}) == "json"
+    assert choose_format({"CLOUD_ML_JOB_ID": "123"}) == "json"
+    assert choose_format({"LOG_FORMAT": "text", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}) == "text"
+
+
+def test_a_bad_log_format_is_one_line_naming_the_setting(tmp_path):
+    result = run_job({"LOG_FORMAT": "xml", "DATA_URI": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "LOG_FORMAT='xml' is not valid: expected one of auto, json, text" in result.stderr
+
+
+def test_a_json_line_holds_severity_time_logger_context_and_fields():
+    set_context(run_id="nightly")
+    record = logging.LogRecord("job", logging.WARNING, __file__, 1, "epoch %d", (3,), None)
+    record.__dict__.update(fields(epoch=3, metrics={"loss": 0.25}))
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["severity"] == "WARNING" and entry["message"] == "epoch 3"
+    assert entry["logger"] == "job" and entry["run_id"] == "nightly"
+    assert entry["epoch"] == 3 and entry["metrics"] == {"loss": 0.25}
+    assert entry["time"].endswith("Z")
+
+
+def test_every_line_of_a_json_run_parses_and_epochs_carry_their_metrics(tmp_path):
+    images = write_class_images(tmp_path / "images", ["cat", "dog"], per_class=10)
+    result = run_job(tiny_vgg16_settings(images, tmp_path / "out", tmp_path / "cache",
+                                         LOG_FORMAT="json", HEAD_EPOCHS="1", FINE_TUNE_EPOCHS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert entries and all(entry["run_id"] == "tiny" for entry in entries)
+    assert {entry["severity"] for entry in entries} <= {"INFO", "WARNING"}
+    epochs = [entry for entry in entries if "epoch" in entry]
+    assert [(entry["phase"], entry["epoch"]) for entry in epochs] == [("phase 1", 1), ("phase 2", 1)]
+    assert isinstance(epochs[0]["metrics"]["val_loss"], float)
+    scores = [entry for entry in entries if entry.get("split") == "validation"]
+    assert len(scores) == 2 and 0 <= scores[-1]["metrics"]["accuracy"] <= 1

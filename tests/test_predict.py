@@ -86,8 +86,8 @@ def test_corrupt_file_gets_an_error_line_and_the_rest_are_predicted(model_path, 
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
     assert len(lines) == 12 and all(len(line.split("\t")) == 4 for line in lines)
-    assert f"error: {image_folder / 'broken.jpeg'}: " in err
-    assert f"error: {image_folder / 'notes.txt'}: not an image" in err
+    assert f"ERROR edge: {image_folder / 'broken.jpeg'}: " in err
+    assert f"ERROR edge: {image_folder / 'notes.txt'}: not an image" in err
     assert "predicted 12 of 14 file(s); 2 failed" in err
 
 
@@ -118,7 +118,8 @@ def test_single_image_with_top_k_lists_both_classes(model_path, image_folder, ca
 def assert_exits_2_before_predicting(model_path, image_folder, output, problem, capsys) -> None:
     assert predict.main([str(model_path), str(image_folder), "--output", str(output)]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert errors == [f"error: --output {output}: {problem}"]  # one line, nothing predicted
+    assert len(errors) == 1  # one line, nothing predicted
+    assert errors[0].endswith(f" ERROR edge: --output {output}: {problem}")
 
 
 def test_an_output_in_a_folder_that_does_not_exist_exits_2_before_predicting(
