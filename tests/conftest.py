@@ -247,6 +247,7 @@ def train_run(tmp_path_factory, data: Path, name: str, **env) -> Path:
     result = run_job({"DATA_URI": str(data), "OUTPUT_URI": str(out), "RUN_ID": name,
                       "CACHE_DIR": str(out / "cache"), "BATCH_SIZE": "16", **env})
     assert result.returncode == 0, result.stderr[-3000:]
+    (out / "stderr.log").write_text(result.stderr)  # beside the run, not in it
     return out / name
 
 
@@ -261,14 +262,14 @@ def export_run(run_dir: Path, **env) -> tuple[int, dict, str]:
 
 @pytest.fixture(scope="session")
 def vgg16_exported_by_job(tmp_path_factory, xray_small) -> Path:
-    """VGG16 (random weights, 32 px) trained by `python -m job` with EXPORT_ONNX=1.
+    """VGG16 (random weights, 32 px) trained by `python -m job` with EXPORT_ONNX=1, logging JSON.
 
     The head trains long and fast enough for confident probabilities: int8 agreement is only
     meaningful when few images sit at the decision threshold.
     """
     return train_run(tmp_path_factory, xray_small, "vgg16", BACKBONE="vgg16", WEIGHTS="none",
                      IMAGE_SIZE="32", HEAD_EPOCHS="12", HEAD_LEARNING_RATE="0.01", PATIENCE="12",
-                     FINE_TUNE_EPOCHS="1", EXPORT_ONNX="1", **EXPORT_SETTINGS)
+                     FINE_TUNE_EPOCHS="1", EXPORT_ONNX="1", LOG_FORMAT="json", **EXPORT_SETTINGS)
 
 
 @pytest.fixture(scope="session")

@@ -140,6 +140,14 @@ def test_mobilenet_v2_int8_keeps_8_bits_for_weights_and_16_for_what_runs_in_floa
     assert [bits(n.input[0]) for n in head] == [8, 8]
 
 
+def test_every_line_of_a_training_and_export_run_is_json(vgg16_exported_by_job):
+    lines = (vgg16_exported_by_job.parent / "stderr.log").read_text().splitlines()
+    entries = [json.loads(line) for line in lines]
+    loggers = {entry["logger"] for entry in entries}
+    assert {"job", "export"} <= loggers
+    assert all(entry["run_id"] == "vgg16" for entry in entries if entry["logger"] == "job")
+
+
 def test_vgg16_int8_runs_every_convolution_but_the_first_in_8_bits(vgg16_exported_by_job):
     model = onnx.load(str(vgg16_exported_by_job / "model.int8.onnx"))
     bits = _bits(model)
