@@ -5,6 +5,7 @@ measured the same way for the SavedModel, the ONNX float32 and the ONNX int8 mod
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -13,6 +14,9 @@ import numpy as np
 
 from edge.runtime import predict_labels
 from export.convert import INPUT_NAME, OUTPUT_NAME
+from job.progress import Progress
+
+log = logging.getLogger("export")
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -49,9 +53,14 @@ def keras_predictor(model) -> Predict:
     return lambda batch: function(tf.constant(batch)).numpy()
 
 
-def predict_all(predict: Predict, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    outputs = [predict(images[start:start + batch_size])
-               for start in range(0, len(images), batch_size)]
+def predict_all(predict: Predict, images: np.ndarray, step: str,
+                batch_size: int = 32) -> np.ndarray:
+    """The probabilities of every image, in batches, the progress logged as step."""
+    progress = Progress(step, len(images), "images", log)
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        outputs.append(predict(images[start:start + batch_size]))
+        progress.advance(len(outputs[-1]))
     return np.concatenate(outputs).astype(np.float32)
 
 

@@ -184,8 +184,10 @@ def predict_outputs(backends: dict[str, measure.Predict], images: np.ndarray,
                     rebuilt) -> dict[str, np.ndarray]:
     """Every backend's probabilities on the images, and the float32 rebuild's (the reference of
     a mixed-precision run; not timed, it is not a deployable model)."""
-    outputs = {name: measure.predict_all(predict, images) for name, predict in backends.items()}
-    outputs[REBUILD] = measure.predict_all(measure.keras_predictor(rebuilt), images)
+    outputs = {name: measure.predict_all(predict, images, f"parity, {name}")
+               for name, predict in backends.items()}
+    outputs[REBUILD] = measure.predict_all(measure.keras_predictor(rebuilt), images,
+                                           f"parity, {REBUILD}")
     return outputs
 
 

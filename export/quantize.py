@@ -47,6 +47,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from export import convert
 from export.convert import INPUT_NAME
 from export.errors import ExportError
+from job.progress import Progress
 
 log = logging.getLogger("export")
 
@@ -65,7 +66,7 @@ class ImageReader(CalibrationDataReader):
 
     def __init__(self, paths: list[str], image_size: int, batch_size: int = 16):
         self.paths, self.image_size, self.batch_size = list(paths), image_size, batch_size
-        self.position = 0
+        self.rewind()
 
     def get_next(self) -> dict | None:
         from edge.images import load_images
@@ -74,10 +75,12 @@ class ImageReader(CalibrationDataReader):
             return None
         chunk = self.paths[self.position:self.position + self.batch_size]
         self.position += len(chunk)
+        self.progress.advance(len(chunk))
         return {INPUT_NAME: load_images(chunk, self.image_size)}
 
     def rewind(self) -> None:
         self.position = 0
+        self.progress = Progress("calibration", len(self.paths), "images", log)
 
 
 def quantize_int8(float_model: Path, int8_model: Path, calibration_paths: list[str],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 import random
 from collections.abc import Iterator
@@ -20,8 +21,12 @@ import numpy as np
 import tensorflow as tf
 
 from edge.images import ImageError, load_image
+from job.progress import Progress
+
+log = logging.getLogger("job")
 
 SPLITS = ("train", "validation", "test")
+FILL_BATCH = 256  # examples per progress count while a cache fills
 
 
 class DataError(ValueError):
@@ -133,7 +138,7 @@ def image_dataset(split: Split, image_size: int, batch_size: int, shuffle: bool 
     images = tf.data.Dataset.from_tensor_slices(split.paths).map(
         decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if cache_file:
-        images = cached(images, cache_file)
+        images = cached(images, cache_file, f"decoding {Path(cache_file).name} images")
     labels = tf.data.Dataset.from_tensor_slices(np.asarray(split.labels, dtype=np.int32))
     dataset = tf.data.Dataset.zip((images, labels))
     if shuffle:
@@ -142,16 +147,25 @@ def image_dataset(split: Split, image_size: int, batch_size: int, shuffle: bool 
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def cached(examples: tf.data.Dataset, cache_file: str) -> tf.data.Dataset:
-    """The data set cached in a file, filled now by one full pass.
+def cached(examples: tf.data.Dataset, cache_file: str, step: str) -> tf.data.Dataset:
+    """The data set cached in a file, filled now by one full pass that logs its progress as step.
 
     Keras stops at the known number of batches without reading the end of the data, and tf.data
-    throws away a cache that was not read to the end, so the cache is filled here instead.
+    throws away a cache that was not read to the end, so the cache is filled here instead. The
+    "calling iterator did not fully read the dataset being cached" warning TensorFlow 2.21 logs
+    at the end of this pass is a false positive of its own (the writer's destructor looks for a
+    temporary index that a completed cache has already renamed; tensorflow/tensorflow#122904,
+    fixed after 2.21): the cache is complete, and reading it logs nothing.
     """
     if not Path(f"{cache_file}.index").exists():
         for partial in Path(cache_file).parent.glob(f"{Path(cache_file).name}*"):
             partial.unlink()  # left by a process killed while filling it
-        examples.cache(cache_file).reduce(0, lambda count, _: count + 1)
+        progress = Progress(step, max(0, int(examples.cardinality())), "examples", log)
+        # Batched only to count them: the pass runs in tf.data, Python sees one count per batch.
+        counts = examples.cache(cache_file).batch(FILL_BATCH).map(
+            lambda *example: tf.shape(tf.nest.flatten(example)[0])[0])
+        for count in counts.as_numpy_iterator():
+            progress.advance(int(count))
     return examples.cache(cache_file)
 
 

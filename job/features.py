@@ -141,7 +141,8 @@ class Features:
             outputs = batches.map(
                 lambda x, labels: (extractor(x, training=False), labels)).unbatch()
             outputs = outputs.apply(tf.data.experimental.assert_cardinality(count))
-            cached[name] = data.cached(outputs, str(self.scratch_dir / f"{tag}-{name}"))
+            cached[name] = data.cached(outputs, str(self.scratch_dir / f"{tag}-{name}"),
+                                       f"frozen layers ({tag}) on {name}")
         return cached
 
     def batches(self, examples: tf.data.Dataset, training: bool = False) -> tf.data.Dataset:

@@ -48,6 +48,8 @@ from google.cloud import storage as gcs
 from google.cloud.storage.retry import DEFAULT_RETRY
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
+from job.progress import Progress
+
 GCS_SCHEME = "gs://"
 DEFAULT_RETRY_DEADLINE_S = 120.0
 DEFAULT_MAX_WORKERS = 8
@@ -577,19 +579,21 @@ class _Remote:
             finally:
                 partial.unlink(missing_ok=True)
 
-        self._parallel([functools.partial(download, blob, target)
-                        for blob, target in blobs_and_targets])
+        self._parallel("downloading", [functools.partial(download, blob, target)
+                                       for blob, target in blobs_and_targets])
 
     def upload(self, files_and_blobs: list[tuple[Path, gcs.Blob]], **upload_kwargs) -> int:
         """Uploads in parallel and returns the bytes sent; the first failure raises."""
-        self._parallel([functools.partial(blob.upload_from_filename, str(path), retry=self.retry,
-                                          timeout=REQUEST_TIMEOUT_S, **upload_kwargs)
-                        for path, blob in files_and_blobs])
+        self._parallel("uploading", [
+            functools.partial(blob.upload_from_filename, str(path), retry=self.retry,
+                              timeout=REQUEST_TIMEOUT_S, **upload_kwargs)
+            for path, blob in files_and_blobs])
         return sum(path.stat().st_size for path, _ in files_and_blobs)
 
-    def _parallel(self, transfers: list[Callable[[], object]]) -> None:
-        """Runs the transfers on max_workers daemon threads, then raises the first failure; raises
-        StorageError at once when `deadline` seconds pass with no transfer succeeding.
+    def _parallel(self, step: str, transfers: list[Callable[[], object]]) -> None:
+        """Runs the transfers on max_workers daemon threads, logging their progress as step, then
+        raises the first failure; raises StorageError at once when `deadline` seconds pass with no
+        transfer succeeding.
 
         Written here rather than taken from transfer_manager, whose thread pool is joined before it
         returns: with it a SIGTERM waits for the whole batch, a dead endpoint for every transfer's
@@ -620,6 +624,7 @@ class _Remote:
         for _ in range(min(self.max_workers, len(transfers))):
             threading.Thread(target=work, daemon=True).start()
         errors: list[Exception] = []
+        progress = Progress(step, len(transfers), "objects", logger)
         give_up_at = time.monotonic() + self.deadline
         try:
             for _ in transfers:
@@ -628,6 +633,7 @@ class _Remote:
                 except queue.Empty:  # reported by _remote as "still failing after retrying"
                     raise api_exceptions.RetryError("no transfer succeeded",
                                                     errors[-1] if errors else None) from None
+                progress.advance()
                 if result is None:
                     give_up_at = time.monotonic() + self.deadline
                 else:

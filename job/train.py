@@ -28,6 +28,7 @@ from job.checkpoint import Checkpoints, StopSignal, phase_key
 from job.config import Config, ConfigError
 from job.context import RunContext
 from job.features import Features, PhaseInputs
+from job.progress import Progress
 from job.record import KEY as RECORD_KEY, RunRecord
 
 log = logging.getLogger("job")
@@ -321,6 +322,7 @@ class Trainer:
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.config.patience,
                                           restore_best_weights=True),
             EpochLog(phase.name, phase.epochs),
+            EpochProgress(phase.name),
         ]
         if phase.fine_tunes:  # a low learning rate, lowered further when validation stalls
             callbacks.append(keras.callbacks.ReduceLROnPlateau(
@@ -353,6 +355,21 @@ class Trainer:
                 log.warning("%s after %s: class %r has recall %.3f, under half the mean "
                             "recall of the classes", name, phase, weak, recall)
         return result
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """Within an epoch that runs long, a line every PROGRESS_SECONDS: batches done, rate, ETA."""
+
+    def __init__(self, phase: str):
+        super().__init__()
+        self.phase, self.progress = phase, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.progress = Progress(f"{self.phase} epoch {epoch + 1}", self.params.get("steps") or 0,
+                                 "batches", log, fraction=None)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.progress.advance()
 
 
 class EpochLog(keras.callbacks.Callback):

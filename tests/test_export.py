@@ -66,7 +66,7 @@ def test_mobilenet_v2_int8_moves_no_confident_label_and_little_probability(
     quantize_int8(mobilenet_run / "model.onnx", tmp_path / "int8.onnx", calibration.paths, 96)
     images = load_images(dataset.test.paths, 96)
     float32, int8 = (measure.predict_all(measure.onnx_predictor(cpu_session(path, 2)),
-                                         images)[:, 0]
+                                         images, path.name)[:, 0]
                      for path in (mobilenet_run / "model.onnx", tmp_path / "int8.onnx"))
     confident = np.abs(float32 - threshold) >= 0.15
     flipped = (float32 >= threshold) != (int8 >= threshold)
