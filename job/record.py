@@ -40,6 +40,14 @@ class RunRecord:
         return dataclasses.asdict(self)
 
     @classmethod
+    def of_run(cls, settings: Mapping[str, Any], classes: list[str], precision_policy: str,
+               decision_threshold: float) -> "RunRecord":
+        """The record of a run from its settings (the Config as a dict, as metrics.json's
+        "config" block holds it) and what the run found."""
+        return cls(**{name: settings[name] for name in SETTINGS}, classes=classes,
+                   precision_policy=precision_policy, decision_threshold=decision_threshold)
+
+    @classmethod
     def from_metrics(cls, metrics: Mapping[str, Any]) -> "RunRecord":
         """The record in a run's metrics.json. Runs written before the record existed carry
         the same facts in their "config" block, so those are read from there."""
@@ -62,10 +70,12 @@ def _typed(field: dataclasses.Field, value: Any) -> Any:
 
 
 def _from_config_block(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    config = metrics["config"]
-    return {**{name: config[name] for name in (
-        "image_size", "backbone", "alpha", "dense_units", "dropout", "seed", "data_uri",
-        "validation_split", "test_split")},
-        "run_id": metrics.get("run_id", ""), "classes": metrics["classes"],
-        "precision_policy": metrics.get("precision_policy", "float32"),
-        "decision_threshold": metrics.get("decision_threshold", 0.5)}
+    settings = {**metrics["config"], "run_id": metrics.get("run_id", "")}
+    return RunRecord.of_run(settings, metrics["classes"],
+                            metrics.get("precision_policy", "float32"),
+                            metrics.get("decision_threshold", 0.5)).as_dict()
+
+
+# What the run found; every other field is one of its settings, under the same name in Config.
+RESULTS = ("classes", "precision_policy", "decision_threshold")
+SETTINGS = tuple(field.name for field in dataclasses.fields(RunRecord) if field.name not in RESULTS)

@@ -150,16 +150,12 @@ def run_metrics(config: Config, precision: str, dataset: data.DataSet,
                 summaries: dict) -> dict:
     """metrics.json: the settings, the environment, the data and each phase's results."""
     final = records.get("phase2") or records["phase1"]
-    record = RunRecord(
-        run_id=config.run_id, classes=dataset.class_names, image_size=config.image_size,
-        backbone=config.backbone, alpha=config.alpha, dense_units=config.dense_units,
-        dropout=config.dropout, precision_policy=precision, seed=config.seed,
-        data_uri=config.data_uri, validation_split=config.validation_split,
-        test_split=config.test_split, decision_threshold=final["decision_threshold"])
+    settings = _config_record(config)
+    record = RunRecord.of_run(settings, dataset.class_names, precision, final["decision_threshold"])
     return {
         "run_id": config.run_id,
         RECORD_KEY: record.as_dict(),
-        "config": _config_record(config),
+        "config": settings,
         "precision_policy": precision,
         "versions": _versions(),
         "hardware": _hardware(),
