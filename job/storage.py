@@ -239,8 +239,8 @@ def pull_tree(uri: str, local_dir: Path, *, allow_empty: bool = False,
             size += sum(blob.size or 0 for blob, _ in missing)
     if not names.files and not allow_empty:  # retrying cannot help: exit 2, not 1
         raise Unusable(f"{uri}: no usable objects under this prefix"
-                           + (f" ({len(names.skipped)} skipped: {_first(names.skipped)})"
-                              if names.skipped else ""))
+                       + (f" ({len(names.skipped)} skipped: {_first(names.skipped)})"
+                          if names.skipped else ""))
     removed = _remove_unlisted(local_dir, names.files)
     stats = TransferStats(objects, size, cached, removed, time.monotonic() - start,
                           skipped=names.skipped)
@@ -462,7 +462,7 @@ class _Prefix:
             raise Unusable(f"{join(self.uri, WRITTEN)}: not a record this job wrote") from None
         if any(not isinstance(name, str) or name_problem(name) for name in names):
             raise Unusable(f"{join(self.uri, WRITTEN)}: lists a name that cannot be a file under "
-                          "it; not a record this job wrote")
+                           "it; not a record this job wrote")
         if recorded_owner != owner:
             raise Unusable(f"{self.uri}: belongs to run {recorded_owner!r}, not {owner!r}")
         return names
