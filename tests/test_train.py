@@ -146,14 +146,15 @@ def test_a_completed_run_is_left_untouched(tiny_run):
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
 
 
-def cached_features(root, **overrides) -> Features:
-    """The features of 2 x 6 tiny images (VGG16, random weights), cached under root."""
+def cached_features(root, parts=None, **overrides) -> Features:
+    """The features of 2 x 6 tiny images cached under root, by parts or else by a new VGG16
+    (random weights)."""
     write_class_images(root / "images", ["a", "b"], per_class=6)
     config = Config.from_env(tiny_vgg16_settings(root / "images", root / "out", root / "cache",
                                                  **overrides))
     keras.utils.set_random_seed(config.seed)
     dataset = data.load_dataset(root / "images", 32, 0.34, 0.0, seed=config.seed)
-    parts = model.build_classifier(*model.build_base("vgg16", 1.0, None, 32), 2, 32, 8, 0.5)
+    parts = parts or model.build_classifier(*model.build_base("vgg16", 1.0, None, 32), 2, 32, 8, 0.5)
     return Features(config, dataset, parts, root, batch_size=8)
 
 
@@ -170,9 +171,11 @@ def test_augmented_views_are_cached_once_per_view_and_seeded(tmp_path):
     pooled = cached_train_outputs(features, head=True)
     upper = features.fine_tuning_parts[1]
     np.testing.assert_allclose(pooled, upper.predict(bottom_outputs, verbose=0), rtol=1e-5, atol=1e-5)
-    again = cached_train_outputs(cached_features(tmp_path / "two", AUGMENT="1", AUGMENT_VIEWS="3"),
-                                 head=False)
-    np.testing.assert_array_equal(again, bottom_outputs)
+    # The same weights: random initial weights come from Python's global generator, which other
+    # threads of this process may draw from at any time (google-cloud-storage fetches bucket
+    # metadata in the background, retrying with a random back-off after a storage test).
+    again = cached_features(tmp_path / "two", features.parts, AUGMENT="1", AUGMENT_VIEWS="3")
+    np.testing.assert_array_equal(cached_train_outputs(again, head=False), bottom_outputs)
 
 
 def test_tta_caches_the_flipped_images(tmp_path):
