@@ -60,6 +60,12 @@ def measure(name: str, settings: dict, data: Path, work: Path, latency_runs: int
             latency["onnx_float32"]["batch32_images_per_s"] / latency["tensorflow"]["batch32_images_per_s"], 2),
         "onnx_int8_vs_float32_batch1_p50": round(
             latency["onnx_float32"]["batch1_p50_ms"] / latency["onnx_int8"]["batch1_p50_ms"], 2),
+        "onnx_int8_vs_float32_batch32": round(
+            latency["onnx_int8"]["batch32_images_per_s"] / latency["onnx_float32"]["batch32_images_per_s"], 2),
+        "int8_recipe": report["quantization"]["recipe"],
+        "int8_recipes_tried": report["quantization"]["tried"],
+        "int8_mac_share": report["operators"]["model.int8.onnx"]["int8_mac_share"],
+        "int8_parity": report["parity"]["int8"],
         "export_status": report.get("status"),
     }
 

@@ -28,21 +28,28 @@ REBUILD = "tensorflow_float32_rebuild"  # the float32 rebuild of its weights, ru
 
 
 class BuildContext:
-    """What the builders work from: the run, the staging folder and the calibration images.
+    """What the builders work from: the run, the staging folder, the calibration images and the
+    parity images (the test images every model is judged on).
 
     The float32 rebuild is made on first use, by the float32 conversion, so its time counts as
     the conversion's; parity runs the same model (the reference of a mixed-precision run).
     """
 
     def __init__(self, config: ExportConfig, record: RunRecord, run_dir: Path, staging: Path,
-                 calibration: Split):
+                 calibration: Split, parity: Split):
         self.config, self.record, self.run_dir = config, record, run_dir
-        self.staging, self.calibration = staging, calibration
+        self.staging, self.calibration, self.parity = staging, calibration, parity
 
     @functools.cached_property
     def rebuilt(self):
         classifier, _ = convert.rebuild_float32(self.run_dir, self.record)
         return classifier
+
+    @functools.cached_property
+    def parity_images(self) -> np.ndarray:
+        from edge.images import load_images
+
+        return load_images(self.parity.paths, self.record.image_size)
 
 
 def build_float32(context: BuildContext) -> tuple[Any, None]:
@@ -55,14 +62,40 @@ def build_float32(context: BuildContext) -> tuple[Any, None]:
 
 
 def build_int8(context: BuildContext) -> tuple[Any, dict]:
-    """The staged float32 model quantized to int8 on the calibration images, and what
-    quantization did (for the report)."""
+    """The staged float32 model quantized to int8 on the calibration images by the fastest recipe
+    that passes the int8 gate against it, and what quantization did (for the report)."""
     from export.quantize import quantize_int8
 
     target = context.staging / INT8_MODEL
     notes = quantize_int8(context.staging / FLOAT32_MODEL, target, context.calibration.paths,
-                          context.record.image_size)
+                          context.record.image_size, accept=int8_acceptance(context))
     return convert.load(target), notes
+
+
+def int8_acceptance(context: BuildContext) -> Callable[[Path], tuple[bool, dict]]:
+    """quantize_int8's accept: the int8 gate on the parity images, with the staged float32 model
+    as the reference (judge() later applies it against TensorFlow, which float32 matches to
+    1e-4). The same images and gate: a recipe is kept exactly when it would pass."""
+    from edge.runtime import cpu_session
+
+    config, threshold = context.config, context.record.decision_threshold
+    labels = np.asarray(context.parity.labels)
+
+    def probabilities(path: Path) -> np.ndarray:
+        session = cpu_session(path, config.intra_op_threads)
+        return measure.predict_all(measure.onnx_predictor(session), context.parity_images,
+                                   f"choosing the int8 recipe, {path.name}")
+
+    reference = probabilities(context.staging / FLOAT32_MODEL)
+    reference_accuracy = measure.accuracy(reference, labels, threshold)
+
+    def accept(candidate: Path) -> tuple[bool, dict]:
+        outputs = probabilities(candidate)
+        figures = measure.compare(outputs, reference, threshold)
+        accuracy = measure.accuracy(outputs, labels, threshold)
+        figures["accuracy_difference"] = accuracy - reference_accuracy
+        return gate_int8(figures, accuracy, reference_accuracy, config) is None, figures
+    return accept
 
 
 def limits_float32(config: ExportConfig) -> dict:

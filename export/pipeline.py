@@ -1,10 +1,11 @@
 """Pipeline: one export, from a finished run directory to gated ONNX models and export_report.json.
 
 export_run tells it in order: fetch the run and read its record; re-discover its data splits and
-sample the parity and calibration images; build each row of the format table (export.formats:
-model.onnx, then model.int8.onnx from it); compare every model with TensorFlow on the run's test
-images and apply each format's gate; time every backend; stamp the models that passed and publish
-them, and last export_report.json (the export's completion marker, also written when a gate fails).
+sample the parity and calibration images; build each row of the format table
+(export.formats: model.onnx, then model.int8.onnx from it) and count the operators onnxruntime
+runs in int8 in each; compare every model with TensorFlow on the run's test images and apply each
+format's gate; time every backend; stamp the models that passed and publish them, and last
+export_report.json (the export's completion marker, also written when a gate fails).
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.images import load_images
 from edge.runtime import available_cores, cpu_session
 from export import convert, measure
+from export.census import int8_census
 from export.config import ExportConfig
 from export.errors import BadInput, GateFailed
 from export.formats import (REBUILD, SAVED_MODEL, BuildContext, Format, Verdict, export_formats,
@@ -49,10 +50,13 @@ def export_run(config: ExportConfig) -> dict:
     formats = export_formats(config)
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="export-", dir=config.cache_dir) as scratch:
-        context = BuildContext(config, record, run_dir, Path(scratch), calibration)
+        context = BuildContext(config, record, run_dir, Path(scratch), calibration,
+                               parity_split)
         opsets, notes = build_formats(formats, context, seconds)
+        operators = {row.file: int8_census(context.staging / row.file, config.intra_op_threads)
+                     for row in formats}
         with timed(seconds, "parity"):
-            images = load_images(parity_split.paths, record.image_size)
+            images = context.parity_images
             backends = predictors(formats, context)
             verdict = judge(predict_outputs(backends, images, context.rebuilt),
                             np.asarray(parity_split.labels), record, config)
@@ -66,7 +70,8 @@ def export_run(config: ExportConfig) -> dict:
         seconds["total"] = round(time.perf_counter() - started, 2)
         report = build_report(
             config, record, verdict, opsets=opsets, files=files, run_sizes=run_sizes(run_dir),
-            latency=latency, latency_settings=latency_settings, quantization=notes.get("int8"),
+            latency=latency, latency_settings=latency_settings, operators=operators,
+            quantization=notes.get("int8"),
             seconds=seconds, versions=versions(), created_utc=utc_now())
         write_json(context.staging / REPORT, report)
         publish(context.staging, config.target_uri,

@@ -8,7 +8,8 @@ from job.record import RunRecord
 
 def build_report(config: ExportConfig, record: RunRecord, verdict: Verdict, *,
                  opsets: dict[str, int], files: dict[str, dict], run_sizes: dict[str, int],
-                 latency: dict, latency_settings: dict, quantization: dict | None,
+                 latency: dict, latency_settings: dict, operators: dict[str, dict],
+                 quantization: dict | None,
                  seconds: dict[str, float], versions: dict[str, str], created_utc: str) -> dict:
     """export_report.json. files: bytes and sha256 of every model built, of which it lists the
     passed ones (the others are not published); sizes_bytes has them all, with the run's own."""
@@ -30,6 +31,9 @@ def build_report(config: ExportConfig, record: RunRecord, verdict: Verdict, *,
         "sizes_bytes": {**run_sizes, **{name: file["bytes"] for name, file in files.items()}},
         "latency": latency,
         "latency_settings": latency_settings,
+        # Per model file: the compute operators onnxruntime runs, int8 and float32, and the share
+        # of multiply-accumulates in int8 (export.census), so a slow int8 model explains itself.
+        "operators": operators,
         "quantization": quantization,
         "files": {name: file for name, file in files.items() if verdict.passed[name]},
         "seconds": seconds,

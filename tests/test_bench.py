@@ -117,7 +117,9 @@ def test_inference(bench_runs):
         assert vgg["latency"][backend]["batch32_images_per_s"] > 0
     assert {"model.onnx", "model.int8.onnx"} <= set(vgg["sizes_bytes"])
     assert vgg["onnx_float32_vs_tensorflow_batch32"] > 0
-    assert vgg["onnx_int8_vs_float32_batch1_p50"] > 0
+    assert vgg["onnx_int8_vs_float32_batch1_p50"] > 0 and vgg["onnx_int8_vs_float32_batch32"] > 0
+    assert vgg["int8_recipe"] in vgg["int8_recipes_tried"]
+    assert 0 <= vgg["int8_mac_share"] <= 1 and 0 <= vgg["int8_parity"]["top1_agreement"] <= 1
     assert isinstance(vgg["export_status"], str)
 
 

@@ -126,6 +126,7 @@ def report_of(verdict: Verdict, settings: ExportConfig = SETTINGS) -> dict:
         opsets={FLOAT32_MODEL: 17, INT8_MODEL: 21}, files=files,
         run_sizes={"saved_model": 9000, "model.keras": 5000},
         latency={"tensorflow": {"batch1_p50_ms": 1.0}}, latency_settings={"threads": 2},
+        operators={INT8_MODEL: {"int8_mac_share": 1.0}},
         quantization={"method": "static"}, seconds={"total": 1.0},
         versions={"onnx": "1"}, created_utc="2026-01-01T00:00:00+00:00")
 
@@ -139,7 +140,7 @@ def test_report_has_the_keys_of_export_report_json():
     assert list(report_of(PASSED)) == [
         "status", "failed_gates", "run_id", "run_uri", "export_uri", "created_utc", "opsets",
         "classes", "image_size", "decision_threshold", "training_precision_policy", "parity",
-        "gates", "sizes_bytes", "latency", "latency_settings", "quantization", "files",
+        "gates", "sizes_bytes", "latency", "latency_settings", "operators", "quantization", "files",
         "seconds", "versions"]
 
 
