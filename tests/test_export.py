@@ -89,7 +89,7 @@ def test_int8_is_quantized_by_the_first_recipe_accepted_else_by_the_last(mobilen
                                                                            xray_small, tmp_path):
     from export.quantize import quantize_int8
 
-    calibration = sorted(str(p) for p in (xray_small / "train").glob("*/*"))[::10]
+    calibration = sorted(str(p) for p in (xray_small / "train").glob("*/*"))[::20]
     seen = []
 
     def refuse(candidate):
