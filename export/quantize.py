@@ -15,6 +15,9 @@ its 54 layers in float32 flipped as many labels (a per-layer sweep on a chest X-
 three real runs it agreed with float32 on 98.1 % to 98.9 % of the test labels. Neither percentile
 nor entropy calibration, bias correction on more images, nor keeping the linear bottlenecks and
 residual sums in float32 moved that past the noise of a few labels (and the last halved the speed).
+Quantization-aware training, the usual next step, has no tool here: tensorflow-model-optimization
+does not load under Keras 3 (tensorflow/model-optimization#1119), and Keras 3's own
+`Model.quantize` rewrites the Keras model for its own inference, not into an ONNX QDQ graph.
 
 Mixed precision ("mixed_16bit"), the accurate fallback: 8 bits where they pay, 16 where 8 cost
 labels and buy nothing. onnxruntime runs a convolution or matrix product in int8 only when its
