@@ -2,8 +2,8 @@
 TensorFlow (a test imports it with TensorFlow made unimportable).
 
 - `edge.images`: decoding any image file to the model's input, exactly as training did;
-- `edge.runtime`: the onnxruntime CPU session, the cores to give it, the label a model's output
-  means, the exit codes;
+- `edge.runtime`: the CPU runtimes (onnxruntime, optionally OpenVINO), the cores to give them,
+  the label a model's output means, the exit codes;
 - `edge.predict`: the predictor, `python -m edge.predict MODEL INPUT`.
 
 The training job and the export use the same pieces, so a deployed model sees its pixels, threads

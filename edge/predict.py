@@ -1,17 +1,18 @@
 """Edge predictor: `python -m edge.predict MODEL INPUT` labels images with an exported ONNX model.
 
 Needs only onnxruntime, numpy and Pillow (through edge.images, the decoder training used, so the
-resizing matches); it never imports TensorFlow. INPUT is an image file or a folder (searched
-recursively, hidden files skipped). Each image gets its label, that label's probability and the
-top-k classes, printed as one line each or written to --output (.csv or .json). A file that is not a
-usable image gets one error line on stderr (text or JSON, as LOG_FORMAT says; see edge.logs)
-and the rest are still predicted.
+resizing matches); it never imports TensorFlow. `--runtime openvino` runs the same ONNX file with
+OpenVINO instead (optional: `pip install -r requirements-openvino.txt`). INPUT is an image file or
+a folder (searched recursively, hidden files skipped). Each image gets its label, that label's
+probability and the top-k classes, printed as one line each or written to --output (.csv or
+.json). A file that is not a usable image gets one error line on stderr (text or JSON, as
+LOG_FORMAT says; see edge.logs) and the rest are still predicted.
 
 For two classes the label is the second class when its probability reaches the threshold:
 --threshold, else the model's `decision_threshold` metadata (recorded by the training run), else 0.5.
 
 Exit codes: 0 at least one image was predicted; 1 none could be (every file failed, or the folder
-holds no files); 2 bad arguments or a model that cannot be loaded.
+holds no files); 2 bad arguments, a runtime that is not installed, or a model that cannot be loaded.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import numpy as np
 
 from edge import logs
 from edge.images import ImageError, load_image
-from edge.runtime import EXIT_BAD_INPUT, EXIT_OK, cpu_session, predict_labels
+from edge.runtime import (DEFAULT_RUNTIME, EXIT_BAD_INPUT, EXIT_OK, RUNTIMES,
+                          RuntimeUnavailable, open_model, predict_labels)
 
 EXIT_NOTHING_PREDICTED = 1
 BATCH_SIZE = 32
@@ -36,13 +38,10 @@ BATCH_SIZE = 32
 class Model:
     """An exported model and what its metadata says: labels, input size, decision threshold."""
 
-    def __init__(self, path: str, threads: int | None = None):
-        self.session = cpu_session(path, threads)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        model_input = self.session.get_inputs()[0]
-        self.input_name = model_input.name
-        self.output_name = self.session.get_outputs()[0].name
-        size = meta.get("image_size") or model_input.shape[1]
+    def __init__(self, path: str, threads: int | None = None, runtime: str = DEFAULT_RUNTIME):
+        self.loaded = open_model(path, runtime, threads)
+        meta = self.loaded.metadata
+        size = meta.get("image_size") or self.loaded.input_shape[1]
         self.image_size = int(size)
         self.labels = json.loads(meta["labels"]) if "labels" in meta else None
         self.decision_threshold = float(meta.get("decision_threshold", 0.5))
@@ -50,7 +49,7 @@ class Model:
     def outputs(self, images: np.ndarray) -> np.ndarray:
         """The model's output for float32 RGB 0-255 images: [n, 1] (the probability of class
         index 1) for two classes, [n, classes] softmax probabilities otherwise."""
-        return self.session.run([self.output_name], {self.input_name: images})[0]
+        return self.loaded.run(images)
 
     def label_names(self, count: int) -> list[str]:
         return self.labels if self.labels and len(self.labels) == count else \
@@ -146,7 +145,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float,
                         help="two classes: probability of the second class from which it is the "
                              "label (default: the model's decision_threshold, else 0.5)")
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: cores)")
+    parser.add_argument("--threads", type=int, help="inference threads (default: cores)")
+    parser.add_argument("--runtime", choices=sorted(RUNTIMES), default=DEFAULT_RUNTIME,
+                        help="CPU runtime that runs the model (default: %(default)s; openvino "
+                             "needs `pip install -r requirements-openvino.txt`)")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
@@ -174,8 +176,10 @@ def main(argv: list[str] | None = None, environ=os.environ) -> int:
     if problem:
         return _error(f"--output {args.output}: {problem}", EXIT_BAD_INPUT)
     try:
-        model = Model(str(args.model), args.threads)
-    except Exception as error:  # onnxruntime raises its own exception types
+        model = Model(str(args.model), args.threads, args.runtime)
+    except RuntimeUnavailable as error:
+        return _error(str(error), EXIT_BAD_INPUT)
+    except Exception as error:  # onnxruntime and OpenVINO raise their own exception types
         return _error(f"model {args.model}: cannot be loaded: {str(error).splitlines()[0][:200]}",
                       EXIT_BAD_INPUT)
     threshold = args.threshold if args.threshold is not None else model.decision_threshold

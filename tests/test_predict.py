@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import ROOT
 from edge import predict
+from edge.runtime import open_model
 
 HEAVY = ("tensorflow", "keras", "tf2onnx", "tf_keras", "sklearn")
 
@@ -143,3 +144,136 @@ def test_predictions_replace_an_output_file_whole(model_path, image_folder, tmp_
     lines = output.read_text().splitlines()
     assert lines[0] == "path,label,probability,top_k" and len(lines) == 13
     assert [p.name for p in output.parent.iterdir()] == ["predictions.csv"]  # no temporary file
+
+
+# --- The optional OpenVINO runtime (requirements-openvino.txt): same ONNX files, same answers.
+OPENVINO_MISSING = "OpenVINO is the optional edge runtime: pip install -r requirements-openvino.txt"
+TINY_SIZE = 16
+
+
+def write_tiny_model(path: Path, activations: str = "float32") -> Path:
+    """A small classifier in the export's ONNX interface (`image` NHWC RGB 0-255 in, sigmoid
+    `probabilities` [batch, 1] out, labels, image_size and decision_threshold in metadata_props):
+    it normalises, transposes, runs a 3x3 convolution with Relu6, averages and applies one dense
+    unit. activations="int16": the convolution's input and output pass 16-bit
+    QuantizeLinear/DequantizeLinear pairs and its weights are int8 per channel, with the Relu6
+    folded into the output pair's [0, 6] range, as the export's `mixed_16bit` recipe writes them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    initializers, nodes = [], []
+
+    def constant(name, value):
+        initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(op, inputs, output, **attributes):
+        nodes.append(helper.make_node(op, inputs, [output], **attributes))
+        return output
+
+    def qdq(tensor, low, high):  # a 16-bit pair covering [low, high]: it saturates outside
+        scale = constant(f"{tensor}_scale", np.float32((high - low) / 65535))
+        zero = constant(f"{tensor}_zero", np.int16(round(-32768 - low * 65535 / (high - low))))
+        quantized = node("QuantizeLinear", [tensor, scale, zero], f"{tensor}_q")
+        return node("DequantizeLinear", [quantized, scale, zero], f"{tensor}_dq")
+
+    # Large weights: many convolution outputs fall below 0 and above 6, so the clipping matters.
+    weights = np.random.default_rng(7).normal(0, 1.5, (4, 3, 3, 3)).astype(np.float32)
+    nchw = node("Transpose", ["image"], "nchw", perm=[0, 3, 1, 2])
+    scaled = node("Mul", [nchw, constant("inverse", np.float32(1 / 127.5))], "scaled")
+    normalised = node("Sub", [scaled, constant("one", np.float32(1))], "normalised")
+    if activations == "int16":
+        step = (np.abs(weights).reshape(4, -1).max(axis=1) / 127).astype(np.float32)
+        integers = np.round(weights / step[:, None, None, None]).astype(np.int8)
+        quantized_weights = [constant("w_q", integers), constant("w_step", step),
+                             constant("w_zero", np.zeros(4, np.int8))]
+        conv_inputs = [qdq(normalised, -1.0, 1.0),
+                       node("DequantizeLinear", quantized_weights, "w_dq", axis=0)]
+    else:
+        conv_inputs = [normalised, constant("w", weights)]
+    conv = node("Conv", [*conv_inputs, constant("b", np.float32([0.5, -0.5, 1, 0]))], "conv",
+                pads=[1, 1, 1, 1])
+    if activations == "int16":
+        relu6 = qdq(conv, 0.0, 6.0)
+    else:
+        bounds = [constant("zero", np.float32(0)), constant("six", np.float32(6))]
+        relu6 = node("Clip", [conv, *bounds], "relu6")
+    pooled = node("Flatten", [node("GlobalAveragePool", [relu6], "pooled4d")], "pooled")
+    logit = node("Gemm", [pooled, constant("dense", np.float32([[1.5], [-1.0], [0.8], [-1.2]])),
+                          constant("dense_bias", np.float32([-0.5]))], "logit")
+    node("Sigmoid", [logit], "probabilities")
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT,
+                                                       ["batch", TINY_SIZE, TINY_SIZE, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 1])],
+        initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    helper.set_model_props(model, {"labels": json.dumps(["NORMAL", "PNEUMONIA"]),
+                                   "image_size": str(TINY_SIZE), "decision_threshold": "0.5"})
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("activations", ["float32", "int16"])
+def test_openvino_gives_onnxruntimes_probabilities_and_metadata(activations, tmp_path):
+    """int16: OpenVINO 2026.1.0 to 2026.4.1 drop the clipping of 16-bit QDQ pairs (max |diff| 0.19
+    here; on an exported MobileNetV2 every X-ray came out PNEUMONIA), hence the pin to 2026.0.0."""
+    pytest.importorskip("openvino", reason=OPENVINO_MISSING)
+    path = write_tiny_model(tmp_path / f"tiny-{activations}.onnx", activations)
+    onnxruntime, openvino = open_model(path, "onnxruntime", 2), open_model(path, "openvino", 2)
+    for loaded in (onnxruntime, openvino):
+        assert (loaded.input_name, loaded.output_name) == ("image", "probabilities")
+        assert loaded.input_shape == [None, TINY_SIZE, TINY_SIZE, 3]
+    assert openvino.metadata == onnxruntime.metadata
+    assert json.loads(openvino.metadata["labels"]) == ["NORMAL", "PNEUMONIA"]
+    images = np.random.default_rng(3).uniform(0, 255, (9, TINY_SIZE, TINY_SIZE, 3))
+    images = images.astype(np.float32)
+    for batch in (images, images[:1]):  # the batch dimension is dynamic in both
+        expected = onnxruntime.run(batch)
+        assert expected.shape == (len(batch), 1)
+        np.testing.assert_allclose(openvino.run(batch), expected, atol=1e-4)
+    assert np.ptp(onnxruntime.run(images)) > 0.1  # probabilities that differ from image to image
+
+
+def _printed(out: str) -> list[tuple[str, str, float]]:
+    rows = (line.split("\t") for line in out.strip().splitlines())
+    return [(path, label, float(probability)) for path, label, probability, _ in rows]
+
+
+def test_predictor_with_openvino_prints_onnxruntimes_labels(model_path, image_folder, capsys):
+    pytest.importorskip("openvino", reason=OPENVINO_MISSING)
+    assert predict.main([str(model_path), str(image_folder)]) == 0
+    expected = _printed(capsys.readouterr().out)
+    assert predict.main([str(model_path), str(image_folder), "--runtime", "openvino",
+                         "--threads", "2"]) == 0
+    printed = _printed(capsys.readouterr().out)
+    assert len(printed) == 12
+    assert [(path, label) for path, label, _ in printed] == [(p, l) for p, l, _ in expected]
+    np.testing.assert_allclose([p for *_, p in printed], [p for *_, p in expected], atol=2e-4)
+
+
+def test_a_missing_openvino_is_one_error_line_naming_how_to_install_it(image_folder, tmp_path,
+                                                                      monkeypatch, capsys):
+    pytest.importorskip("onnx", reason="the test builds its model with onnx")
+    model = write_tiny_model(tmp_path / "tiny.onnx")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now fails
+    assert predict.main([str(model), str(image_folder), "--runtime", "openvino"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    (line,) = err.strip().splitlines()
+    assert line.endswith(" ERROR edge: runtime openvino: openvino is not installed; install it "
+                         "with `pip install -r requirements-openvino.txt`"), line
+    assert predict.main([str(model), str(image_folder)]) == 0  # onnxruntime needs no openvino
+    assert len(capsys.readouterr().out.strip().splitlines()) == 12
+
+
+def test_openvino_is_imported_only_when_asked_for(tmp_path):
+    model = write_tiny_model(tmp_path / "tiny.onnx")
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, numpy, edge.predict; "
+         f"m = edge.predict.Model({str(model)!r}); "
+         f"m.outputs(numpy.zeros((1, {TINY_SIZE}, {TINY_SIZE}, 3), numpy.float32)); "
+         "print('openvino' in sys.modules)"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0 and probe.stdout.strip() == "False", probe.stderr
