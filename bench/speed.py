@@ -14,17 +14,22 @@ not depend on the weights).
 - phase1: seconds per head epoch on cached features against running the frozen base every epoch.
 - phase2: seconds per fine-tuning epoch on cached activations of the frozen bottom against
   running the whole model every epoch.
+- extraction: images/s of the job's own frozen feature extraction (job.features: the pass that
+  caches the frozen layers' outputs of the augmented training views, validation and test) against
+  the exported SavedModel's batch-32 inference rate, measured in the same run (goal: 0.8x or more).
 - steps: training images/s of phase 1 with augmentation and of phase 2, float32 against mixed
   precision (float16 and bfloat16), with and without XLA (jit_compile).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +42,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from job import data, model  # noqa: E402
-from job.config import default_fine_tune_from, default_image_size  # noqa: E402
+from job.config import Config, default_fine_tune_from, default_image_size  # noqa: E402
+from job.features import Features  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 XRAY_TRAIN = SHARED / "data" / "chest_xray_pneumonia_224" / "train"
@@ -126,6 +132,35 @@ def bench_phase2(split, size, parts, backbone, repeats) -> dict:
             "ratio": round(uncached / cached, 2)}
 
 
+def bench_extraction(split, size, parts, backbone, repeats) -> dict:
+    """The job's frozen-layer pass as a run makes it (decode, augment, frozen layers, write their
+    outputs to the scratch cache) against serving the exported SavedModel on batches of 32 of
+    the same images, decoded beforehand."""
+    images = data.image_dataset(split, size, BATCH_SIZE).cache()
+    batches = [x for x, _ in images]
+    with tempfile.TemporaryDirectory() as scratch:
+        parts.classifier.export(f"{scratch}/saved_model", verbose=False)
+        serve = tf.saved_model.load(f"{scratch}/saved_model").signatures["serving_default"]
+        serve(batches[0])  # trace and warm up
+        serving = median_seconds(lambda: [serve(batch) for batch in batches], repeats)
+        config = Config(data_uri="(images in memory)", backbone=backbone, image_size=size,
+                        fine_tune_from=default_fine_tune_from(backbone))
+        no_test = dataclasses.replace(split, paths=[], labels=[])
+        dataset = data.DataSet(["0", "1"], split, split, no_test, {}, [])
+
+        def extract():
+            run = Path(tempfile.mkdtemp(dir=scratch))
+            return Features(config, dataset, parts, run, BATCH_SIZE).frozen_outputs(head=True)
+
+        extract()  # traces the frozen layers
+        extraction = median_seconds(extract, repeats)
+    passes = (config.augment_views + 1) * len(split)  # the training views, then validation
+    return {"augment_views": config.augment_views, "images_through_frozen_layers": passes,
+            "extraction_images_per_s": round(passes / extraction, 1),
+            "saved_model_batch32_images_per_s": round(len(split) / serving, 1),
+            "ratio": round(passes / extraction / (len(split) / serving), 2)}
+
+
 def bench_steps(split, size, backbone, repeats, policies) -> list[dict]:
     """images/s of training steps on one real batch, for each precision and XLA setting."""
     batch = next(iter(data.image_dataset(split, size, BATCH_SIZE)))
@@ -156,7 +191,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="mobilenet_v2", choices=["mobilenet_v2", "vgg16"])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default="pipeline,phase1,phase2,steps")
+    parser.add_argument("--only", default="pipeline,phase1,phase2,extraction,steps")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="dtype policies of steps")
     parser.add_argument("--data", type=Path, default=XRAY_TRAIN, help="a folder of class folders")
     parser.add_argument("--image-size", type=int, default=0, help="default: the backbone's")
@@ -178,6 +213,8 @@ def main() -> None:
         result["phase1"] = bench_phase1(split, size, parts, args.repeats)
     if "phase2" in wanted:
         result["phase2"] = bench_phase2(split, size, parts, args.backbone, args.repeats)
+    if "extraction" in wanted:
+        result["extraction"] = bench_extraction(split, size, parts, args.backbone, args.repeats)
     if "steps" in wanted:
         result["steps"] = bench_steps(split, size, args.backbone, args.repeats,
                                       args.precisions.split(","))

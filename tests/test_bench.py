@@ -100,6 +100,9 @@ def test_speed(bench_runs):
     # phase 2 cuts the classifier where fine-tuning starts (split_for_fine_tuning)
     assert result["phase2"]["fine_tune_from"] == "block5_conv1"
     assert result["phase2"]["cached_epoch_s"] > 0
+    extraction = result["extraction"]  # the job's frozen-layer pass against serving
+    assert extraction["images_through_frozen_layers"] == (extraction["augment_views"] + 1) * 16
+    assert extraction["ratio"] > 0 and extraction["saved_model_batch32_images_per_s"] > 0
     steps = result["steps"]
     assert {(row["phase"], row["xla"]) for row in steps} == {
         (phase, xla) for phase in ("phase 1, augmented", "phase 2") for xla in (False, True)}
