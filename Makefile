@@ -1,9 +1,10 @@
 # The two commands a new user needs: `make setup`, then `make demo`. `make test` is what CI runs.
+# `make browser` installs Debian's chromium for the test that renders report.html headless.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test
+.PHONY: setup demo test browser
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -15,3 +16,11 @@ demo:
 
 test:
 	$(PY) -m pytest
+
+# Debian's chromium, through apt (sudo unless root); a machine without apt-get is told so and the
+# test that needs it skips, saying why.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "no chromium and no apt-get: install Chromium yourself (the report test skips without it)"; exit 0; }; \
+	  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }

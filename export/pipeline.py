@@ -4,8 +4,9 @@ export_run tells it in order: fetch the run and read its record; re-discover its
 sample the parity and calibration images; build each row of the format table
 (export.formats: model.onnx, then model.int8.onnx from it) and count the operators onnxruntime
 runs in int8 in each; compare every model with TensorFlow on the run's test images and apply each
-format's gate; time every backend; stamp the models that passed and publish them, and last
-export_report.json (the export's completion marker, also written when a gate fails).
+format's gate; time every backend; stamp the models that passed and publish them with the run's
+report.html rendered again with the export's figures, and last export_report.json (the export's
+completion marker, also written when a gate fails).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from export.errors import BadInput, GateFailed
 from export.formats import (REBUILD, SAVED_MODEL, BuildContext, Format, Verdict, export_formats,
                             judge)
 from export.report import build_report
+from job import html_report
 from job.record import RecordError, RunRecord
 from job.report import sha256, write_json
 
@@ -74,6 +76,7 @@ def export_run(config: ExportConfig) -> dict:
             quantization=notes.get("int8"),
             seconds=seconds, versions=versions(), created_utc=utc_now())
         write_json(context.staging / REPORT, report)
+        render_run_report(run_dir, context.staging, report, config, record)
         publish(context.staging, config.target_uri,
                 withdrawn=[name for name, ok in verdict.passed.items() if not ok])
     log.info("export %s: %s", report["status"], config.target_uri)
@@ -137,6 +140,23 @@ def load_data(config: ExportConfig, record: RunRecord):
     if len(dataset.test) == 0:
         raise BadInput(f"DATA_URI={data_uri}: the run has no test images to check parity on")
     return dataset
+
+
+def render_run_report(run_dir: Path, staging: Path, report: dict, config: ExportConfig,
+                      record: RunRecord) -> None:
+    """Stages the run's report.html again, its export section filled in, to be published beside
+    export_report.json. It is drawn from metrics.json and test_predictions.json (written by the
+    training for this), not from the export's own parity sample, so it shows the same run; the
+    thumbnails come from the data as load_data fetched it. Published into the run directory (the
+    default target), it replaces the training's report.html: the one file of a complete run the
+    export changes, so MANIFEST.json's checksum of it then describes the training's version."""
+    from job import storage
+
+    data_root = storage.local_dir_for(config.data_uri or record.data_uri,
+                                      config.cache_dir / "data")  # as load_data's fetch_tree
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    predictions = html_report.read_predictions(run_dir / html_report.PREDICTIONS, data_root)
+    html_report.write_report(staging / html_report.REPORT, metrics, predictions, report)
 
 
 def sample(split, count: int, seed: int):

@@ -160,7 +160,8 @@ def smooth(values: list[float], weight: float = 0.6) -> list[float]:
 
 
 def plot_history(history: dict[str, list[float]], title: str, path: Path) -> None:
-    """Accuracy and loss per epoch, training and validation, raw (thin) and smoothed (bold)."""
+    """Accuracy and loss per epoch, training and validation, raw (thin) and smoothed (bold), as
+    PNG to path (a file path or a binary stream: report.html embeds them)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,7 +174,8 @@ def plot_history(history: dict[str, list[float]], title: str, path: Path) -> Non
             values = history.get(key, [])
             epochs = range(1, len(values) + 1)
             axis.plot(epochs, values, color=colour, alpha=0.35, linewidth=1, label=f"{label} (raw)")
-            axis.plot(epochs, smooth(values), color=colour, linewidth=2, label=f"{label} (smoothed)")
+            axis.plot(epochs, smooth(values), color=colour, linewidth=2, label=f"{label} (smoothed)",
+                      marker="o" if len(values) == 1 else None)  # one epoch: a point, not a line
         axis.set_title(f"{title}: {metric}")
         axis.set_xlabel("epoch")
         axis.legend(fontsize=8)

@@ -4,8 +4,8 @@ Phase 1 (feature extraction) trains a new head on a frozen conv base; phase 2 (f
 unfreezes the base from FINE_TUNE_FROM up and trains at a low learning rate. What each phase fits
 on (the cached outputs of its frozen layers, or the images) is job.features' concern; how a phase
 is scored (validation-chosen threshold, TTA) is job.report's. The run directory gets the
-SavedModel, labels, metrics (with the run record the export reads), plots and summary, then
-MANIFEST.json.
+SavedModel, labels, metrics (with the run record the export reads), plots and summary, the test
+predictions and report.html (job.html_report), then MANIFEST.json.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from edge import logs as edge_logs
-from job import data, distribute, model, report, storage
+from job import data, distribute, html_report, model, report, storage
 from job.checkpoint import Checkpoints, StopSignal, phase_key
 from job.config import Config, ConfigError
 from job.context import RunContext
@@ -105,7 +105,8 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
                           summaries)
     log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
     context.run_dir.mkdir(parents=True, exist_ok=True)
-    write_run(context.run_dir, config, parts.classifier, dataset.class_names, metrics, summaries)
+    write_run(context.run_dir, config, parts.classifier, dataset.class_names, metrics, summaries,
+              final_test_predictions(config, dataset, trainer, phases(config)[-1]))
     if not context.chief:
         context.discard_throwaways()
         log.info("worker done; the chief publishes the run")
@@ -265,6 +266,9 @@ class Trainer:
                               if config.class_weights == "auto" and _imbalanced(dataset.train)
                               else None)
         self.verbose = 1 if sys.stdout.isatty() else 0
+        # Per phase name: the test split's probabilities as scored, for report.html (in memory:
+        # metrics.json keeps only the scores).
+        self.test_probabilities: dict[str, np.ndarray] = {}
 
     def fit(self, phase: Phase) -> dict:
         """Trains one phase and returns its record, or restores it when an earlier attempt of
@@ -340,9 +344,12 @@ class Trainer:
 
         labels = {name: np.asarray(getattr(self.dataset, name).labels, dtype=np.int32)
                   for name in names}
-        result = report.score_phase(
-            labels, {name: predict(name, False) for name in names}, self.dataset.class_names,
-            {name: predict(name, True) for name in names} if self.config.tta else None)
+        probabilities = {name: predict(name, False) for name in names}
+        flipped = {name: predict(name, True) for name in names} if self.config.tta else None
+        result = report.score_phase(labels, probabilities, self.dataset.class_names, flipped)
+        if "test" in probabilities:  # what score_phase scored: with TTA, the mean with the flip
+            self.test_probabilities[phase] = probabilities["test"] if flipped is None else \
+                (probabilities["test"] + flipped["test"]) / 2
         for name in names:
             log.info("%s after %s: %s", name, phase, report.summary_line(result[name]),
                      extra=edge_logs.fields(phase=phase, split=name,
@@ -354,18 +361,24 @@ class Trainer:
 
 
 class EpochProgress(keras.callbacks.Callback):
-    """Within an epoch that runs long, a line every PROGRESS_SECONDS: batches done, rate, ETA."""
+    """Within an epoch that runs long, a line every PROGRESS_SECONDS: batches done, rate, ETA.
+
+    Never a bar of its own: where Keras draws its bar (fit's verbose=1, on a terminal) this adds
+    nothing, neither a second bar nor lines across Keras'; elsewhere it logs its plain lines."""
 
     def __init__(self, phase: str):
         super().__init__()
         self.phase, self.progress = phase, None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.progress = Progress(f"{self.phase} epoch {epoch + 1}", self.params.get("steps") or 0,
-                                 "batches", log, fraction=None)
+        keras_draws = bool(self.params.get("verbose"))
+        self.progress = None if keras_draws else Progress(
+            f"{self.phase} epoch {epoch + 1}", self.params.get("steps") or 0, "batches", log,
+            fraction=None, bar=False)
 
     def on_train_batch_end(self, batch, logs=None):
-        self.progress.advance()
+        if self.progress is not None:
+            self.progress.advance()
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -383,9 +396,25 @@ class EpochLog(keras.callbacks.Callback):
                                         metrics=metrics))
 
 
+def final_test_predictions(config: Config, dataset: data.DataSet, trainer: Trainer,
+                           final: Phase) -> html_report.TestPredictions | None:
+    """The final phase's test probabilities with the test images' paths (relative to the data
+    root, as the export finds them again); None without a test split, or when an earlier attempt
+    of the run finished the final phase, so this process never scored it."""
+    probabilities = trainer.test_probabilities.get(final.name)
+    if probabilities is None:
+        return None
+    root = storage.local_dir_for(config.data_uri, config.cache_dir / "data")  # as load_data
+    return html_report.TestPredictions.of_split(dataset.test.paths, dataset.test.labels,
+                                                probabilities, root)
+
+
 def write_run(work_dir: Path, config: Config, classifier: keras.Model, class_names: list[str],
-              metrics: dict, summaries: dict) -> None:
-    """Writes every output file; MANIFEST.json, last, marks the run complete."""
+              metrics: dict, summaries: dict,
+              predictions: html_report.TestPredictions | None = None) -> None:
+    """Writes every output file; MANIFEST.json, last, marks the run complete. report.html draws
+    its ROC/PR curves and contact sheet from predictions, also kept as test_predictions.json so
+    that the export can render it again; without them the page says they are missing."""
     classifier.export(str(work_dir / "saved_model"), verbose=False)
     classifier.save(work_dir / "model.keras")
     (work_dir / "labels.txt").write_text("\n".join(class_names) + "\n")
@@ -396,6 +425,9 @@ def write_run(work_dir: Path, config: Config, classifier: keras.Model, class_nam
     (work_dir / "model_summary.txt").write_text("\n\n".join(
         f"== after {phase} ==\n{s['text']}\n{s['parameters']}" for phase, s in summaries.items()))
     report.write_json(work_dir / "metrics.json", metrics)
+    if predictions is not None:
+        html_report.write_predictions(work_dir / html_report.PREDICTIONS, predictions)
+    html_report.write_report(work_dir / html_report.REPORT, metrics, predictions)
     report.write_manifest(work_dir)
 
 

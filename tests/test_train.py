@@ -92,10 +92,12 @@ def test_job_exits_0_and_logs_one_line_per_epoch(tiny_run):
 def test_job_writes_every_output_and_the_manifest_lists_them(tiny_run):
     run_dir = tiny_run["run_dir"]
     expected = {"MANIFEST.json", "metrics.json", "labels.txt", "model.keras", "model_summary.txt",
-                "curves_phase1.png", "curves_phase2.png", "saved_model"}
+                "curves_phase1.png", "curves_phase2.png", "saved_model", "report.html",
+                "test_predictions.json"}
     assert expected <= {p.name for p in run_dir.iterdir()}
     manifest = json.loads((run_dir / report.MANIFEST).read_text())["files"]
     assert "saved_model/saved_model.pb" in manifest and "metrics.json" in manifest
+    assert "report.html" in manifest and "test_predictions.json" in manifest
     for name, entry in manifest.items():
         assert (run_dir / name).stat().st_size == entry["bytes"]
         assert report.sha256(run_dir / name) == entry["sha256"]
