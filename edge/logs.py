@@ -9,7 +9,8 @@ environment variables say so) and text elsewhere. The job, the export and the pr
 through here, and Python warnings become log lines too, so in json every line of stderr parses.
 
 LOG_FORMAT is read by the entrypoints before their other settings: logging has to exist first,
-so that a bad setting is reported in the format the collector expects.
+so that a bad setting is reported in the format the collector expects. configure also decides,
+once, whether long steps may draw a live progress bar (live_progress): only in text on a terminal.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FIELDS = "fields"  # a record's attribute holding its structured fields; see fields()
 
 _context: dict[str, Any] = {}  # on every JSON line; filled once per process by set_context
+_live_progress = False  # set by configure: stderr is a terminal and the format is text
 
 
 class LogFormatError(ValueError):
@@ -49,16 +51,45 @@ def choose_format(environ: Mapping[str, str]) -> str:
 def configure(environ: Mapping[str, str]) -> None:
     """Sends every log line to stderr in the format LOG_FORMAT chooses. Raises LogFormatError
     for a bad LOG_FORMAT, after setting up text logs to report it in."""
+    global _live_progress
+    _live_progress = False
     try:
         chosen = choose_format(environ)
     except LogFormatError:
         _install(logging.Formatter(TEXT_FORMAT))
         raise
     _install(JsonFormatter() if chosen == "json" else logging.Formatter(TEXT_FORMAT))
+    _live_progress = chosen == "text" and _is_terminal(sys.stderr)
+
+
+def live_progress() -> bool:
+    """Whether a long step may draw a live progress bar on stderr (job.progress): configure found
+    stderr a terminal and the format text. False before configure, in json, and off a terminal."""
+    return _live_progress
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is when a line is written, not on the one there at
+    start-up: while a live progress bar is drawn, rich points sys.stderr at a proxy that prints
+    each line above the bar, so log lines and the bar do not overwrite each other."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
 
 
 def _install(formatter: logging.Formatter) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

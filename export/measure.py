@@ -56,11 +56,11 @@ def keras_predictor(model) -> Predict:
 def predict_all(predict: Predict, images: np.ndarray, step: str,
                 batch_size: int = 32) -> np.ndarray:
     """The probabilities of every image, in batches, the progress logged as step."""
-    progress = Progress(step, len(images), "images", log)
     outputs = []
-    for start in range(0, len(images), batch_size):
-        outputs.append(predict(images[start:start + batch_size]))
-        progress.advance(len(outputs[-1]))
+    with Progress(step, len(images), "images", log) as progress:
+        for start in range(0, len(images), batch_size):
+            outputs.append(predict(images[start:start + batch_size]))
+            progress.advance(len(outputs[-1]))
     return np.concatenate(outputs).astype(np.float32)
 
 

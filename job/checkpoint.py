@@ -97,9 +97,11 @@ class Checkpoints:
             log.info("%s: resuming at epoch %d from the checkpoint", phase, epochs_saved + 1)
         return {key: values[:epochs_saved] for key, values in history.items()}
 
-    def sync(self) -> None:
+    def sync(self, quiet: bool = False) -> None:
+        """Mirrors the folder to the URI (the writer only). quiet: the sync after every epoch,
+        whose summary is a DEBUG line; the phase's last (finish) and SIGTERM's stay INFO."""
         if self.writer:
-            storage.sync_owned(self.local_dir, self.uri, self.run_id,
+            storage.sync_owned(self.local_dir, self.uri, self.run_id, quiet=quiet,
                                retry_deadline=self.retry_deadline)
 
     def clear(self) -> None:
@@ -140,7 +142,7 @@ class PreemptibleBackup(keras.callbacks.BackupAndRestore):
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
-        self.checkpoints.sync()
+        self.checkpoints.sync(quiet=True)  # one INFO line per phase: finish()'s
 
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, logs)

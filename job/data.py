@@ -160,12 +160,12 @@ def cached(examples: tf.data.Dataset, cache_file: str, step: str) -> tf.data.Dat
     if not Path(f"{cache_file}.index").exists():
         for partial in Path(cache_file).parent.glob(f"{Path(cache_file).name}*"):
             partial.unlink()  # left by a process killed while filling it
-        progress = Progress(step, max(0, int(examples.cardinality())), "examples", log)
         # Batched only to count them: the pass runs in tf.data, Python sees one count per batch.
         counts = examples.cache(cache_file).batch(FILL_BATCH).map(
             lambda *example: tf.shape(tf.nest.flatten(example)[0])[0])
-        for count in counts.as_numpy_iterator():
-            progress.advance(int(count))
+        with Progress(step, max(0, int(examples.cardinality())), "examples", log) as progress:
+            for count in counts.as_numpy_iterator():
+                progress.advance(int(count))
     return examples.cache(cache_file)
 
 

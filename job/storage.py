@@ -377,10 +377,11 @@ def claim_owned(uri: str, owner: str, *,
         prefix.owned_names(owner)
 
 
-def sync_owned(local_dir: Path, uri: str, owner: str, *,
+def sync_owned(local_dir: Path, uri: str, owner: str, *, quiet: bool = False,
                retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> TransferStats:
     """Mirrors local_dir to the owned prefix uri: uploads new and changed files, and deletes the
-    names an earlier sync recorded that local_dir no longer has, never anything else.
+    names an earlier sync recorded that local_dir no longer has, never anything else. quiet: its
+    summary line is DEBUG, not INFO (the checkpoint's sync after every epoch).
 
     The record lists a name before its upload starts, so whatever a killed sync left is still
     known to be the job's, and is cleared later."""
@@ -396,7 +397,7 @@ def sync_owned(local_dir: Path, uri: str, owner: str, *,
         prefix.record(owner, set(local_files))
     stats = TransferStats(len(changed), size, len(local_files) - len(changed), len(stale),
                           time.monotonic() - start)
-    _log("synced", local_dir, uri, stats)
+    _log("synced", local_dir, uri, stats, logging.DEBUG if quiet else logging.INFO)
     return stats
 
 
@@ -624,20 +625,20 @@ class _Remote:
         for _ in range(min(self.max_workers, len(transfers))):
             threading.Thread(target=work, daemon=True).start()
         errors: list[Exception] = []
-        progress = Progress(step, len(transfers), "objects", logger)
         give_up_at = time.monotonic() + self.deadline
         try:
-            for _ in transfers:
-                try:
-                    result = done.get(timeout=max(0.0, give_up_at - time.monotonic()))
-                except queue.Empty:  # reported by _remote as "still failing after retrying"
-                    raise api_exceptions.RetryError("no transfer succeeded",
-                                                    errors[-1] if errors else None) from None
-                progress.advance()
-                if result is None:
-                    give_up_at = time.monotonic() + self.deadline
-                else:
-                    errors.append(result)
+            with Progress(step, len(transfers), "objects", logger) as progress:
+                for _ in transfers:
+                    try:
+                        result = done.get(timeout=max(0.0, give_up_at - time.monotonic()))
+                    except queue.Empty:  # reported by _remote as "still failing after retrying"
+                        raise api_exceptions.RetryError("no transfer succeeded",
+                                                        errors[-1] if errors else None) from None
+                    progress.advance()
+                    if result is None:
+                        give_up_at = time.monotonic() + self.deadline
+                    else:
+                        errors.append(result)
         except BaseException:
             stopped.set()  # given up, or a signal: the threads take nothing more
             raise
@@ -790,7 +791,8 @@ def _same_file(source: Path, target: Path) -> bool:
     return a.st_size == b.st_size and int(a.st_mtime) == int(b.st_mtime)
 
 
-def _log(verb: str, source: object, destination: object, stats: TransferStats) -> None:
-    logger.info("%s %s -> %s: %d objects, %.2f MB in %.2f s (%.2f MB/s); %d already current, "
-                "%d removed", verb, source, destination, stats.objects, stats.bytes / 1e6,
-                stats.seconds, stats.mb_per_s, stats.cached, stats.removed)
+def _log(verb: str, source: object, destination: object, stats: TransferStats,
+         level: int = logging.INFO) -> None:
+    logger.log(level, "%s %s -> %s: %d objects, %.2f MB in %.2f s (%.2f MB/s); %d already "
+               "current, %d removed", verb, source, destination, stats.objects,
+               stats.bytes / 1e6, stats.seconds, stats.mb_per_s, stats.cached, stats.removed)

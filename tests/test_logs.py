@@ -1,9 +1,16 @@
-"""What a run prints: text or JSON lines as LOG_FORMAT says, TensorFlow's start-up lines held back."""
+"""What a run prints: text or JSON lines as LOG_FORMAT says, TensorFlow's start-up lines held back,
+a live progress bar only on a terminal with text logs."""
+import contextlib
+import io
 import json
 import logging
 import os
+import sys
 
-from edge.logs import JsonFormatter, choose_format, fields, set_context
+import pytest
+
+from edge import logs as edge_logs
+from edge.logs import OWN_LOGGERS, JsonFormatter, choose_format, configure, fields, set_context
 from job.logs import NATIVE_LINE, quiet_native_startup
 from tests.conftest import run_job, tiny_vgg16_settings, write_class_images
 
@@ -80,3 +87,44 @@ def test_every_line_of_a_json_run_parses_and_epochs_carry_their_metrics(tmp_path
     assert isinstance(epochs[0]["metrics"]["val_loss"], float)
     scores = [entry for entry in entries if entry.get("split") == "validation"]
     assert len(scores) == 2 and 0 <= scores[-1]["metrics"]["accuracy"] <= 1
+
+
+class FakeStderr(io.StringIO):
+    def __init__(self, terminal: bool):
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self):
+        return self.terminal
+
+
+@contextlib.contextmanager
+def configured(environ):
+    """edge.logs.configure(environ), undone afterwards: handlers, levels, warnings, the bar."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    own = {name: logging.getLogger(name).level for name in OWN_LOGGERS}
+    try:
+        configure(environ)
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, own_level in own.items():
+            logging.getLogger(name).setLevel(own_level)
+        logging.captureWarnings(False)
+        edge_logs._live_progress = False
+
+
+@pytest.mark.parametrize("terminal, environ, live", [
+    (True, {"LOG_FORMAT": "text"}, True),
+    (True, {}, True),  # auto: text here
+    (True, {"LOG_FORMAT": "json"}, False),
+    (True, {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, False),  # auto: json
+    (False, {"LOG_FORMAT": "text"}, False),
+])
+def test_a_live_bar_is_allowed_only_on_a_terminal_with_text_logs(terminal, environ, live,
+                                                                 monkeypatch):
+    monkeypatch.setattr(sys, "stderr", FakeStderr(terminal))
+    with configured(environ):
+        assert edge_logs.live_progress() is live
