@@ -37,8 +37,9 @@ def float32_policy():
 def rebuild_float32(run_dir: Path, record: RunRecord):
     """The run's classifier rebuilt under the float32 policy, with every weight of model.keras.
 
-    Returns (float32 keras.Model, the loaded model.keras model). Raises BadInput when the run
-    cannot be rebuilt (hub backbone, architecture mismatch).
+    Returns (float32 keras.Model, the loaded model.keras model; None for a hub backbone, see
+    saved_model_as_float32). Raises BadInput when the run cannot be rebuilt (architecture
+    mismatch, a hub backbone trained under mixed precision).
     """
     import keras
 
@@ -46,8 +47,7 @@ def rebuild_float32(run_dir: Path, record: RunRecord):
     from job.config import BACKBONES
 
     if record.backbone not in BACKBONES:
-        raise BadInput(f"backbone {record.backbone!r}: only the built-in backbones "
-                       f"({', '.join(BACKBONES)}) can be rebuilt in float32 for export")
+        return saved_model_as_float32(run_dir, record), None
     with float32_policy():
         base, mode = job_model.build_base(record.backbone, record.alpha, None, record.image_size)
         parts = job_model.build_classifier(base, mode, len(record.classes), record.image_size,
@@ -68,6 +68,27 @@ def rebuild_float32(run_dir: Path, record: RunRecord):
         raise ExportError(f"the rebuild is not float32 (weights {non_float32}, compute "
                           f"{parts.classifier.compute_dtype})")
     return parts.classifier, trained
+
+
+def saved_model_as_float32(run_dir: Path, record: RunRecord):
+    """A hub backbone's run as a Keras model: its SavedModel, called as served.
+
+    A hub module has no architecture in code to rebuild, and model.keras would load it again
+    from the path it was fetched to in training (through a layer Keras only loads when told to
+    trust it); the run's SavedModel holds the module with its fine-tuned weights. Only a float32
+    run: under mixed precision its head computes in float16 and nothing rebuilds it in float32.
+    """
+    import keras
+
+    if record.mixed_precision:
+        raise BadInput(f"backbone {record.backbone!r} (a hub module) trained under "
+                       f"{record.precision_policy}: only a float32 hub run can be exported "
+                       "(train it with MIXED_PRECISION=off)")
+    size = record.image_size
+    images = keras.Input((size, size, 3), name=INPUT_NAME)
+    served = keras.layers.TFSMLayer(str(run_dir / "saved_model"), call_endpoint="serve",
+                                    trainable=False, name="saved_model")
+    return keras.Model(images, served(images), name="classifier")
 
 
 def to_onnx(classifier, image_size: int, opset: int):

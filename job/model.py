@@ -9,6 +9,7 @@ alone on cached features and the classifier sees the result.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import keras
 from keras import layers, ops
@@ -84,7 +85,38 @@ def _hub_base(handle: str) -> layers.Layer:
     import tensorflow_hub as hub
 
     path = hub.resolve(handle)
-    return layers.TFSMLayer(path, call_endpoint="serving_default", trainable=False, name="hub_module")
+    # float32 under any policy: a signature's input dtype is fixed when saved, and under
+    # mixed_float16 Keras would cast the images to float16, which the signature refuses.
+    return HubModule(path, call_endpoint="serving_default", trainable=False, dtype="float32",
+                     name="hub_module")
+
+
+# What a TensorFlow name scope accepts (tf.name_scope raises on anything else).
+_NOT_IN_SCOPE_NAMES = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+@keras.saving.register_keras_serializable(package="job")
+class HubModule(layers.TFSMLayer):
+    """A SavedModel's signature as a Keras layer whose weights an optimizer can train.
+
+    TFSMLayer tracks the module's own tf.Variables (the signature reads them, so training them
+    trains the module) under their TensorFlow names with "/" replaced, e.g. "Conv1_kernel:0".
+    Keras optimizers name each slot variable after its model variable inside a name scope, which
+    refuses ":" ("'Conv1_kernel:0_velocity' is not a valid scope name"), so fine-tuning failed at
+    its first step. Here the names lose the ":0" output index, which names a tensor, not a
+    variable, and any other character a scope refuses: "Conv1/kernel:0" is "Conv1_kernel".
+
+    The signature runs as it was traced (TF-Hub's image modules: in inference mode) whatever
+    `training` says, since TFSMLayer switches only to a training endpoint and none is given: the
+    module's BatchNormalization keeps its moving statistics while its other weights train.
+    """
+
+    def _add_existing_weight(self, weight):
+        # Overrides TFSMLayer's (Keras 3.15) only to pass a usable name; the tests fine-tune a
+        # module, so a Keras release that stops calling it fails there, not in a user's run.
+        name = _NOT_IN_SCOPE_NAMES.sub("_", re.sub(r":\d+$", "", weight.name))
+        self._track_variable(keras.Variable(initializer=weight, trainable=weight.trainable,
+                                            dtype=weight.dtype, shape=weight.shape, name=name))
 
 
 def build_classifier(base, preprocess_mode: str, num_classes: int, image_size: int,

@@ -20,6 +20,7 @@ SHARED = ROOT.parent / "shared"
 XRAY = SHARED / "data" / "chest_xray_pneumonia_224"
 XRAY_ORIGINALS = SHARED / "data" / "chest_xray_pneumonia_orig_sample"
 MOBILENET_V2_050 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+MOBILENET_V2_035 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 
 
 def require_shared(path: Path) -> Path:
@@ -41,6 +42,33 @@ def xray_originals_dir() -> Path:
 @pytest.fixture(scope="session")
 def mobilenet_v2_weights() -> Path:
     return require_shared(MOBILENET_V2_050)
+
+
+@pytest.fixture(scope="session")
+def hub_feature_vector(tmp_path_factory) -> Path:
+    """A local image feature-vector module, as TF-Hub's TF2 ones are: a SavedModel whose
+    `serving_default` signature takes float32 pixels in [0, 1], of any height and width, and
+    returns {"feature_vector": [batch, 1280]}, traced in inference mode (BatchNormalization on its
+    moving statistics). Inside: MobileNetV2 0.35 with the real ImageNet weights of ../shared."""
+    import keras
+    import tensorflow as tf
+
+    from export.convert import float32_policy
+
+    weights = require_shared(MOBILENET_V2_035)
+    with float32_policy():  # whatever policy an earlier test in this process left set
+        network = keras.applications.MobileNetV2(alpha=0.35, include_top=False, pooling="avg",
+                                                 weights=str(weights), input_shape=(None, None, 3))
+    module = tf.Module()
+    module.network = network  # tracked, so the SavedModel holds its variables
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
+    def serve(images):  # MobileNetV2 itself takes [-1, 1]
+        return {"feature_vector": network(images * 2.0 - 1.0, training=False)}
+
+    path = tmp_path_factory.mktemp("hub") / "mobilenet_v2_035_feature_vector"
+    tf.saved_model.save(module, str(path), signatures={"serving_default": serve})
+    return path
 
 
 @pytest.fixture(scope="session")
