@@ -98,11 +98,23 @@ RECIPES = (UINT8, MIXED_16BIT)  # fastest first
 
 
 class ImageReader(CalibrationDataReader):
-    """onnxruntime's CalibrationDataReader over image files, in small batches."""
+    """onnxruntime's CalibrationDataReader over image files, in small batches. onnxruntime pulls
+    the images, so the progress of calibration is counted here; used as `with ImageReader(...)`,
+    it may draw a live bar (job.progress), removed when the block ends."""
 
     def __init__(self, paths: list[str], image_size: int, batch_size: int = 16):
         self.paths, self.image_size, self.batch_size = list(paths), image_size, batch_size
+        self.in_block, self.progress = False, None
         self.rewind()
+
+    def __enter__(self) -> "ImageReader":
+        self.in_block = True
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.in_block = False
+        self.progress.close()
 
     def get_next(self) -> dict | None:
         from edge.images import load_images
@@ -116,7 +128,11 @@ class ImageReader(CalibrationDataReader):
 
     def rewind(self) -> None:
         self.position = 0
+        if self.progress is not None:
+            self.progress.close()
         self.progress = Progress("calibration", len(self.paths), "images", log)
+        if self.in_block:
+            self.progress.__enter__()
 
 
 def quantize_int8(float_model: Path, int8_model: Path, calibration_paths: list[str],
@@ -183,12 +199,12 @@ def _quantize(model: Path, output: Path, calibration_paths: list[str], image_siz
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     try:
-        quantize_static(
-            str(model), str(output), ImageReader(calibration_paths, image_size),
-            quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType[activations], weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"TensorQuantOverrides": overrides})
+        with ImageReader(calibration_paths, image_size) as reader:
+            quantize_static(
+                str(model), str(output), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType[activations], weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"TensorQuantOverrides": overrides})
     except Exception as error:
         raise ExportError(f"int8 quantization failed: {error.__class__.__name__}: "
                           f"{str(error).splitlines()[0][:300]}") from None

@@ -165,3 +165,21 @@ def test_an_epoch_adds_nothing_where_keras_draws_its_bar_and_lines_elsewhere():
     callback.set_params({"verbose": 0, "epochs": 1, "steps": 50})
     callback.on_epoch_begin(0)
     assert callback.progress.total == 50 and callback.progress.wants_bar is False
+
+
+def test_calibration_counts_in_a_with_block_that_each_rewind_renews_and_the_end_closes(tmp_path):
+    """onnxruntime pulls calibration images and rewinds the reader between passes: every pass
+    counts inside the block (so a terminal gets its bar) and nothing is left drawn afterwards,
+    also when quantization raises."""
+    from export.quantize import ImageReader
+    from tests.conftest import write_class_images
+
+    paths = [str(p) for p in sorted(write_class_images(tmp_path, ["a"], 20).rglob("*.png"))]
+    reader = ImageReader(paths, 24, batch_size=8)
+    with pytest.raises(RuntimeError), reader:
+        first = reader.progress
+        assert first.in_block and reader.get_next()["image"].shape == (8, 24, 24, 3)
+        reader.rewind()
+        assert not first.in_block and reader.progress.in_block and reader.progress.done == 0
+        raise RuntimeError("quantization failed")
+    assert not reader.progress.in_block and reader.progress.bar is None
