@@ -146,7 +146,7 @@ def bench_extraction(split, size, parts, backbone, repeats) -> dict:
         config = Config(data_uri="(images in memory)", backbone=backbone, image_size=size,
                         fine_tune_from=default_fine_tune_from(backbone))
         no_test = dataclasses.replace(split, paths=[], labels=[])
-        dataset = data.DataSet(["0", "1"], split, split, no_test, {}, [])
+        dataset = data.DataSet(["0", "1"], split, split, no_test, {}, [], Path(scratch))
 
         def extract():
             run = Path(tempfile.mkdtemp(dir=scratch))

@@ -76,7 +76,7 @@ def export_run(config: ExportConfig) -> dict:
             quantization=notes.get("int8"),
             seconds=seconds, versions=versions(), created_utc=utc_now())
         write_json(context.staging / REPORT, report)
-        render_run_report(run_dir, context.staging, report, config, record)
+        render_run_report(run_dir, context.staging, report, dataset.root)
         publish(context.staging, config.target_uri,
                 withdrawn=[name for name, ok in verdict.passed.items() if not ok])
     log.info("export %s: %s", report["status"], config.target_uri)
@@ -142,18 +142,13 @@ def load_data(config: ExportConfig, record: RunRecord):
     return dataset
 
 
-def render_run_report(run_dir: Path, staging: Path, report: dict, config: ExportConfig,
-                      record: RunRecord) -> None:
+def render_run_report(run_dir: Path, staging: Path, report: dict, data_root: Path) -> None:
     """Stages the run's report.html again, its export section filled in, to be published beside
     export_report.json. It is drawn from metrics.json and test_predictions.json (written by the
     training for this), not from the export's own parity sample, so it shows the same run; the
-    thumbnails come from the data as load_data fetched it. Published into the run directory (the
+    thumbnails come from data_root, where load_data found the run's data. Published into the run directory (the
     default target), it replaces the training's report.html: the one file of a complete run the
     export changes, so MANIFEST.json's checksum of it then describes the training's version."""
-    from job import storage
-
-    data_root = storage.local_dir_for(config.data_uri or record.data_uri,
-                                      config.cache_dir / "data")  # as load_data's fetch_tree
     metrics = json.loads((run_dir / "metrics.json").read_text())
     predictions = html_report.read_predictions(run_dir / html_report.PREDICTIONS, data_root)
     html_report.write_report(staging / html_report.REPORT, metrics, predictions, report)

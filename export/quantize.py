@@ -104,16 +104,14 @@ class ImageReader(CalibrationDataReader):
 
     def __init__(self, paths: list[str], image_size: int, batch_size: int = 16):
         self.paths, self.image_size, self.batch_size = list(paths), image_size, batch_size
-        self.in_block, self.progress = False, None
+        self.progress: Progress | None = None
         self.rewind()
 
     def __enter__(self) -> "ImageReader":
-        self.in_block = True
         self.progress.__enter__()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.in_block = False
         self.progress.close()
 
     def get_next(self) -> dict | None:
@@ -127,11 +125,13 @@ class ImageReader(CalibrationDataReader):
         return {INPUT_NAME: load_images(chunk, self.image_size)}
 
     def rewind(self) -> None:
+        """Back to the first image, counting afresh (inside the block, if the last count was)."""
         self.position = 0
+        in_block = self.progress is not None and self.progress.in_block
         if self.progress is not None:
             self.progress.close()
         self.progress = Progress("calibration", len(self.paths), "images", log)
-        if self.in_block:
+        if in_block:
             self.progress.__enter__()
 
 

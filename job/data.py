@@ -54,6 +54,7 @@ class DataSet:
     test: Split
     skipped: dict[str, str]  # file path (relative to the data root) -> reason
     notes: list[str]  # how the layout was read, for the log and metrics.json
+    root: Path  # the folder the splits' paths were found under
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {name: getattr(self, name).class_counts(self.class_names) for name in SPLITS}
@@ -104,7 +105,7 @@ def load_dataset(root: Path, image_size: int, validation_split: float, test_spli
         train, test = stratified_split(train, test_split, seed + 1)
         notes.append(f"test: {test_split:.0%} of the training images, stratified, seed {seed + 1}")
     _require_every_class(train, class_names, train_root, root, skipped)
-    return DataSet(class_names, train, validation, test, skipped, notes)
+    return DataSet(class_names, train, validation, test, skipped, notes, root)
 
 
 def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:

@@ -89,10 +89,7 @@ def read_predictions(path: Path, root: Path | None) -> TestPredictions | None:
 def write_report(path: Path, metrics: dict, predictions: TestPredictions | None,
                  export_report: dict | None = None) -> None:
     """Renders report.html to path (through a temporary file, so no reader sees half of it)."""
-    temporary = Path(f"{path}.tmp")
-    temporary.write_text(render(metrics, metrics["classes"], predictions, export_report),
-                         encoding="utf-8")
-    temporary.replace(path)
+    report.write_text(path, render(metrics, metrics["classes"], predictions, export_report))
 
 
 def render(metrics: dict, class_names: list[str], predictions: TestPredictions | None,
@@ -167,12 +164,18 @@ def confusion_section(metrics: dict, class_names: list[str]) -> str:
     test = metrics.get("test")
     if not test:
         return _note("no test split: nothing scored")
-    cases = [("at 0.5" if len(class_names) == 2 else "argmax", test)]
+    return "".join(_confusion_plot(np.asarray(scores["confusion_matrix"]), class_names, caption)
+                   for caption, scores in operating_points(test, len(class_names)))
+
+
+def operating_points(test: dict, classes: int) -> list[tuple[str, dict]]:
+    """(caption, scores) of the test split as metrics.json scores it: at 0.5 (argmax with more
+    than two classes) and, for two classes, at the decision threshold too."""
+    points = [("at 0.5" if classes == 2 else "argmax", test)]
     if test.get("at_decision_threshold"):
         at = test["at_decision_threshold"]
-        cases.append((f"at threshold {at['threshold']:.3f}", at))
-    return "".join(_confusion_plot(np.asarray(scores["confusion_matrix"]), class_names, caption)
-                   for caption, scores in cases)
+        points.append((f"at the decision threshold {at['threshold']:.3f}", at))
+    return points
 
 
 def roc_pr_section(class_names: list[str], predictions: TestPredictions | None,
@@ -190,10 +193,7 @@ def per_class_section(metrics: dict) -> str:
     test = metrics.get("test")
     if not test:
         return _note("no test split: nothing scored")
-    cases = [("at 0.5", test)]
-    if test.get("at_decision_threshold"):
-        cases.append((f"at the decision threshold {test['at_decision_threshold']['threshold']:.3f}",
-                      test["at_decision_threshold"]))
+    cases = operating_points(test, len(metrics.get("classes") or []))
     body = ""
     for caption, scores in cases:
         rows = [[name, f["precision"], f["recall"], f["f1"], f["support"]]
@@ -265,7 +265,7 @@ def _dict_table(rows: dict[str, dict]) -> str:
 
 
 def _confusion_plot(matrix: np.ndarray, class_names: list[str], caption: str) -> str:
-    pyplot = _pyplot()
+    pyplot = report.pyplot()
     side = min(12, 3.5 + 0.55 * len(class_names))
     figure, axis = pyplot.subplots(figsize=(side, side * 0.85))
     skm.ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(
@@ -276,7 +276,7 @@ def _confusion_plot(matrix: np.ndarray, class_names: list[str], caption: str) ->
 
 def _roc_pr_plot(labels: np.ndarray, scores: np.ndarray, threshold: float, positive: str) -> str:
     """ROC and precision-recall curves of class 1's scores, the decision threshold marked."""
-    pyplot = _pyplot()
+    pyplot = report.pyplot()
     figure, (roc, pr) = pyplot.subplots(1, 2, figsize=(11, 4.5))
     fpr, tpr, _ = skm.roc_curve(labels, scores)
     precision, recall, _ = skm.precision_recall_curve(labels, scores)
@@ -326,20 +326,11 @@ def _thumbnail(path: Path | None) -> bytes | None:
     return buffer.getvalue()
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    return pyplot
-
-
 def _figure_image(figure, alt: str) -> str:
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=80)
-    _pyplot().close(figure)
+    report.pyplot().close(figure)
     return _image(buffer.getvalue(), alt)
 
 

@@ -162,12 +162,7 @@ def smooth(values: list[float], weight: float = 0.6) -> list[float]:
 def plot_history(history: dict[str, list[float]], title: str, path: Path) -> None:
     """Accuracy and loss per epoch, training and validation, raw (thin) and smoothed (bold), as
     PNG to path (a file path or a binary stream: report.html embeds them)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(1, 2, figsize=(11, 4))
+    figure, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for axis, metric in zip(axes, ("accuracy", "loss")):
         for key, label, colour in ((metric, "training", "tab:blue"),
                                    (f"val_{metric}", "validation", "tab:orange")):
@@ -181,13 +176,29 @@ def plot_history(history: dict[str, list[float]], title: str, path: Path) -> Non
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    pyplot.close(figure)
+    pyplot().close(figure)
+
+
+def pyplot():
+    """matplotlib's pyplot on its file-only backend (a batch job has no display); imported on
+    first use, as only the end of a run draws."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as loaded
+
+    return loaded
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Writes JSON through a temporary file and a rename, so a reader never sees half a file."""
+    """Writes JSON whole (see write_text)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Writes through a temporary file and a rename, so a reader never sees half a file."""
     temporary = Path(f"{path}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
 
 

@@ -106,7 +106,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
     log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
     context.run_dir.mkdir(parents=True, exist_ok=True)
     write_run(context.run_dir, config, parts.classifier, dataset.class_names, metrics, summaries,
-              final_test_predictions(config, dataset, trainer, phases(config)[-1]))
+              final_test_predictions(dataset, trainer, phases(config)[-1]))
     if not context.chief:
         context.discard_throwaways()
         log.info("worker done; the chief publishes the run")
@@ -396,7 +396,7 @@ class EpochLog(keras.callbacks.Callback):
                                         metrics=metrics))
 
 
-def final_test_predictions(config: Config, dataset: data.DataSet, trainer: Trainer,
+def final_test_predictions(dataset: data.DataSet, trainer: Trainer,
                            final: Phase) -> html_report.TestPredictions | None:
     """The final phase's test probabilities with the test images' paths (relative to the data
     root, as the export finds them again); None without a test split, or when an earlier attempt
@@ -404,9 +404,8 @@ def final_test_predictions(config: Config, dataset: data.DataSet, trainer: Train
     probabilities = trainer.test_probabilities.get(final.name)
     if probabilities is None:
         return None
-    root = storage.local_dir_for(config.data_uri, config.cache_dir / "data")  # as load_data
     return html_report.TestPredictions.of_split(dataset.test.paths, dataset.test.labels,
-                                                probabilities, root)
+                                                probabilities, dataset.root)
 
 
 def write_run(work_dir: Path, config: Config, classifier: keras.Model, class_names: list[str],
