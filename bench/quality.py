@@ -12,16 +12,17 @@ made in the same run, on the same train/validation/test images:
     no_augmentation   AUGMENT=0
     no_fine_tuning    FINE_TUNE_EPOCHS=0
     no_pretraining    WEIGHTS=none (random initial weights)
+    dense_head        DENSE_UNITS=256 DROPOUT=0.5: the hidden-layer head, trained by Adam
     lr_x0.1, lr_x10   both learning rates (HEAD_ and FINE_TUNE_) divided or multiplied by 10
 
 - The linear probe, in this process: the pooled features of the frozen conv base (the job's
   backbone, weights, preprocessing and image size, through job.model.build_base and
   build_classifier(...).feature_extractor, in float32), on exactly the job's splits
   (job.data.load_dataset with the settings job.config.Config reads from the same environment,
-  SEED included), standardised on the training features, without augmentation. A multinomial
-  logistic regression (L2) is fitted on the training split for each C of C_GRID; the C with the
-  best validation accuracy (ties: the lower validation log loss) is kept and scored on the test
-  split, with no refit. Classes are weighted as the job weights them (balanced when CLASS_WEIGHTS
+  SEED included), without augmentation, fitted by job.probe (the job's own phase 1 under its
+  default linear head): standardised on the training features, a multinomial logistic
+  regression (L2) per C of job.probe.C_GRID on the training split, the C with the best validation
+  accuracy (ties: the lower validation log loss) kept and scored on the test split, with no refit. Classes are weighted as the job weights them (balanced when CLASS_WEIGHTS
   is auto and the training split is imbalanced). For two classes it is also scored at its own
   validation-chosen threshold, as the job is. The probe is a floor: a job that does not beat a
   logistic regression on its own frozen features has a training problem, not a data problem.
@@ -59,7 +60,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,13 +68,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.exceptions import ConvergenceWarning  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from sklearn.metrics import log_loss  # noqa: E402
-from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from bench.datasets import link_slice  # noqa: E402
-from job import data, model, report  # noqa: E402
+from job import data, model, probe, report  # noqa: E402
 from job.config import Config  # noqa: E402
 
 ABLATIONS = {
@@ -82,10 +78,10 @@ ABLATIONS = {
     "no_augmentation": {"AUGMENT": "0"},
     "no_fine_tuning": {"FINE_TUNE_EPOCHS": "0"},
     "no_pretraining": {"WEIGHTS": "none"},
+    "dense_head": {"DENSE_UNITS": "256", "DROPOUT": "0.5"},  # the head before the probe's
     "lr_x0.1": "scale 0.1",
     "lr_x10": "scale 10",
 }
-C_GRID = [float(f"{c:.3g}") for c in np.logspace(-4, 2, 10)]  # inverse L2 strengths tried
 IMBALANCED = 1.5  # the job's CLASS_WEIGHTS=auto line: largest class over smallest
 
 
@@ -97,7 +93,7 @@ def main() -> None:
                 else str(Path(args.weights).resolve()),
                 **args.settings}
     table = {"backbone": args.backbone, "alpha": args.alpha, "subset_per_class": args.subset or None,
-             "settings": args.settings, "c_grid": C_GRID, "rows": []}
+             "settings": args.settings, "c_grid": probe.C_GRID, "rows": []}
     for index, source in enumerate(args.data):
         place = work / f"{index}-{Path(source).name}"
         root = Path(source).resolve()
@@ -191,13 +187,13 @@ def linear_probe(env: dict[str, str]) -> tuple[data.DataSet, dict]:
     feature_started = time.perf_counter()
     features = frozen_features(config, dataset)
     feature_seconds = time.perf_counter() - feature_started
-    scaler = StandardScaler().fit(features["train"])
-    features = {name: scaler.transform(values) for name, values in features.items()}
     labels = {name: np.asarray(getattr(dataset, name).labels) for name in data.SPLITS}
-    fitted, unconverged = fit_grid(features["train"], labels["train"], config.class_weights)
-    chosen = choose(fitted, features["validation"], labels["validation"])
-    scores = probe_scores(fitted[chosen], features, labels, dataset.class_names)
-    return dataset, {"C": chosen, "unconverged_C": unconverged, **scores,
+    counts = np.bincount(labels["train"])
+    fitted = probe.fit((features["train"], labels["train"]),
+                       (features["validation"], labels["validation"]),
+                       balanced=config.class_weights == "auto" and counts.max() > IMBALANCED * counts.min())
+    scores = probe_scores(fitted, features, labels, dataset.class_names)
+    return dataset, {"C": fitted.c, "unconverged_C": fitted.unconverged, **scores,
                      "feature_seconds": round(feature_seconds, 1),
                      "wall_seconds": round(time.perf_counter() - started, 1)}
 
@@ -217,35 +213,7 @@ def frozen_features(config: Config, dataset: data.DataSet) -> dict[str, np.ndarr
     return features
 
 
-def fit_grid(features: np.ndarray, labels: np.ndarray, class_weights: str
-             ) -> tuple[dict[float, LogisticRegression], list[float]]:
-    """A logistic regression per C of C_GRID, and the Cs whose solver did not converge."""
-    counts = np.bincount(labels)
-    balanced = class_weights == "auto" and counts.max() > IMBALANCED * counts.min()
-    fitted, unconverged = {}, []
-    for c in C_GRID:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            fitted[c] = LogisticRegression(C=c, max_iter=2000,
-                                           class_weight="balanced" if balanced else None
-                                           ).fit(features, labels)
-        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-            unconverged.append(c)
-    return fitted, unconverged
-
-
-def choose(fitted: dict[float, LogisticRegression], features: np.ndarray, labels: np.ndarray) -> float:
-    """The C with the best validation accuracy; ties (frequent on small splits) go to the lower
-    validation log loss."""
-    def rank(c: float) -> tuple[float, float]:
-        probabilities = fitted[c].predict_proba(features)
-        accuracy = float(np.mean(probabilities.argmax(axis=1) == labels))
-        return accuracy, -log_loss(labels, probabilities, labels=fitted[c].classes_)
-
-    return max(fitted, key=rank)
-
-
-def probe_scores(fitted: LogisticRegression, features: dict[str, np.ndarray],
+def probe_scores(fitted: probe.Probe, features: dict[str, np.ndarray],
                  labels: dict[str, np.ndarray], class_names: list[str]) -> dict:
     """Validation and test headline scores, the job's way (job.report): for two classes the
     probability of the second class, and its threshold chosen on validation."""

@@ -41,8 +41,10 @@ class Config:
     head_learning_rate: float = 1e-3
     fine_tune_learning_rate: float = 1e-5
     fine_tune_from: str = "block5_conv1"
-    dense_units: int = 256
-    dropout: float = 0.5
+    # DENSE_UNITS=0: a linear head, solved in phase 1 as a linear probe (job/probe.py); above 0,
+    # a hidden Dense layer of that many units, trained in phase 1 by Adam for HEAD_EPOCHS.
+    dense_units: int = 0
+    dropout: float = 0.2
     label_smoothing: float = 0.0
     # AUGMENT: train on random flips, rotations, zooms, shifts, brightness and contrast. With
     # CACHE_FEATURES on, the frozen layers run once on AUGMENT_VIEWS augmented views of each
@@ -74,6 +76,11 @@ class Config:
     @property
     def run_uri(self) -> str:
         return storage.join(self.output_uri, self.run_id)
+
+    @property
+    def solves_probe(self) -> bool:
+        """Phase 1 fits a linear head as a linear probe, not by epochs (DENSE_UNITS=0)."""
+        return self.dense_units == 0
 
     @property
     def is_hub_backbone(self) -> bool:
@@ -112,8 +119,8 @@ class Config:
             fine_tune_learning_rate=env.positive_float("FINE_TUNE_LEARNING_RATE",
                                                        default_fine_tune_learning_rate(backbone)),
             fine_tune_from=env.text("FINE_TUNE_FROM", default_fine_tune_from(backbone)),
-            dense_units=env.integer("DENSE_UNITS", 256, minimum=1),
-            dropout=env.fraction("DROPOUT", 0.5),
+            dense_units=env.integer("DENSE_UNITS", 0, minimum=0),
+            dropout=env.fraction("DROPOUT", 0.2),
             label_smoothing=env.fraction("LABEL_SMOOTHING", 0.0, open_high=True),
             augment=env.flag("AUGMENT", True),
             augment_views=env.integer("AUGMENT_VIEWS", 2, minimum=1),

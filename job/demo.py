@@ -82,9 +82,11 @@ def main() -> int:
         print(f"demo: {split} accuracy {metrics[split]['accuracy']:.3f} "
               f"on {metrics[split]['images']} images")
     for phase in ("phase1", "phase2"):
-        if metrics.get(phase):
-            print(f"demo: {phase}: {metrics[phase]['epochs_run']} epochs in "
-                  f"{metrics[phase]['seconds']:.0f} s")
+        record = metrics.get(phase)
+        if record:
+            how = (f"linear probe, C={record['probe']['C']:g}" if record.get("probe")
+                   else f"{record['epochs_run']} epochs")
+            print(f"demo: {phase}: {how} in {record['seconds']:.0f} s")
     return 0
 
 

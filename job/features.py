@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -35,6 +36,10 @@ from job.config import Config
 # to 32 with tf.data's single thread.
 _MODEL_IN_PIPELINE = tf.data.Options()
 _MODEL_IN_PIPELINE.threading.max_intra_op_parallelism = 0
+# The cache name of the unaugmented training images' outputs, which a head solved as a linear
+# probe fits on (the augmented views keep "train", for fine-tuning).
+UNAUGMENTED_TRAIN = "train_unaugmented"
+PROBE_SPLITS = ("train", "validation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,33 +120,56 @@ class Features:
         head, the outputs below FINE_TUNE_FROM for fine-tuning (and under them the head's, when
         fine-tuning is cached too)."""
         if not self.fine_tunes_cached:
-            return self._run_once(self.parts.feature_extractor, self.frozen_inputs(), "features")
-        bottom, upper, _ = self.fine_tuning_parts
-        activations = self._run_once(bottom, self.frozen_inputs(), "bottom")
-        if not head:
-            return activations
-        return self._run_once(upper, {name: (examples.batch(self.batch_size),
-                                             int(examples.cardinality()))
-                                      for name, examples in activations.items()}, "features")
+            outputs = self._run_once(self.parts.feature_extractor, self.frozen_inputs(head),
+                                     "features")
+        else:
+            bottom, upper, _ = self.fine_tuning_parts
+            outputs = self._run_once(bottom, self.frozen_inputs(head), "bottom")
+            if not head:
+                return outputs
+            outputs = self._run_once(upper, {name: (examples.batch(self.batch_size),
+                                                    int(examples.cardinality()))
+                                             for name, examples in outputs.items()}, "features")
+        if UNAUGMENTED_TRAIN in outputs:  # the probe's training split: under its own cache name
+            outputs["train"] = outputs.pop(UNAUGMENTED_TRAIN)
+        return outputs
 
-    def frozen_inputs(self) -> dict[str, tuple[tf.data.Dataset, int]]:
+    def frozen_inputs(self, head: bool = False) -> dict[str, tuple[tf.data.Dataset, int]]:
         """(image batches, image count) per input the frozen layers run on once: the training
-        images (as AUGMENT_VIEWS augmented views each with AUGMENT on), the validation and test
-        images (and their horizontal flips with TTA on)."""
+        images (as AUGMENT_VIEWS augmented views each with AUGMENT on, except for a head solved as
+        a linear probe, which fits on the images as they are), the validation and test images
+        (and their horizontal flips with TTA on)."""
         config = self.config
         train, views = self.images("train"), 1
+        if head and config.solves_probe and config.augment:
+            return {UNAUGMENTED_TRAIN: (train, len(self.dataset.train)), **self._scored_inputs()}
         if config.augment:
             augmentation = model.build_augmentation(config.seed)
             views = config.augment_views
             train = train.repeat(views).map(lambda x, y: (augmentation(x, training=True), y))
-        inputs = {"train": (train, views * len(self.dataset.train))}
+        return {"train": (train, views * len(self.dataset.train)), **self._scored_inputs()}
+
+    def _scored_inputs(self) -> dict[str, tuple[tf.data.Dataset, int]]:
+        inputs = {}
         for name in SCORED_SPLITS:
             count = len(getattr(self.dataset, name))
             if count:
                 inputs[name] = (self.images(name), count)
-                if config.tta:
+                if self.config.tta:
                     inputs[f"{name}_flipped"] = (self.images(name, flipped=True), count)
         return inputs
+
+    def probe_data(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(pooled features, labels) of the training images, unaugmented, and of the validation
+        images: what phase 1 fits the linear probe on and chooses its C by. From the head's
+        cache where features are cached, else from one pass of the frozen base, cached too."""
+        if self.config.cache_features:
+            outputs = self.frozen_outputs(head=True)
+        else:
+            outputs = self._run_once(self.parts.feature_extractor,
+                                     {name: (self.images(name), len(getattr(self.dataset, name)))
+                                      for name in PROBE_SPLITS}, "probe")
+        return {name: _arrays(outputs[name]) for name in PROBE_SPLITS}
 
     def _run_once(self, extractor: keras.Model, inputs: dict[str, tuple[tf.data.Dataset, int]],
                   tag: str) -> dict[str, tf.data.Dataset]:
@@ -160,3 +188,9 @@ class Features:
             examples = examples.shuffle(data.shuffle_buffer(examples), seed=self.config.seed,
                                         reshuffle_each_iteration=True)
         return examples.batch(self.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _arrays(examples: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels) of a data set of examples, as two arrays."""
+    batches = list(examples.batch(4096).as_numpy_iterator())
+    return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])

@@ -151,6 +151,12 @@ def curves_section(metrics: dict) -> str:
         if not record:
             parts.append(_note(f"{phase.replace('phase', 'phase ')}: not run"))
             continue
+        if record.get("probe"):
+            probe = record["probe"]
+            parts.append(_note(f"phase 1: a linear probe, solved (no epochs): C={probe['C']:g}, "
+                               f"validation accuracy {probe['validation_accuracy']}, "
+                               f"{record.get('seconds')} s"))
+            continue
         buffer = io.BytesIO()
         report.plot_history(record["history"], phase.replace("phase", "phase "), buffer)
         parts.append(_image(buffer.getvalue(), f"{phase} accuracy and loss per epoch"))

@@ -139,10 +139,12 @@ def build_classifier(base, preprocess_mode: str, num_classes: int, image_size: i
 
 
 def build_head(feature_dim: int, num_classes: int, dense_units: int, dropout: float) -> keras.Model:
-    """Dense + Dropout + output; the output stays float32 under mixed precision."""
+    """Dropout + output, with a hidden Dense layer of dense_units before them unless it is 0 (a
+    linear head, which phase 1 solves as a linear probe); the output stays float32 under mixed
+    precision."""
     binary = num_classes == 2
     features = keras.Input((feature_dim,), name="features")
-    x = layers.Dense(dense_units, activation="relu", name="dense")(features)
+    x = layers.Dense(dense_units, activation="relu", name="dense")(features) if dense_units else features
     x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(1 if binary else num_classes,
                            activation="sigmoid" if binary else "softmax",

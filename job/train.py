@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from edge import logs as edge_logs
-from job import data, distribute, html_report, model, report, storage
+from job import data, distribute, html_report, model, probe, report, storage
 from job.checkpoint import Checkpoints, StopSignal, phase_key
 from job.config import Config, ConfigError
 from job.context import RunContext
@@ -285,7 +285,8 @@ class Trainer:
         if inputs.cached:
             log.info("%s: outputs of the frozen layers for %d examples ready in %.1f s",
                      phase.name, inputs.cached_examples, inputs.cache_seconds)
-        record = self._fit(phase, inputs)
+        solved = not phase.fine_tunes and self.config.solves_probe
+        record = self._solve_probe(phase, inputs) if solved else self._fit(phase, inputs)
         self.checkpoints.finish(phase.name, self.parts.classifier, record)
         return record
 
@@ -315,6 +316,33 @@ class Trainer:
             "train_examples": inputs.train_examples,
             "images_per_second": round(epochs_now * inputs.train_examples / seconds, 1),
             **scores,
+        }
+
+    def _solve_probe(self, phase: Phase, inputs: PhaseInputs) -> dict:
+        """Phase 1 of a linear head: the linear probe on the unaugmented training features, its
+        C chosen on validation, becomes the head's output layer (job.probe)."""
+        started = time.perf_counter()
+        probe_data = self.features.probe_data()
+        fitted = probe.fit(probe_data["train"], probe_data["validation"],
+                           balanced=self.class_weights is not None)
+        self.parts.head.get_layer("probabilities").set_weights(list(fitted.dense_weights()))
+        seconds = time.perf_counter() - started
+        log.info("%s: linear probe on %d training images, C=%g chosen on validation (accuracy "
+                 "%.4f) in %.1f s", phase.name, len(probe_data["train"][1]), fitted.c,
+                 fitted.validation_accuracy, seconds,
+                 extra=edge_logs.fields(phase=phase.name, metrics={
+                     "C": fitted.c, "val_accuracy": fitted.validation_accuracy}))
+        if fitted.unconverged:
+            log.warning("%s: the probe's solver did not converge for C in %s", phase.name,
+                        fitted.unconverged)
+        return {
+            "epochs_run": 0, "history": {}, "cached": inputs.cached,
+            "probe": {"C": fitted.c, "unconverged_C": fitted.unconverged,
+                      "validation_accuracy": round(fitted.validation_accuracy, 4)},
+            "seconds": round(inputs.cache_seconds + seconds, 2),
+            "training_seconds": round(seconds, 2), "cache_seconds": round(inputs.cache_seconds, 2),
+            "train_examples": len(probe_data["train"][1]),
+            **self.evaluate(phase.name, inputs),
         }
 
     def callbacks(self, phase: Phase) -> list[keras.callbacks.Callback]:
@@ -418,7 +446,7 @@ def write_run(work_dir: Path, config: Config, classifier: keras.Model, class_nam
     classifier.save(work_dir / "model.keras")
     (work_dir / "labels.txt").write_text("\n".join(class_names) + "\n")
     for phase in ("phase1", "phase2"):
-        if metrics.get(phase):
+        if metrics.get(phase, {}).get("history"):  # a phase solved as a probe has no epochs
             report.plot_history(metrics[phase]["history"], phase.replace("phase", "phase "),
                                 work_dir / f"curves_{phase}.png")
     (work_dir / "model_summary.txt").write_text("\n\n".join(

@@ -84,7 +84,7 @@ def test_a_hub_module_takes_float32_images_under_mixed_precision(hub_feature_vec
 def test_job_fine_tunes_a_saved_model_feature_vector_module_through_both_phases(
         hub_run, hub_feature_vector):
     metrics = json.loads((hub_run / "metrics.json").read_text())
-    assert metrics["phase1"]["epochs_run"] == metrics["phase2"]["epochs_run"] == 1
+    assert metrics["phase1"]["probe"]["C"] > 0 and metrics["phase2"]["epochs_run"] == 1
     assert metrics["phase2"]["cached"] is False  # a module cannot be cut: it trains on images
     module = signature_variables(hub_feature_vector)
     tuned = signature_variables(hub_run / "saved_model")  # the deployed classifier's

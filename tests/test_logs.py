@@ -83,8 +83,10 @@ def test_every_line_of_a_json_run_parses_and_epochs_carry_their_metrics(tmp_path
     assert entries and all(entry["run_id"] == "tiny" for entry in entries)
     assert {entry["severity"] for entry in entries} <= {"INFO", "WARNING"}
     epochs = [entry for entry in entries if "epoch" in entry]
-    assert [(entry["phase"], entry["epoch"]) for entry in epochs] == [("phase 1", 1), ("phase 2", 1)]
+    assert [(entry["phase"], entry["epoch"]) for entry in epochs] == [("phase 2", 1)]
     assert isinstance(epochs[0]["metrics"]["val_loss"], float)
+    probe = [entry for entry in entries if "linear probe" in entry["message"]]  # phase 1, solved
+    assert probe[0]["phase"] == "phase 1" and probe[0]["metrics"]["C"] > 0
     scores = [entry for entry in entries if entry.get("split") == "validation"]
     assert len(scores) == 2 and 0 <= scores[-1]["metrics"]["accuracy"] <= 1
 

@@ -8,7 +8,7 @@ import pytest
 from job.checkpoint import EXIT_PREEMPTED
 from tests.conftest import run_job, start_job, tiny_vgg16_settings, write_class_images
 
-HEAD_EPOCHS, FINE_TUNE_EPOCHS = 2, 6
+FINE_TUNE_EPOCHS = 6
 
 
 @pytest.fixture
@@ -16,7 +16,7 @@ def slow_run(tmp_path):
     """Settings for a run whose phase 2 epochs take about a second: the whole base trains uncached."""
     images = write_class_images(tmp_path / "images", ["a", "b"], per_class=30, size=48)
     return tiny_vgg16_settings(images, tmp_path / "out", tmp_path / "cache", IMAGE_SIZE="48",
-                               HEAD_EPOCHS=str(HEAD_EPOCHS), FINE_TUNE_EPOCHS=str(FINE_TUNE_EPOCHS),
+                               FINE_TUNE_EPOCHS=str(FINE_TUNE_EPOCHS),
                                CACHE_FEATURES="0", PATIENCE="100", FINE_TUNE_FROM="block4_conv1")
 
 
@@ -48,13 +48,13 @@ def test_sigterm_in_phase_2_saves_and_the_restart_resumes_there(slow_run, tmp_pa
     second = run_job(slow_run)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "phase 1: finished by an earlier attempt" in second.stderr
-    assert "phase 1 epoch" not in second.stderr  # phase 1 is not redone, nor its features
+    assert "phase 1: linear probe" not in second.stderr  # phase 1 is not redone, nor its features
     saved = int(first.split("SIGTERM during epoch ")[1].split(";")[0]) - 1
     assert f"phase 2: resuming at epoch {saved + 1} from the checkpoint" in second.stderr
     assert second.stderr.count("phase 2 epoch ") == FINE_TUNE_EPOCHS - saved
 
     metrics, run_dir = finished_metrics(slow_run)
-    assert metrics["phase1"]["epochs_run"] == HEAD_EPOCHS
+    assert metrics["phase1"]["probe"]["C"] > 0  # phase 1's record, kept from the first attempt
     assert metrics["phase2"]["epochs_run"] == FINE_TUNE_EPOCHS
     assert len(metrics["phase2"]["history"]["val_loss"]) == FINE_TUNE_EPOCHS
     manifest = json.loads(open(f"{run_dir}/MANIFEST.json").read())["files"]
@@ -78,8 +78,8 @@ def test_sigkill_in_phase_2_resumes_from_the_last_completed_epoch(slow_run, tmp_
 
 
 def test_a_new_run_id_starts_fresh(slow_run):
-    first = run_job({**slow_run, "HEAD_EPOCHS": "1", "FINE_TUNE_EPOCHS": "0"})
-    second = run_job({**slow_run, "HEAD_EPOCHS": "1", "FINE_TUNE_EPOCHS": "0", "RUN_ID": "other"})
+    first = run_job({**slow_run, "FINE_TUNE_EPOCHS": "0"})
+    second = run_job({**slow_run, "FINE_TUNE_EPOCHS": "0", "RUN_ID": "other"})
     assert first.returncode == second.returncode == 0
     assert "finished by an earlier attempt" not in second.stderr
-    assert "phase 1 epoch 1/1" in second.stderr
+    assert "phase 1: linear probe on" in second.stderr

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from job import data, model, report, train
+from job import data, model, probe, report, train
 from job.checkpoint import Checkpoints, StopSignal
 from job.config import Config
 from job.features import Features
@@ -33,7 +33,8 @@ def phases(tmp_path_factory):
     config = Config.from_env(tiny_vgg16_settings(root / "images", root / "out", root / "cache"))
     keras.utils.set_random_seed(config.seed)
     dataset = data.load_dataset(root / "images", 32, 0.25, 0.0, seed=config.seed)
-    parts = model.build_classifier(*model.build_base("vgg16", 1.0, None, 32), 2, 32, 16, 0.5)
+    parts = model.build_classifier(*model.build_base("vgg16", 1.0, None, 32), 2, 32,
+                                   config.dense_units, config.dropout)
     trainer = train.Trainer(config, dataset, parts, root,
                             Checkpoints(root / "ckpt", str(root / "ckpt-uri"), "test", StopSignal()))
     head_phase, fine_tune_phase = train.phases(config)
@@ -42,10 +43,14 @@ def phases(tmp_path_factory):
     trainer.fit(head_phase)
     snapshots["phase1"] = weights_by_layer(parts.base)
     head_after = [np.array(w) for w in parts.head.get_weights()]
+    # What a linear probe fits on after phase 1: the pooled features of the unaugmented images.
+    pooled = {name: (parts.feature_extractor.predict(
+        data.image_dataset(getattr(dataset, name), 32, 8), verbose=0),
+        np.asarray(getattr(dataset, name).labels)) for name in ("train", "validation")}
     trainer.fit(fine_tune_phase)
     snapshots["phase2"] = weights_by_layer(parts.base)
     return {"parts": parts, "snapshots": snapshots, "head": (head_before, head_after),
-            "root": root, "dataset": dataset}
+            "pooled": pooled, "root": root, "dataset": dataset}
 
 
 def test_phase1_trains_the_head_and_leaves_the_base_unchanged(phases):
@@ -53,6 +58,17 @@ def test_phase1_trains_the_head_and_leaves_the_base_unchanged(phases):
     assert changed(snapshots["start"], snapshots["phase1"]) == []
     before, after = phases["head"]
     assert any(not np.array_equal(b, a) for b, a in zip(before, after))
+
+
+def test_phase1_of_the_default_head_is_the_linear_probe_of_the_unaugmented_features(phases):
+    """The default head (DENSE_UNITS=0) is linear, and phase 1 leaves it computing what the
+    logistic regression solved on the training images' pooled features computes."""
+    parts = phases["parts"]
+    assert [layer.name for layer in parts.head.layers[1:]] == ["dropout", "probabilities"]
+    solved = probe.fit(phases["pooled"]["train"], phases["pooled"]["validation"], balanced=False)
+    head_phase_weights = phases["head"][1]
+    np.testing.assert_allclose(head_phase_weights[0], solved.dense_weights()[0], rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_phase2_changes_only_the_layers_from_fine_tune_from_up(phases):
@@ -81,18 +97,19 @@ def tiny_run(tmp_path_factory):
     return {"result": result, "run_dir": root / "out" / "tiny", "settings": settings}
 
 
-def test_job_exits_0_and_logs_one_line_per_epoch(tiny_run):
+def test_job_exits_0_solves_the_probe_and_logs_one_line_per_fine_tuning_epoch(tiny_run):
     result = tiny_run["result"]
     assert result.returncode == 0, result.stderr[-3000:]
-    for phase in ("phase 1", "phase 2"):
-        lines = [l for l in result.stderr.splitlines() if f"INFO job: {phase} epoch" in l]
-        assert len(lines) == 2 and "val_accuracy=" in lines[0]
+    assert "INFO job: phase 1: linear probe on " in result.stderr
+    assert "INFO job: phase 1 epoch" not in result.stderr  # solved, not trained by epochs
+    lines = [l for l in result.stderr.splitlines() if "INFO job: phase 2 epoch" in l]
+    assert len(lines) == 2 and "val_accuracy=" in lines[0]
 
 
 def test_job_writes_every_output_and_the_manifest_lists_them(tiny_run):
     run_dir = tiny_run["run_dir"]
     expected = {"MANIFEST.json", "metrics.json", "labels.txt", "model.keras", "model_summary.txt",
-                "curves_phase1.png", "curves_phase2.png", "saved_model", "report.html",
+                "curves_phase2.png", "saved_model", "report.html",
                 "test_predictions.json"}
     assert expected <= {p.name for p in run_dir.iterdir()}
     manifest = json.loads((run_dir / report.MANIFEST).read_text())["files"]
@@ -165,7 +182,8 @@ def cached_train_outputs(features: Features, head: bool) -> np.ndarray:
 
 
 def test_augmented_views_are_cached_once_per_view_and_seeded(tmp_path):
-    features = cached_features(tmp_path / "one", AUGMENT="1", AUGMENT_VIEWS="3")
+    # A head trained by epochs (DENSE_UNITS > 0) fits on the views' pooled features.
+    features = cached_features(tmp_path / "one", AUGMENT="1", AUGMENT_VIEWS="3", DENSE_UNITS="8")
     bottom_outputs = cached_train_outputs(features, head=False)
     assert len(bottom_outputs) == 3 * len(features.dataset.train)
     views = np.split(bottom_outputs, 3)
@@ -176,8 +194,18 @@ def test_augmented_views_are_cached_once_per_view_and_seeded(tmp_path):
     # The same weights: random initial weights come from Python's global generator, which other
     # threads of this process may draw from at any time (google-cloud-storage fetches bucket
     # metadata in the background, retrying with a random back-off after a storage test).
-    again = cached_features(tmp_path / "two", features.parts, AUGMENT="1", AUGMENT_VIEWS="3")
+    again = cached_features(tmp_path / "two", features.parts, AUGMENT="1", AUGMENT_VIEWS="3",
+                            DENSE_UNITS="8")
     np.testing.assert_array_equal(cached_train_outputs(again, head=False), bottom_outputs)
+
+
+def test_the_probe_fits_on_the_unaugmented_training_images_and_fine_tuning_on_the_views(tmp_path):
+    features = cached_features(tmp_path, AUGMENT="1", AUGMENT_VIEWS="3")  # DENSE_UNITS=0
+    pooled = cached_train_outputs(features, head=True)
+    unaugmented = features.parts.feature_extractor.predict(features.images("train"), verbose=0)
+    np.testing.assert_allclose(pooled, unaugmented, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(features.probe_data()["train"][0], unaugmented, rtol=1e-5, atol=1e-5)
+    assert len(cached_train_outputs(features, head=False)) == 3 * len(features.dataset.train)
 
 
 def test_tta_caches_the_flipped_images(tmp_path):
