@@ -446,7 +446,7 @@ def write_run(work_dir: Path, config: Config, classifier: keras.Model, class_nam
     classifier.save(work_dir / "model.keras")
     (work_dir / "labels.txt").write_text("\n".join(class_names) + "\n")
     for phase in ("phase1", "phase2"):
-        if metrics.get(phase, {}).get("history"):  # a phase solved as a probe has no epochs
+        if (metrics.get(phase) or {}).get("history"):  # a phase solved as a probe has no epochs
             report.plot_history(metrics[phase]["history"], phase.replace("phase", "phase "),
                                 work_dir / f"curves_{phase}.png")
     (work_dir / "model_summary.txt").write_text("\n\n".join(

@@ -131,9 +131,9 @@ def test_metrics_record_config_history_evaluation_and_skipped_files(tiny_run):
     assert metrics["hardware"]["cpus"] == os.cpu_count() and metrics["hardware"]["cpu"]
     assert metrics["skipped_files"] == {"dog/broken.jpg": "not an image (unknown format)"}
     assert metrics["class_counts"]["train"] == {"cat": 10, "dog": 10, "fox": 10}
-    for phase in ("phase1", "phase2"):
-        assert metrics[phase]["epochs_run"] == 2 and len(metrics[phase]["history"]["val_loss"]) == 2
-        assert metrics[phase]["images_per_second"] > 0
+    assert metrics["phase1"]["epochs_run"] == 0 and metrics["phase1"]["probe"]["C"] > 0
+    assert metrics["phase2"]["epochs_run"] == 2 and len(metrics["phase2"]["history"]["val_loss"]) == 2
+    assert metrics["phase2"]["images_per_second"] > 0
     assert metrics["phase1"]["cached"] is True and metrics["phase2"]["cached"] is True
     test = metrics["test"]
     assert set(test["per_class"]) == {"cat", "dog", "fox"}
