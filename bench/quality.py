@@ -20,9 +20,10 @@ made in the same run, on the same train/validation/test images:
   build_classifier(...).feature_extractor, in float32), on exactly the job's splits
   (job.data.load_dataset with the settings job.config.Config reads from the same environment,
   SEED included), without augmentation, fitted by job.probe (the job's own phase 1 under its
-  default linear head): standardised on the training features, a multinomial logistic
-  regression (L2) per C of job.probe.C_GRID on the training split, the C with the best validation
-  accuracy (ties: the lower validation log loss) kept and scored on the test split, with no refit. Classes are weighted as the job weights them (balanced when CLASS_WEIGHTS
+  default linear head): centred on the training features and divided by one scale, a
+  multinomial logistic regression (L2) per C of job.probe.C_GRID on the training split, the C
+  with the best validation accuracy (ties: the lower validation log loss) kept and scored on the
+  test split, with no refit. Classes are weighted as the job weights them (balanced when CLASS_WEIGHTS
   is auto and the training split is imbalanced). For two classes it is also scored at its own
   validation-chosen threshold, as the job is. The probe is a floor: a job that does not beat a
   logistic regression on its own frozen features has a training problem, not a data problem.

@@ -30,7 +30,7 @@ C_GRID = [float(f"{c:.3g}") for c in np.logspace(-4, 2, 10)]  # inverse L2 stren
 @dataclasses.dataclass(frozen=True)
 class Probe:
     """The fitted probe: its C, chosen on validation, the Cs whose solver did not converge, and
-    the regression on standardised features."""
+    the regression on the features centred by mean and divided by scale."""
 
     c: float
     unconverged: list[float]
