@@ -150,7 +150,8 @@ def bench_extraction(split, size, parts, backbone, repeats) -> dict:
 
         def extract():
             run = Path(tempfile.mkdtemp(dir=scratch))
-            return Features(config, dataset, parts, run, BATCH_SIZE).frozen_outputs(head=True)
+            return Features(config, dataset, parts, run, BATCH_SIZE,
+                            available_bytes=2**62).frozen_outputs(head=True)
 
         extract()  # traces the frozen layers
         extraction = median_seconds(extract, repeats)

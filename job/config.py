@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from job import distribute, storage
+from job.budget import CacheBudget
 
 BACKBONES = ("vgg16", "mobilenet_v2", "resnet50", "efficientnet_b0")
 MOBILENET_V2_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
@@ -53,6 +54,9 @@ class Config:
     augment: bool = True
     augment_views: int = 2
     cache_features: bool = True
+    # CACHE_BUDGET: the scratch disk the caches may fill (job/budget.py); a phase whose cache
+    # would not fit trains online.
+    cache_budget: CacheBudget = CacheBudget()
     tta: bool = False  # evaluate on the mean prediction of each image and its horizontal flip
     validation_split: float = 0.2
     test_split: float = 0.1
@@ -125,6 +129,7 @@ class Config:
             augment=env.flag("AUGMENT", True),
             augment_views=env.integer("AUGMENT_VIEWS", 2, minimum=1),
             cache_features=env.flag("CACHE_FEATURES", True),
+            cache_budget=env.cache_budget("CACHE_BUDGET", CacheBudget()),
             tta=env.flag("TTA", False),
             validation_split=env.fraction("VALIDATION_SPLIT", 0.2, open_high=True),
             test_split=env.fraction("TEST_SPLIT", 0.1, open_high=True),
@@ -294,6 +299,10 @@ class EnvReader:
             return value
 
         return self._parse(name, default, "one of " + ", ".join(map(str, choices)), parse)
+
+    def cache_budget(self, name: str, default: CacheBudget) -> CacheBudget:
+        return self._parse(name, default, "a share of the free space such as 80%, or a size "
+                           "such as 0, 500MB or 20GiB", CacheBudget.parse)
 
     def backbone(self, name: str, default: str) -> str:
         """A built-in backbone name, or a TF-Hub/Kaggle handle or SavedModel path of a feature vector."""

@@ -135,6 +135,19 @@ def predict(model, dataset, strategy):
     return np.concatenate(batches) if batches else np.zeros((0, *model.output_shape[1:]), "float32")
 
 
+def smallest(value: int, strategy) -> int:
+    """The smallest of each worker's value (one all-gather across the workers); value itself on
+    one machine. For a decision every worker makes from what it measures of its own machine, but
+    that must come out alike on all of them, as the all-reduce of training needs."""
+    if not is_multi_worker(strategy):
+        return value
+    import tensorflow as tf
+
+    values = strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant([value], tf.float64))
+    return int(tf.reduce_min(strategy.gather(values, axis=0)))
+
+
 def weights_digest(model) -> str:
     """sha256 of a model's weights, equal on every worker when they train in sync (logged)."""
     import hashlib

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from job import data, model
+from job import budget, data, model
 from job.report import SCORED_SPLITS
 from job.config import Config
 
@@ -62,23 +62,47 @@ class Features:
     """The batches of one data set for one classifier, cached on disk under scratch_dir."""
 
     def __init__(self, config: Config, dataset: data.DataSet, parts: model.Classifier,
-                 scratch_dir: Path, batch_size: int):
+                 scratch_dir: Path, batch_size: int, available_bytes: int):
         self.config, self.dataset, self.parts = config, dataset, parts
         self.scratch_dir, self.batch_size = scratch_dir, batch_size
+        self.plan = budget.plan(config.cache_budget.describe(), available_bytes,
+                                self._decoded_images_bytes(), self._wanted_cache_bytes())
 
     def for_phase(self, fine_tunes: bool, augmentation_seed: int) -> PhaseInputs:
         """The inputs of the head phase (fine_tunes False) or the fine-tuning phase. Call it after
         the base is unfrozen for fine-tuning: the part that trains is cut from it then."""
         if fine_tunes and self.fine_tunes_cached:
             return self._cached(self.fine_tuning_parts[2], head=False)
-        if not fine_tunes and self.config.cache_features:
+        if not fine_tunes and self.plan.cached.get("phase1"):
             return self._cached(self.parts.head, head=True)
         return self._online(augmentation_seed)
 
     @property
     def fine_tunes_cached(self) -> bool:
+        return self.plan.cached.get("phase2", False)
+
+    def _wanted_cache_bytes(self) -> dict[str, int]:
+        """Per phase that would train on cached outputs of its frozen layers, their size: the
+        pooled features for phase 1; for phase 2 the frozen bottom's outputs and the pooled
+        features phase 1 then computes from them."""
         config = self.config
-        return config.cache_features and not config.is_hub_backbone and config.fine_tune_epochs > 0
+        if not config.cache_features:
+            return {}
+        features = self._outputs_bytes(self.parts.feature_extractor, head=True)
+        if config.is_hub_backbone or config.fine_tune_epochs == 0:
+            return {"phase1": features}
+        return {"phase1": features,
+                "phase2": features + self._outputs_bytes(self.fine_tuning_parts[0], head=False)}
+
+    def _outputs_bytes(self, extractor: keras.Model, head: bool) -> int:
+        counts = {name: count for name, (_, count) in self.frozen_inputs(head).items()}
+        return budget.tensor_bytes(extractor.output.shape[1:], extractor.output.dtype,
+                                   sum(counts.values()))
+
+    def _decoded_images_bytes(self) -> int:
+        size = self.config.image_size
+        return budget.tensor_bytes((size, size, 3), "uint8",
+                                   sum(len(getattr(self.dataset, name)) for name in data.SPLITS))
 
     @functools.cached_property
     def fine_tuning_parts(self) -> tuple[keras.Model, keras.Model, keras.Model]:
@@ -118,52 +142,66 @@ class Features:
     def frozen_outputs(self, head: bool) -> dict[str, tf.data.Dataset]:
         """(frozen layers' output, label) per example of each input: pooled features for the
         head, the outputs below FINE_TUNE_FROM for fine-tuning (and under them the head's, when
-        fine-tuning is cached too)."""
+        fine-tuning is cached too). The unaugmented training images a linear probe fits on run
+        through the whole frozen base at once: fine-tuning trains on augmented views, so their
+        bottom outputs would be cached for nothing."""
+        inputs = self.frozen_inputs(head)
         if not self.fine_tunes_cached:
-            outputs = self._run_once(self.parts.feature_extractor, self.frozen_inputs(head),
-                                     "features")
+            outputs = self._run_once(self.parts.feature_extractor, inputs, "features")
         else:
             bottom, upper, _ = self.fine_tuning_parts
-            outputs = self._run_once(bottom, self.frozen_inputs(head), "bottom")
+            unaugmented = {UNAUGMENTED_TRAIN: inputs.pop(UNAUGMENTED_TRAIN)} \
+                if UNAUGMENTED_TRAIN in inputs else {}
+            outputs = self._run_once(bottom, inputs, "bottom")
             if not head:
                 return outputs
             outputs = self._run_once(upper, {name: (examples.batch(self.batch_size),
                                                     int(examples.cardinality()))
                                              for name, examples in outputs.items()}, "features")
+            outputs.update(self._run_once(self.parts.feature_extractor, unaugmented, "features"))
         if UNAUGMENTED_TRAIN in outputs:  # the probe's training split: under its own cache name
             outputs["train"] = outputs.pop(UNAUGMENTED_TRAIN)
         return outputs
 
     def frozen_inputs(self, head: bool = False) -> dict[str, tuple[tf.data.Dataset, int]]:
-        """(image batches, image count) per input the frozen layers run on once: the training
-        images (as AUGMENT_VIEWS augmented views each with AUGMENT on, except for a head solved as
-        a linear probe, which fits on the images as they are), the validation and test images
-        (and their horizontal flips with TTA on)."""
-        config = self.config
-        train, views = self.images("train"), 1
-        if head and config.solves_probe and config.augment:
-            return {UNAUGMENTED_TRAIN: (train, len(self.dataset.train)), **self._scored_inputs()}
-        if config.augment:
-            augmentation = model.build_augmentation(config.seed)
-            views = config.augment_views
-            train = train.repeat(views).map(lambda x, y: (augmentation(x, training=True), y))
-        return {"train": (train, views * len(self.dataset.train)), **self._scored_inputs()}
+        """(image batches, image count) per input the frozen layers run on once (see
+        frozen_input_counts)."""
+        return {name: (self._frozen_input(name), count)
+                for name, count in self.frozen_input_counts(head).items()}
 
-    def _scored_inputs(self) -> dict[str, tuple[tf.data.Dataset, int]]:
-        inputs = {}
+    def frozen_input_counts(self, head: bool = False) -> dict[str, int]:
+        """Image count per input the frozen layers run on once: the training images (as
+        AUGMENT_VIEWS augmented views each with AUGMENT on, except for a head solved as a linear
+        probe, which fits on the images as they are: UNAUGMENTED_TRAIN), the validation and test
+        images (and their horizontal flips, "<split>_flipped", with TTA on)."""
+        config, train = self.config, len(self.dataset.train)
+        if not config.augment:
+            counts = {"train": train}
+        elif head and config.solves_probe:
+            counts = {UNAUGMENTED_TRAIN: train}
+        else:
+            counts = {"train": config.augment_views * train}
         for name in SCORED_SPLITS:
             count = len(getattr(self.dataset, name))
             if count:
-                inputs[name] = (self.images(name), count)
-                if self.config.tta:
-                    inputs[f"{name}_flipped"] = (self.images(name, flipped=True), count)
-        return inputs
+                counts[name] = count
+                if config.tta:
+                    counts[f"{name}_flipped"] = count
+        return counts
+
+    def _frozen_input(self, name: str) -> tf.data.Dataset:
+        if name == "train" and self.config.augment:
+            augmentation = model.build_augmentation(self.config.seed)
+            return self.images("train").repeat(self.config.augment_views).map(
+                lambda x, y: (augmentation(x, training=True), y))
+        split = name.split("_")[0]  # train_unaugmented, test_flipped: the images of a split
+        return self.images(split, flipped=name.endswith("_flipped"))
 
     def probe_data(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """(pooled features, labels) of the training images, unaugmented, and of the validation
         images: what phase 1 fits the linear probe on and chooses its C by. From the head's
         cache where features are cached, else from one pass of the frozen base, cached too."""
-        if self.config.cache_features:
+        if self.plan.cached.get("phase1"):
             outputs = self.frozen_outputs(head=True)
         else:
             outputs = self._run_once(self.parts.feature_extractor,

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from edge import logs as edge_logs
-from job import data, distribute, html_report, model, probe, report, storage
+from job import budget, data, distribute, html_report, model, probe, report, storage
 from job.checkpoint import Checkpoints, StopSignal, phase_key
 from job.config import Config, ConfigError
 from job.context import RunContext
@@ -101,8 +101,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
             records[phase.key] = trainer.fit(phase)
             summaries[phase.key] = _summary(parts.classifier)
 
-    metrics = run_metrics(config, precision, dataset, pulled, trainer.class_weights, records,
-                          summaries)
+    metrics = run_metrics(config, precision, dataset, pulled, trainer, records, summaries)
     log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
     context.run_dir.mkdir(parents=True, exist_ok=True)
     write_run(context.run_dir, config, parts.classifier, dataset.class_names, metrics, summaries,
@@ -147,8 +146,8 @@ def load_data(config: Config) -> tuple[data.DataSet, storage.TransferStats | Non
 
 
 def run_metrics(config: Config, precision: str, dataset: data.DataSet,
-                pulled: storage.TransferStats | None, class_weights, records: dict[str, dict],
-                summaries: dict) -> dict:
+                pulled: storage.TransferStats | None, trainer: "Trainer",
+                records: dict[str, dict], summaries: dict) -> dict:
     """metrics.json: the settings, the environment, the data and each phase's results."""
     final = records.get("phase2") or records["phase1"]
     settings = _config_record(config)
@@ -165,7 +164,8 @@ def run_metrics(config: Config, precision: str, dataset: data.DataSet,
         "data_pull": pulled.as_dict() if pulled else None,
         "data_notes": dataset.notes,
         "skipped_files": dataset.skipped,
-        "class_weights": class_weights,
+        "class_weights": trainer.class_weights,
+        "cache": trainer.features.plan.as_dict(),
         "phase1": records["phase1"],
         "phase2": records.get("phase2"),
         "validation": final["validation"],
@@ -261,7 +261,11 @@ class Trainer:
         self.strategy = strategy or tf.distribute.get_strategy()
         # BATCH_SIZE is per replica; tf.data and fit() take the global batch.
         batch_size = distribute.global_batch_size(config.batch_size, self.strategy)
-        self.features = Features(config, dataset, parts, scratch_dir, batch_size)
+        # Each worker measures its own disk; all take the smallest, so that all cache alike.
+        available = distribute.smallest(budget.available_bytes(config.cache_budget, scratch_dir),
+                                        self.strategy)
+        self.features = Features(config, dataset, parts, scratch_dir, batch_size, available)
+        _log_cache_plan(self.features.plan)
         self.class_weights = (data.class_weights(dataset.train, len(dataset.class_names))
                               if config.class_weights == "auto" and _imbalanced(dataset.train)
                               else None)
@@ -422,6 +426,15 @@ class EpochLog(keras.callbacks.Callback):
         log.info("%s epoch %d/%d: %s", self.phase, epoch + 1, self.epochs, values,
                  extra=edge_logs.fields(phase=self.phase, epoch=epoch + 1, epochs=self.epochs,
                                         metrics=metrics))
+
+
+def _log_cache_plan(plan: budget.CachePlan) -> None:
+    sizes = ", ".join(f"{phase} {budget.size_text(size)}" for phase, size in plan.phase_bytes.items())
+    log.info("cache: decoded images %s; frozen layers' outputs %s; CACHE_BUDGET %s: %s",
+             budget.size_text(plan.decoded_images_bytes), sizes or "not cached (CACHE_FEATURES=0)",
+             plan.budget, budget.size_text(plan.available_bytes))
+    for refusal in plan.refusals():
+        log.warning("cache: %s", refusal)
 
 
 def final_test_predictions(dataset: data.DataSet, trainer: Trainer,

@@ -165,16 +165,16 @@ def test_a_completed_run_is_left_untouched(tiny_run):
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
 
 
-def cached_features(root, parts=None, **overrides) -> Features:
+def cached_features(root, parts=None, available_bytes=2**40, **overrides) -> Features:
     """The features of 2 x 6 tiny images cached under root, by parts or else by a new VGG16
-    (random weights)."""
+    (random weights), with available_bytes of scratch disk for the caches."""
     write_class_images(root / "images", ["a", "b"], per_class=6)
     config = Config.from_env(tiny_vgg16_settings(root / "images", root / "out", root / "cache",
                                                  **overrides))
     keras.utils.set_random_seed(config.seed)
     dataset = data.load_dataset(root / "images", 32, 0.34, 0.0, seed=config.seed)
     parts = parts or model.build_classifier(*model.build_base("vgg16", 1.0, None, 32), 2, 32, 8, 0.5)
-    return Features(config, dataset, parts, root, batch_size=8)
+    return Features(config, dataset, parts, root, batch_size=8, available_bytes=available_bytes)
 
 
 def cached_train_outputs(features: Features, head: bool) -> np.ndarray:
