@@ -11,7 +11,7 @@ made in the same run, on the same train/validation/test images:
     default           the job's defaults
     no_augmentation   AUGMENT=0
     no_fine_tuning    FINE_TUNE_EPOCHS=0
-    no_pretraining    WEIGHTS=none (random initial weights)
+    no_pretraining    WEIGHTS=none: every layer trained from random weights, in one phase
     dense_head        DENSE_UNITS=256 DROPOUT=0.5: the hidden-layer head, trained by Adam
     lr_x0.1, lr_x10   both learning rates (HEAD_ and FINE_TUNE_) divided or multiplied by 10
 
@@ -83,7 +83,6 @@ ABLATIONS = {
     "lr_x0.1": "scale 0.1",
     "lr_x10": "scale 10",
 }
-IMBALANCED = 1.5  # the job's CLASS_WEIGHTS=auto line: largest class over smallest
 
 
 def main() -> None:
@@ -189,10 +188,9 @@ def linear_probe(env: dict[str, str]) -> tuple[data.DataSet, dict]:
     features = frozen_features(config, dataset)
     feature_seconds = time.perf_counter() - feature_started
     labels = {name: np.asarray(getattr(dataset, name).labels) for name in data.SPLITS}
-    counts = np.bincount(labels["train"])
     fitted = probe.fit((features["train"], labels["train"]),
                        (features["validation"], labels["validation"]),
-                       balanced=config.class_weights == "auto" and counts.max() > IMBALANCED * counts.min())
+                       balanced=config.class_weights == "auto" and data.is_imbalanced(dataset.train))
     scores = probe_scores(fitted, features, labels, dataset.class_names)
     return dataset, {"C": fitted.c, "unconverged_C": fitted.unconverged, **scores,
                      "feature_seconds": round(feature_seconds, 1),

@@ -84,7 +84,13 @@ class Config:
     @property
     def solves_probe(self) -> bool:
         """Phase 1 fits a linear head as a linear probe, not by epochs (DENSE_UNITS=0)."""
-        return self.dense_units == 0
+        return self.dense_units == 0 and not self.from_scratch
+
+    @property
+    def from_scratch(self) -> bool:
+        """WEIGHTS=none: nothing pretrained to transfer, so every layer trains from the start, in
+        one phase, on the images (job.train.phases)."""
+        return self.weights == "none" and not self.is_hub_backbone
 
     @property
     def is_hub_backbone(self) -> bool:

@@ -179,6 +179,13 @@ def shuffle_buffer(examples: tf.data.Dataset, max_bytes: int = 256 * 2**20) -> i
     return limit if count < 0 else max(1, min(count, limit))
 
 
+def is_imbalanced(split: Split, ratio: float = 1.5) -> bool:
+    """Whether the largest class outnumbers the smallest more than ratio times: where
+    CLASS_WEIGHTS=auto weights the classes (and the probe balances them)."""
+    counts = np.bincount(np.asarray(split.labels))
+    return counts.max() > ratio * counts.min()
+
+
 def class_weights(split: Split, num_classes: int) -> dict[int, float]:
     """Balanced weights (n / (k * count)), so each class counts equally in the loss."""
     counts = np.bincount(np.asarray(split.labels), minlength=num_classes)

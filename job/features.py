@@ -86,7 +86,7 @@ class Features:
         pooled features for phase 1; for phase 2 the frozen bottom's outputs and the pooled
         features phase 1 then computes from them."""
         config = self.config
-        if not config.cache_features:
+        if not config.cache_features or config.from_scratch:  # nothing is frozen
             return {}
         features = self._outputs_bytes(self.parts.feature_extractor, head=True)
         if config.is_hub_backbone or config.fine_tune_epochs == 0:

@@ -124,7 +124,10 @@ def build_classifier(base, preprocess_mode: str, num_classes: int, image_size: i
     """Assembles preprocessing, base, pooling and a new head; two classes give one sigmoid unit."""
     images = keras.Input((image_size, image_size, 3), name="image")
     x = Preprocess(preprocess_mode, name="preprocess")(images)
-    x = base(x, training=False)  # BatchNormalization stays in inference mode, also when fine-tuned
+    # training=False holds only where fit() says nothing: a Keras 3 functional model passes its
+    # own training flag to the layers inside. What keeps a fine-tuned base's BatchNormalization in
+    # inference mode is unfreeze_from, which leaves those layers frozen.
+    x = base(x, training=False)
     if isinstance(x, dict):  # a hub module's serving signature returns a dict of named outputs
         x = next(iter(x.values()))
     features = layers.GlobalAveragePooling2D(name="pool")(x) if len(x.shape) == 4 else x
@@ -175,7 +178,9 @@ def with_augmentation(classifier: keras.Model, augmentation: keras.Sequential) -
 
 
 def unfreeze_from(base: keras.Model, layer_name: str) -> None:
-    """Makes the layers from layer_name to the top trainable; BatchNormalization stays frozen."""
+    """Makes the layers from layer_name to the top trainable; BatchNormalization stays frozen, so
+    it keeps its pretrained statistics (Keras runs a frozen BatchNormalization in inference mode).
+    Training from scratch makes the whole base trainable instead: its statistics are learnt."""
     names = [layer.name for layer in base.layers]
     start = names.index(layer_name)
     base.trainable = True

@@ -1,10 +1,14 @@
 """Shared fixtures: paths to the real data in ../shared, temporary data trees, and servers on loopback."""
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -21,6 +25,25 @@ XRAY = SHARED / "data" / "chest_xray_pneumonia_224"
 XRAY_ORIGINALS = SHARED / "data" / "chest_xray_pneumonia_orig_sample"
 MOBILENET_V2_050 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
 MOBILENET_V2_035 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+
+
+@functools.cache
+def random_vgg16_weights() -> str:
+    """A VGG16 conv base's random weights as a .weights.h5 file, made once per test session.
+
+    VGG16's real weights are not on this machine, and WEIGHTS=none trains every layer from
+    scratch in one phase, so the tests of transfer learning's two phases load these. Drawn right
+    after Keras is seeded with the job's default SEED, 42, as the job then draws its own random
+    base: a run with SEED=42 starts from the same weights either way."""
+    import keras
+
+    folder = Path(tempfile.mkdtemp(prefix="random-vgg16-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    keras.utils.set_random_seed(42)
+    path = folder / "vgg16-random.weights.h5"
+    keras.applications.VGG16(include_top=False, weights=None).save_weights(path)
+    keras.backend.clear_session()
+    return str(path)
 
 
 def require_shared(path: Path) -> Path:
@@ -122,9 +145,10 @@ def start_job(env: dict[str, str], log_path: Path) -> subprocess.Popen:
 
 
 def tiny_vgg16_settings(data_dir: Path, output_dir: Path, cache_dir: Path, **overrides) -> dict:
-    """The cheapest real run of the default backbone: VGG16, random weights, 32x32 images."""
+    """The cheapest real run of the default backbone: VGG16, random pretrained weights, 32x32
+    images, both phases."""
     return {"DATA_URI": str(data_dir), "OUTPUT_URI": str(output_dir), "RUN_ID": "tiny",
-            "CACHE_DIR": str(cache_dir), "BACKBONE": "vgg16", "WEIGHTS": "none",
+            "CACHE_DIR": str(cache_dir), "BACKBONE": "vgg16", "WEIGHTS": random_vgg16_weights(),
             "IMAGE_SIZE": "32", "BATCH_SIZE": "8", "HEAD_EPOCHS": "2", "FINE_TUNE_EPOCHS": "2",
             **overrides}
 
@@ -295,7 +319,7 @@ def vgg16_exported_by_job(tmp_path_factory, xray_small) -> Path:
     The head trains long and fast enough for confident probabilities: int8 agreement is only
     meaningful when few images sit at the decision threshold.
     """
-    return train_run(tmp_path_factory, xray_small, "vgg16", BACKBONE="vgg16", WEIGHTS="none",
+    return train_run(tmp_path_factory, xray_small, "vgg16", BACKBONE="vgg16", WEIGHTS=random_vgg16_weights(),
                      IMAGE_SIZE="32", HEAD_EPOCHS="12", HEAD_LEARNING_RATE="0.01", PATIENCE="12",
                      FINE_TUNE_EPOCHS="1", EXPORT_ONNX="1", LOG_FORMAT="json", **EXPORT_SETTINGS)
 
@@ -324,6 +348,6 @@ def mixed_precision_run(tmp_path_factory, xray_small) -> Path:
     """VGG16 at 32 px trained under mixed_float16 (forced on the CPU), with a hidden-layer head:
     the linear probe on random features left probabilities so near the threshold that float16
     rounding flipped 1.3 % of the labels, against the 1 % the parity gate allows."""
-    return train_run(tmp_path_factory, xray_small, "fp16", BACKBONE="vgg16", WEIGHTS="none",
+    return train_run(tmp_path_factory, xray_small, "fp16", BACKBONE="vgg16", WEIGHTS=random_vgg16_weights(),
                      IMAGE_SIZE="32", HEAD_EPOCHS="1", FINE_TUNE_EPOCHS="1", MIXED_PRECISION="float16",
                      DENSE_UNITS="256", DROPOUT="0.5")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bench.datasets import link_slice
-from tests.conftest import ROOT, write_class_images
+from tests.conftest import ROOT, random_vgg16_weights, write_class_images
 
 TINY_JOB = ["--set", "IMAGE_SIZE=32", "--set", "HEAD_EPOCHS=1", "--set", "FINE_TUNE_EPOCHS=1",
             "--set", "BATCH_SIZE=8"]
@@ -33,11 +33,11 @@ def script_arguments(trees: dict[str, Path], work: Path) -> dict[str, list[str]]
                   "--image-size", "32", "--data", f"{split}/train", "--precisions", "float32"],
         "inference": ["bench/inference.py", "--models", "vgg16_150", "--image-size", "32",
                       "--latency-runs", "2", "--data", split],
-        "memory": ["bench/memory.py", "--backbone", "vgg16", "--weights", "none", "--image-size",
+        "memory": ["bench/memory.py", "--backbone", "vgg16", "--weights", random_vgg16_weights(), "--image-size",
                    "32", "--per-class", "2", "--data", split],
         # Class folders without split folders: the job and the probe each split them, seeded.
         "quality": ["bench/quality.py", "--data", flat, "--subset", "12", "--seeds", "7",
-                    "--backbone", "vgg16", "--weights", "none", "--ablations", "default",
+                    "--backbone", "vgg16", "--weights", random_vgg16_weights(), "--ablations", "default",
                     "--work", str(work / "quality"), *TINY_JOB],
         "storage_pull": ["bench/storage_pull.py", "--objects", "20", "--repeats", "1",
                          "--data", split],

@@ -144,3 +144,19 @@ def test_multiclass_loss_survives_a_save_and_load(tmp_path):
     classifier.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     assert loaded.loss.get_config()["label_smoothing"] == 0.1
+
+
+@pytest.mark.parametrize("from_scratch", [True, False])
+def test_batch_normalization_learns_statistics_from_scratch_and_keeps_them_when_fine_tuned(
+        from_scratch):
+    base, mode = model.build_base("mobilenet_v2", 0.35, None, 32)
+    if from_scratch:
+        base.trainable = True  # what job.train does for WEIGHTS=none
+    else:
+        model.unfreeze_from(base, "block_13_expand")
+    parts = model.build_classifier(base, mode, 2, 32, dense_units=0, dropout=0.0)
+    parts.classifier.compile(optimizer="sgd", loss="binary_crossentropy")
+    images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    parts.classifier.fit(images, np.array([0, 1] * 4), epochs=1, verbose=0)
+    moving_mean = base.get_layer("block_16_project_BN").moving_mean.numpy()
+    assert (np.abs(moving_mean).max() > 0) == from_scratch  # Keras starts it at zeros

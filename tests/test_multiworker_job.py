@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import random_vgg16_weights
 from tests.test_multiworker import run_workers, worker_tf_configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ def test_two_job_workers_train_in_sync_and_only_the_chief_publishes(tmp_path, fr
     for index, tf_config in enumerate(worker_tf_configs(free_ports(2))):
         env = {**cpu_subprocess_env, "TF_CONFIG": tf_config, "DATA_URI": str(tiny_image_tree),
                "OUTPUT_URI": str(tmp_path / f"out{index}"), "CACHE_DIR": str(tmp_path / f"cache{index}"),
-               "RUN_ID": "mw", "BACKBONE": "vgg16", "WEIGHTS": "none", "IMAGE_SIZE": "32",
+               "RUN_ID": "mw", "BACKBONE": "vgg16", "WEIGHTS": random_vgg16_weights(), "IMAGE_SIZE": "32",
                "HEAD_EPOCHS": "1", "FINE_TUNE_EPOCHS": "1", "BATCH_SIZE": "4"}
         runs.append(([sys.executable, "-m", "job"], env))
     results = run_workers(runs, timeout=150)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests import gcs_emulator
+from tests.conftest import random_vgg16_weights
 from job import storage
 from job.storage import StorageError
 
@@ -383,7 +384,7 @@ def test_job_reads_and_writes_gs_uris_publishes_the_marker_last_and_deletes_only
            "DATA_URI": f"gs://{gcs_bucket}/data", "OUTPUT_URI": f"gs://{gcs_bucket}/runs",
            "CHECKPOINT_URI": f"gs://{gcs_bucket}/ckpt",
            "RUN_ID": "e2e", "CACHE_DIR": str(tmp_path / "cache"), "BACKBONE": "vgg16",
-           "WEIGHTS": "none", "IMAGE_SIZE": "32", "BATCH_SIZE": "8", "HEAD_EPOCHS": "1",
+           "WEIGHTS": random_vgg16_weights(), "IMAGE_SIZE": "32", "BATCH_SIZE": "8", "HEAD_EPOCHS": "1",
            "FINE_TUNE_EPOCHS": "1", "CUDA_VISIBLE_DEVICES": ""}
     job = subprocess.run([sys.executable, "-m", "job"], env=env, cwd=REPO, capture_output=True,
                          text=True, timeout=300)

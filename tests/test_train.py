@@ -227,6 +227,20 @@ def test_augmented_binary_run_trains_both_phases_through_the_frozen_base(tmp_pat
     assert metrics["test"]["without_tta"]["roc_auc"] is not None
 
 
+def test_weights_none_trains_every_layer_from_scratch_in_one_phase_on_the_images(tmp_path):
+    images = write_class_images(tmp_path / "images", ["a", "b"], per_class=8)
+    result = run_job(tiny_vgg16_settings(images, tmp_path / "out", tmp_path / "cache",
+                                         WEIGHTS="none", HEAD_EPOCHS="2", FINE_TUNE_EPOCHS="1",
+                                         PATIENCE="5"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "tiny" / "metrics.json").read_text())
+    assert metrics["phase2"] is None
+    assert metrics["phase1"]["epochs_run"] == 3 and metrics["phase1"]["cached"] is False
+    assert "probe" not in metrics["phase1"]
+    assert metrics["parameters"]["phase1"]["frozen"] == 0  # VGG16 has no BatchNormalization
+    assert metrics["cache"]["phase_bytes"] == {}
+
+
 def test_imagenet_weights_that_cannot_be_downloaded_fail_fast_naming_weights(tmp_path):
     images = write_class_images(tmp_path / "images", ["a", "b"], per_class=4)
     settings = tiny_vgg16_settings(images, tmp_path / "out", tmp_path / "cache", WEIGHTS="imagenet",
