@@ -297,8 +297,10 @@ class Trainer:
         if finished:
             self.checkpoints.restore(phase.name, self.parts.classifier)
             return finished
-        if phase.from_scratch or (phase.fine_tunes and self.config.is_hub_backbone):
-            self.parts.base.trainable = True  # every layer; a hub module is fine-tuned whole
+        if phase.from_scratch:
+            model.make_trainable_from_scratch(self.parts.base)
+        elif phase.fine_tunes and self.config.is_hub_backbone:
+            self.parts.base.trainable = True  # a hub module is fine-tuned whole
         elif phase.fine_tunes:
             model.unfreeze_from(self.parts.base, self.config.fine_tune_from)
         inputs = self.features.for_phase(phase.fine_tunes, phase.augmentation_seed)
@@ -369,8 +371,13 @@ class Trainer:
 
     def callbacks(self, phase: Phase) -> list[keras.callbacks.Callback]:
         callbacks = [
+            # From scratch the first epochs' validation loss jumps while BatchNormalization's
+            # statistics settle (intel_scenes: up for three epochs, then below the first); they
+            # do not count towards stopping.
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=self.config.patience,
-                                          restore_best_weights=True),
+                                          restore_best_weights=True,
+                                          start_from_epoch=self.config.patience
+                                          if phase.from_scratch else 0),
             EpochLog(phase.name, phase.epochs),
             EpochProgress(phase.name),
         ]
