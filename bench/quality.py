@@ -190,7 +190,8 @@ def linear_probe(env: dict[str, str]) -> tuple[data.DataSet, dict]:
     labels = {name: np.asarray(getattr(dataset, name).labels) for name in data.SPLITS}
     fitted = probe.fit((features["train"], labels["train"]),
                        (features["validation"], labels["validation"]),
-                       balanced=config.class_weights == "auto" and data.is_imbalanced(dataset.train))
+                       balanced=config.class_weights == "auto" and data.is_imbalanced(
+                           dataset.train.label_counts(len(dataset.class_names))))
     scores = probe_scores(fitted, features, labels, dataset.class_names)
     return dataset, {"C": fitted.c, "unconverged_C": fitted.unconverged, **scores,
                      "feature_seconds": round(feature_seconds, 1),

@@ -121,7 +121,8 @@ def read_run(run_dir: Path, run_uri: str) -> RunRecord:
 
 
 def load_data(config: ExportConfig, record: RunRecord):
-    """The run's data set, split exactly as in training (the same layout rules and seed)."""
+    """The run's data set, split exactly as in training (the same layout rules, seed and, for a
+    run of several workers, shards)."""
     from job import data, storage
 
     data_uri = config.data_uri or record.data_uri
@@ -130,8 +131,8 @@ def load_data(config: ExportConfig, record: RunRecord):
                        "and parity")
     try:
         root = storage.fetch_tree(data_uri, config.cache_dir / "data")
-        dataset = data.load_dataset(root, record.image_size, record.validation_split,
-                                    record.test_split, record.seed)
+        dataset = data.load_as_split_by(record.data_shards, root, record.image_size,
+                                        record.validation_split, record.test_split, record.seed)
     except (storage.StorageError, data.DataError) as error:
         raise BadInput(f"DATA_URI={data_uri}: {error}") from None
     if dataset.class_names != record.classes:

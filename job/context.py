@@ -2,7 +2,8 @@
 
 Built from the parsed cluster before any other TensorFlow op (MultiWorkerMirroredStrategy must
 come first): the tf.distribute strategy, whether this process is the chief (the one process that
-writes the run, its checkpoints and its caches), and its local folders. A worker that is not the
+writes the run, its checkpoints and its caches), its shard of the data (job/shard.py), and its
+local folders. A worker that is not the
 chief runs every save too (collective ops inside saving must run on all workers) but into
 throwaway folders, which `discard_throwaways` removes.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from job import distribute, storage
 from job.config import Config
+from job.shard import EVERYTHING, Shard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +24,7 @@ class RunContext:
     run_dir: Path  # the run's files, written here and then published to Config.run_uri
     checkpoint_dir: Path  # the checkpoints, mirrored to Config.checkpoint_uri
     scratch_dir: Path  # decoded images and cached features, kept until the run is complete
+    shard: Shard = EVERYTHING  # the part of the data this process pulls and runs (job/shard.py)
 
     @classmethod
     def create(cls, config: Config) -> "RunContext":
@@ -33,11 +36,13 @@ class RunContext:
             run_dir=distribute.write_dir(
                 storage.local_dir_for(config.run_uri, cache / "runs" / run_id), chief),
             checkpoint_dir=distribute.write_dir(cache / "checkpoints" / run_id, chief),
-            scratch_dir=distribute.write_dir(cache / "scratch" / run_id, chief))
+            scratch_dir=distribute.write_dir(cache / "scratch" / run_id, chief),
+            shard=config.cluster.shard if config.cluster else EVERYTHING)
 
     @property
     def role(self) -> str:
-        return "chief" if self.chief else "worker (writes nothing)"
+        role = "chief" if self.chief else "worker (writes nothing)"
+        return f"{role}, data shard {self.shard.describe()}" if self.shard.is_partial else role
 
     def discard_throwaways(self) -> None:
         """A worker's folders, once its part is done; the chief's stay."""

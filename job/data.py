@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from edge.images import ImageError, load_image
 from job.progress import Progress
+from job.shard import EVERYTHING, Shard
 
 log = logging.getLogger("job")
 
@@ -42,8 +43,11 @@ class Split:
         return len(self.paths)
 
     def class_counts(self, class_names: list[str]) -> dict[str, int]:
-        counts = np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(class_names))
-        return dict(zip(class_names, counts.tolist()))
+        return dict(zip(class_names, self.label_counts(len(class_names)).tolist()))
+
+    def label_counts(self, num_classes: int) -> np.ndarray:
+        """Images per class label, 0 to num_classes - 1."""
+        return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=num_classes)
 
 
 @dataclasses.dataclass
@@ -61,8 +65,12 @@ class DataSet:
 
 
 def load_dataset(root: Path, image_size: int, validation_split: float, test_split: float,
-                 seed: int, workers: int = 8) -> DataSet:
-    """Discovers, checks and splits the images under root."""
+                 seed: int, workers: int = 8, shard: Shard = EVERYTHING,
+                 require_every_class: bool = True) -> DataSet:
+    """Discovers, checks and splits the images under root: of each class folder, the files dealt
+    to shard (job/shard.py), all of them by default. A worker that holds only its part of the
+    data (a shard, or a pull of one) passes require_every_class=False: a class may have no image
+    in its part, and the check is made on the whole (job/train.py)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"DATA_URI {root}: is not a directory of class folders")
@@ -89,13 +97,15 @@ def load_dataset(root: Path, image_size: int, validation_split: float, test_spli
                             f"{class_names}")
         paths, labels = [], []
         for label, name in enumerate(class_names):
-            for path in _image_candidates(split_root / name, finder, root, skipped):
+            for path in _image_candidates(split_root / name, finder, root, skipped,
+                                          lambda names: shard.select(names, seed)):
                 paths.append(path)
                 labels.append(label)
         return _checked(Split(paths, labels), image_size, root, skipped, workers)
 
     train = collect(train_root)
-    _require_every_class(train, class_names, train_root, root, skipped)
+    if require_every_class:
+        _require_every_class(train, class_names, train_root, root, skipped)
     validation = collect(split_dirs["validation"]) if "validation" in split_dirs else None
     test = collect(split_dirs["test"]) if "test" in split_dirs else None
     if validation is None:
@@ -104,8 +114,30 @@ def load_dataset(root: Path, image_size: int, validation_split: float, test_spli
     if test is None:
         train, test = stratified_split(train, test_split, seed + 1)
         notes.append(f"test: {test_split:.0%} of the training images, stratified, seed {seed + 1}")
-    _require_every_class(train, class_names, train_root, root, skipped)
+    if require_every_class:
+        _require_every_class(train, class_names, train_root, root, skipped)
     return DataSet(class_names, train, validation, test, skipped, notes, root)
+
+
+def load_as_split_by(workers: int, root: Path, image_size: int, validation_split: float,
+                     test_split: float, seed: int) -> DataSet:
+    """The data set split as a run of that many workers split it: each worker split its own shard
+    (job/shard.py) of every class folder, so a test image of such a run is one that a worker put
+    in its test split. One worker: load_dataset."""
+    if workers == 1:
+        return load_dataset(root, image_size, validation_split, test_split, seed)
+    parts = [load_dataset(root, image_size, validation_split, test_split, seed,
+                          shard=Shard(index, workers), require_every_class=False)
+             for index in range(workers)]
+    merged = {name: Split([p for part in parts for p in getattr(part, name).paths],
+                          [l for part in parts for l in getattr(part, name).labels])
+              for name in SPLITS}
+    first = parts[0]
+    _require_every_class(merged["train"], first.class_names, root, root,
+                         {path: why for part in parts for path, why in part.skipped.items()})
+    return DataSet(first.class_names, **merged,
+                   skipped={path: why for part in parts for path, why in part.skipped.items()},
+                   notes=first.notes, root=first.root)
 
 
 def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -179,17 +211,18 @@ def shuffle_buffer(examples: tf.data.Dataset, max_bytes: int = 256 * 2**20) -> i
     return limit if count < 0 else max(1, min(count, limit))
 
 
-def is_imbalanced(split: Split, ratio: float = 1.5) -> bool:
-    """Whether the largest class outnumbers the smallest more than ratio times: where
-    CLASS_WEIGHTS=auto weights the classes (and the probe balances them)."""
-    counts = np.bincount(np.asarray(split.labels))
+def is_imbalanced(counts, ratio: float = 1.5) -> bool:
+    """Whether the largest class outnumbers the smallest more than ratio times (counts: images
+    per class): where CLASS_WEIGHTS=auto weights the classes (and the probe balances them)."""
+    counts = np.asarray(counts)
     return counts.max() > ratio * counts.min()
 
 
-def class_weights(split: Split, num_classes: int) -> dict[int, float]:
-    """Balanced weights (n / (k * count)), so each class counts equally in the loss."""
-    counts = np.bincount(np.asarray(split.labels), minlength=num_classes)
-    return {label: float(len(split) / (num_classes * count)) for label, count in enumerate(counts)}
+def class_weights(counts) -> dict[int, float]:
+    """Balanced weights (n / (k * count)) for these images per class, so each class counts
+    equally in the loss."""
+    counts = np.asarray(counts)
+    return {label: float(counts.sum() / (len(counts) * count)) for label, count in enumerate(counts)}
 
 
 def _has_class_folders(path: Path) -> bool:
@@ -291,13 +324,16 @@ class _Finder:
         return None
 
 
-def _image_candidates(class_dir: Path, finder: _Finder, root: Path,
-                      skipped: dict[str, str]) -> list[str]:
-    """Every file under a class folder, nested folders included; hidden, empty and unreachable
-    files (a symbolic link to nothing, a file gone since the listing), and files already listed
-    by another path or in another class folder, are skipped."""
+def _image_candidates(class_dir: Path, finder: _Finder, root: Path, skipped: dict[str, str],
+                      select: Callable[[list[str]], set[str]]) -> list[str]:
+    """Every file under a class folder that select keeps (given all of them, relative to root),
+    nested folders included; hidden, empty and unreachable files (a symbolic link to nothing, a
+    file gone since the listing), and files already listed by another path or in another class
+    folder, are skipped."""
     candidates = []
-    for path in finder.walk(class_dir):
+    walked = {_relative(path, root): path for path in finder.walk(class_dir)}
+    chosen = select(list(walked))
+    for path in (path for name, path in walked.items() if name in chosen):
         if path.name.startswith("."):
             reason = "hidden file"
         elif not path.exists():

@@ -20,6 +20,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from job.shard import EVERYTHING, Shard
+
 MULTI_WORKER = "multi_worker_mirrored"
 MIRRORED = "mirrored"
 DEFAULT = "default"
@@ -50,6 +52,17 @@ class Cluster:
     @property
     def chief(self) -> tuple[str, int]:
         return ("chief", 0) if self.spec.get("chief") else ("worker", 0)
+
+    @property
+    def shard(self) -> Shard:
+        """This process's share of the data (job/shard.py): the training tasks in order, the chief
+        first; everything for a process alone or one that does not train."""
+        tasks = [(kind, index) for kind in TRAINING_TASKS
+                 for index in range(len(self.spec.get(kind, [])))]
+        this = (self.task_type, self.task_index)
+        if len(tasks) < 2 or this not in tasks:
+            return EVERYTHING
+        return Shard(tasks.index(this), len(tasks))
 
     def to_tf_config(self) -> str:
         return json.dumps({"cluster": self.spec,
@@ -121,10 +134,11 @@ def is_multi_worker(strategy) -> bool:
 
 
 def predict(model, dataset, strategy):
-    """model.predict(dataset), except across workers: there every worker runs the whole data set
-    through its own (identical, all-reduced) copy of the model, in order. Keras's multi-worker
-    predict shards the data across workers and gathers the pieces, which would not keep rows
-    aligned with the labels the caller holds."""
+    """model.predict(dataset), except across workers: there each worker runs its data set
+    through its own (identical, all-reduced) copy of the model, in order, with no collective
+    operation, so workers may hold different numbers of batches (gather_rows joins them). Keras's
+    multi-worker predict shards the data across workers and gathers the pieces, which would not
+    keep rows aligned with the labels the caller holds."""
     if not is_multi_worker(strategy):
         return model.predict(dataset, verbose=0)
     import numpy as np
@@ -133,6 +147,13 @@ def predict(model, dataset, strategy):
     step = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
     batches = [step(images).numpy() for images, *_ in dataset]
     return np.concatenate(batches) if batches else np.zeros((0, *model.output_shape[1:]), "float32")
+
+
+def per_worker(dataset, strategy):
+    """The data set as fit() takes it from a worker that feeds its own shard: its batches go to
+    this worker's replicas as they are, neither split across the workers nor re-batched
+    (tf.distribute's distribute_datasets_from_function)."""
+    return strategy.distribute_datasets_from_function(lambda input_context: dataset)
 
 
 def smallest(value: int, strategy) -> int:
@@ -146,6 +167,73 @@ def smallest(value: int, strategy) -> int:
     values = strategy.experimental_distribute_values_from_function(
         lambda context: tf.constant([value], tf.float64))
     return int(tf.reduce_min(strategy.gather(values, axis=0)))
+
+
+def largest(value: int, strategy) -> int:
+    """The largest of each worker's value; value itself on one machine."""
+    return -smallest(-value, strategy)
+
+
+def gather_rows(array, strategy):
+    """Every worker's rows of an array, worker by worker (the chief's first), on every worker;
+    the array itself on one machine. Workers may hold different numbers of rows; the other
+    dimensions must agree. For what each worker computed on its shard of the data (job/shard.py)
+    that every worker needs whole, such as the probabilities a phase is scored by."""
+    if not is_multi_worker(strategy):
+        return array
+    import tensorflow as tf
+
+    if total(len(array), strategy) == 0:  # an all-gather of nothing crashes the process
+        return array
+    rows = tf.constant(array)
+    value = _from_each_worker(strategy, rows, rows[:0])
+    return strategy.gather(value, axis=0).numpy()
+
+
+def total(array, strategy):
+    """The sum over the workers of each one's array (of one shape on all); the array itself on
+    one machine."""
+    if not is_multi_worker(strategy):
+        return array
+    import tensorflow as tf
+
+    values = tf.constant(array)
+    summed = strategy.reduce(tf.distribute.ReduceOp.SUM,
+                             _from_each_worker(strategy, values, tf.zeros_like(values)), axis=None)
+    return summed.numpy()
+
+
+def from_chief(arrays: list, chief: bool, strategy) -> list:
+    """The chief's arrays, on every worker: for a result that is computed (or could come out a
+    little differently) on each worker but must be one and the same for all, such as the
+    weights of a probe fitted by a solver."""
+    import numpy as np
+
+    return [total(array if chief else np.zeros_like(array), strategy) for array in arrays]
+
+
+def gather_texts(texts: list[str], strategy) -> list[str]:
+    """gather_rows for strings (collective operations move numbers only: each string travels as
+    its UTF-8 bytes, padded with NUL, which no file name the job accepts contains)."""
+    if not is_multi_worker(strategy):
+        return list(texts)
+    import numpy as np
+
+    encoded = [text.encode() for text in texts]
+    width = largest(max(map(len, encoded), default=0), strategy)
+    array = np.zeros((len(encoded), max(width, 1)), np.int32)  # what collectives move
+    for row, data in zip(array, encoded):
+        row[:len(data)] = np.frombuffer(data, np.uint8)
+    return [bytes(row.astype(np.uint8)).rstrip(b"\0").decode()
+            for row in gather_rows(array, strategy)]
+
+
+def _from_each_worker(strategy, value, nothing):
+    """A distributed value: value from the first replica of each worker, nothing from the others
+    (a worker with several GPUs has one replica on each, all holding the same host value)."""
+    local = len(strategy.extended.worker_devices)
+    return strategy.experimental_distribute_values_from_function(
+        lambda context: value if context.replica_id_in_sync_group % local == 0 else nothing)
 
 
 def weights_digest(model) -> str:

@@ -62,11 +62,16 @@ class Features:
     """The batches of one data set for one classifier, cached on disk under scratch_dir."""
 
     def __init__(self, config: Config, dataset: data.DataSet, parts: model.Classifier,
-                 scratch_dir: Path, batch_size: int, available_bytes: int):
+                 scratch_dir: Path, batch_size: int, available_bytes: int,
+                 largest: Callable[[int], int] = lambda size: size):
+        """largest: a size as the largest any worker of the cluster estimates it for its shard,
+        so that all of them decide alike which phases to cache."""
         self.config, self.dataset, self.parts = config, dataset, parts
         self.scratch_dir, self.batch_size = scratch_dir, batch_size
         self.plan = budget.plan(config.cache_budget.describe(), available_bytes,
-                                self._decoded_images_bytes(), self._wanted_cache_bytes())
+                                largest(self._decoded_images_bytes()),
+                                {phase: largest(size)
+                                 for phase, size in self._wanted_cache_bytes().items()})
 
     def for_phase(self, fine_tunes: bool, augmentation_seed: int) -> PhaseInputs:
         """The inputs of the head phase (fine_tunes False) or the fine-tuning phase. Call it after

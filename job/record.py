@@ -31,6 +31,7 @@ class RunRecord:
     validation_split: float
     test_split: float
     decision_threshold: float  # two classes: label 1 when p >= this; 0.5 otherwise
+    data_shards: int = 1  # workers that each loaded one shard of the data (job/shard.py)
 
     @property
     def mixed_precision(self) -> bool:
@@ -41,18 +42,20 @@ class RunRecord:
 
     @classmethod
     def of_run(cls, settings: Mapping[str, Any], classes: list[str], precision_policy: str,
-               decision_threshold: float) -> "RunRecord":
+               decision_threshold: float, data_shards: int = 1) -> "RunRecord":
         """The record of a run from its settings (the Config as a dict, as metrics.json's
         "config" block holds it) and what the run found."""
         return cls(**{name: settings[name] for name in SETTINGS}, classes=classes,
-                   precision_policy=precision_policy, decision_threshold=decision_threshold)
+                   precision_policy=precision_policy, decision_threshold=decision_threshold,
+                   data_shards=data_shards)
 
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, Any]) -> "RunRecord":
         """The record in a run's metrics.json. Runs written before the record existed carry
         the same facts in their "config" block, so those are read from there."""
         try:
-            fields = metrics.get(KEY) or _from_config_block(metrics)
+            fields = {"data_shards": 1,  # runs from before the cluster shared the data
+                      **(metrics.get(KEY) or _from_config_block(metrics))}
             return cls(**{field.name: _typed(field, fields[field.name])
                           for field in dataclasses.fields(cls)})
         except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -77,5 +80,5 @@ def _from_config_block(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # What the run found; every other field is one of its settings, under the same name in Config.
-RESULTS = ("classes", "precision_policy", "decision_threshold")
+RESULTS = ("classes", "precision_policy", "decision_threshold", "data_shards")
 SETTINGS = tuple(field.name for field in dataclasses.fields(RunRecord) if field.name not in RESULTS)

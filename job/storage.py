@@ -199,6 +199,7 @@ def fetch_tree(uri: str, cache_dir: Path, **options) -> Path:
 
 
 def pull_tree(uri: str, local_dir: Path, *, allow_empty: bool = False,
+              select: Callable[[list[str]], set[str]] | None = None,
               batch_size: int = DEFAULT_BATCH_SIZE, max_workers: int = DEFAULT_MAX_WORKERS,
               retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> TransferStats:
     """Makes local_dir a mirror of everything under uri and says what that moved.
@@ -209,6 +210,11 @@ def pull_tree(uri: str, local_dir: Path, *, allow_empty: bool = False,
     Objects whose names cannot be local files are skipped, each with its reason in
     `TransferStats.skipped`. An empty or absent prefix, or one with no storable name, raises
     Unusable unless allow_empty.
+
+    With select (given every storable name, relative to uri, it returns the ones to pull: one
+    worker's shard, job/shard.py) only those are mirrored, though every folder is made, so each
+    worker sees every class folder. The whole listing is then read before the first download (a
+    shard is dealt from whole folders), and held in memory meanwhile.
     """
     local_dir = Path(local_dir)
     if not is_remote(uri):
@@ -221,14 +227,16 @@ def pull_tree(uri: str, local_dir: Path, *, allow_empty: bool = False,
     logger.info("pulling %s -> %s", uri, local_dir)
     with _remote(uri, retry_deadline, max_workers) as remote:
         listing = remote.client.list_blobs(bucket_name, prefix=prefix, retry=remote.retry)
-        for batch in _batches(listing, batch_size):
+        accepted = ((blob.name[len(prefix):], blob) for blob in listing
+                    # skipping zero-byte "folder" placeholders made by the console
+                    if not (blob.name.endswith("/") and not blob.size)
+                    and names.accept(blob.name[len(prefix):]))
+        if select is not None:
+            accepted = _selected(list(accepted), select, local_dir)
+            kept = {relative for relative, _ in accepted}
+        for batch in _batches(accepted, batch_size):
             missing = []
-            for blob in batch:
-                if blob.name.endswith("/") and not blob.size:
-                    continue  # a zero-byte "folder" placeholder made by the console
-                relative = blob.name[len(prefix):]
-                if not names.accept(relative):
-                    continue
+            for relative, blob in batch:
                 target = local_dir.joinpath(*relative.split("/"))
                 if _is_current(target, blob):
                     cached += 1
@@ -241,11 +249,20 @@ def pull_tree(uri: str, local_dir: Path, *, allow_empty: bool = False,
         raise Unusable(f"{uri}: no usable objects under this prefix"
                        + (f" ({len(names.skipped)} skipped: {_first(names.skipped)})"
                           if names.skipped else ""))
-    removed = _remove_unlisted(local_dir, names.files)
+    removed = _remove_unlisted(local_dir, names.files if select is None else kept)
     stats = TransferStats(objects, size, cached, removed, time.monotonic() - start,
                           skipped=names.skipped)
     _log("pulled", uri, local_dir, stats)
     return stats
+
+
+def _selected(accepted: list[tuple[str, gcs.Blob]], select: Callable[[list[str]], set[str]],
+              local_dir: Path) -> list[tuple[str, gcs.Blob]]:
+    """The (name, object) pairs select keeps; makes every folder of the listing under local_dir."""
+    chosen = select([relative for relative, _ in accepted])
+    for folder in {relative.rpartition("/")[0] for relative, _ in accepted} - {""}:
+        local_dir.joinpath(*folder.split("/")).mkdir(parents=True, exist_ok=True)
+    return [(relative, blob) for relative, blob in accepted if relative in chosen]
 
 
 class _NameCheck:

@@ -10,12 +10,14 @@ predictions and report.html (job.html_report), then MANIFEST.json.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import platform
 import sys
 import shutil
 import time
+import zlib
 from pathlib import Path
 
 import keras
@@ -30,6 +32,7 @@ from job.context import RunContext
 from job.features import Features, PhaseInputs
 from job.progress import Progress
 from job.record import KEY as RECORD_KEY, RunRecord
+from job.shard import EVERYTHING, Shard
 
 log = logging.getLogger("job")
 ALREADY_COMPLETE = "already complete"
@@ -84,7 +87,8 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
         log.info("run %s is already complete at %s; nothing to do", config.run_id, config.run_uri)
         return {"status": ALREADY_COMPLETE, "run_uri": config.run_uri}
     precision = set_up_keras(config, context)
-    dataset, pulled = load_data(config)
+    dataset, pulled = load_data(config, context)
+    whole = WholeData.of(dataset, context)
 
     with context.strategy.scope():  # variables (model, optimizers, metrics) mirrored across replicas
         base, preprocess_mode = build_base(config)
@@ -95,17 +99,18 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
                                   retry_deadline=config.storage_deadline)
         context.scratch_dir.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(config, dataset, parts, context.scratch_dir, checkpoints,
-                          context.strategy)
+                          context.strategy, context.shard, context.chief)
         records, summaries = {}, {}
         for phase in phases(config):
             records[phase.key] = trainer.fit(phase)
             summaries[phase.key] = _summary(parts.classifier)
 
-    metrics = run_metrics(config, precision, dataset, pulled, trainer, records, summaries)
+    metrics = run_metrics(config, precision, whole, pulled, trainer, records, summaries)
+    metrics["workers"] = worker_records(context, dataset, pulled, records)
     log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
     context.run_dir.mkdir(parents=True, exist_ok=True)
     write_run(context.run_dir, config, parts.classifier, dataset.class_names, metrics, summaries,
-              final_test_predictions(dataset, trainer, phases(config)[-1]))
+              final_test_predictions(dataset.root, trainer, phases(config)[-1]))
     if not context.chief:
         context.discard_throwaways()
         log.info("worker done; the chief publishes the run")
@@ -127,31 +132,87 @@ def set_up_keras(config: Config, context: RunContext) -> str:
     return precision
 
 
-def load_data(config: Config) -> tuple[data.DataSet, storage.TransferStats | None]:
-    """The data set (pulled into the cache first when DATA_URI is remote), its skipped files
-    logged; and the pull's statistics."""
+def load_data(config: Config, context: RunContext) -> tuple[data.DataSet,
+                                                             storage.TransferStats | None]:
+    """This process's data set (pulled into the cache first when DATA_URI is remote), its skipped
+    files logged; and the pull's statistics. A worker of a cluster pulls and loads only its shard
+    of each class folder (job/shard.py)."""
     data_root = storage.local_dir_for(config.data_uri, config.cache_dir / "data")
-    pulled = storage.pull_tree(config.data_uri, data_root, retry_deadline=config.storage_deadline) \
-        if storage.is_remote(config.data_uri) else None
+    shard, remote = context.shard, storage.is_remote(config.data_uri)
+    pulled = storage.pull_tree(
+        config.data_uri, data_root, retry_deadline=config.storage_deadline,
+        select=(lambda names: shard.select(names, config.seed)) if shard.is_partial else None) \
+        if remote else None
     dataset = data.load_dataset(data_root, config.image_size, config.validation_split,
-                                config.test_split, config.seed)
+                                config.test_split, config.seed,
+                                shard=EVERYTHING if remote else shard,
+                                require_every_class=not shard.is_partial)
     dataset.skipped.update(pulled.skipped if pulled else {})
     for note in dataset.notes:
         log.info("data: %s", note)
     for path, reason in dataset.skipped.items():
         log.warning("skipped %s: %s", path, reason)
-    log.info("classes %s; images per split %s; skipped %d", dataset.class_names,
-             {name: len(getattr(dataset, name)) for name in data.SPLITS}, len(dataset.skipped))
+    log.info("classes %s; images per split %s; skipped %d%s", dataset.class_names,
+             {name: len(getattr(dataset, name)) for name in data.SPLITS}, len(dataset.skipped),
+             f" (the shard of {shard.describe()})" if shard.is_partial else "")
     return dataset, pulled
 
 
-def run_metrics(config: Config, precision: str, dataset: data.DataSet,
+@dataclasses.dataclass(frozen=True)
+class WholeData:
+    """What the whole data set holds when each worker loaded only its shard: images per class
+    and split, and the files skipped, summed over the workers (the shard's own on one machine)."""
+
+    counts: dict[str, dict[str, int]]
+    skipped: dict[str, str]
+
+    @classmethod
+    def of(cls, dataset: data.DataSet, context: RunContext) -> "WholeData":
+        if not context.shard.is_partial:
+            return cls(dataset.counts(), dataset.skipped)
+        strategy, classes = context.strategy, dataset.class_names
+        layout = zlib.crc32(json.dumps([classes, dataset.notes]).encode())
+        if distribute.smallest(layout, strategy) != distribute.largest(layout, strategy):
+            raise data.DataError("DATA_URI: the workers found different "
+                                 "classes or split folders in their shards; each class and split "
+                                 "folder needs at least as many images as there are workers")
+        counts = distribute.total(np.stack([getattr(dataset, name).label_counts(len(classes))
+                                            for name in data.SPLITS]), strategy)
+        whole = cls({name: dict(zip(classes, row.tolist())) for name, row in zip(data.SPLITS, counts)},
+                    dict(line.split("\t", 1) for line in distribute.gather_texts(
+                        [f"{path}\t{reason}" for path, reason in dataset.skipped.items()], strategy)))
+        missing = [name for name, count in whole.counts["train"].items() if count == 0]
+        if missing:
+            raise data.DataError(f"DATA_URI: class {missing[0]!r} has no usable training image")
+        return whole
+
+
+def worker_records(context: RunContext, dataset: data.DataSet,
+                   pulled: storage.TransferStats | None, records: dict[str, dict]) -> list[dict]:
+    """Per worker (the chief first): the images of its shard, the objects and bytes it pulled
+    (and found already in its cache), how many inputs ran through its frozen layers and its
+    seconds per phase. One entry on one machine."""
+    mine = {f"{name}_images": len(getattr(dataset, name)) for name in data.SPLITS}
+    mine.update({"objects_pulled": pulled.objects if pulled else 0,
+                 "bytes_pulled": pulled.bytes if pulled else 0,
+                 "objects_already_cached": pulled.cached if pulled else 0})
+    for key, record in records.items():
+        mine[f"{key}_frozen_layer_inputs"] = record.get("frozen_layer_inputs", 0)
+        mine[f"{key}_seconds"] = record.get("seconds", 0.0)
+    rows = distribute.gather_rows(np.array([list(mine.values())], np.float64), context.strategy)
+    return [{key: (round(value, 2) if key.endswith("seconds") else int(value))
+             for key, value in zip(mine, row)} for row in rows]
+
+
+def run_metrics(config: Config, precision: str, whole: WholeData,
                 pulled: storage.TransferStats | None, trainer: "Trainer",
                 records: dict[str, dict], summaries: dict) -> dict:
     """metrics.json: the settings, the environment, the data and each phase's results."""
     final = records.get("phase2") or records["phase1"]
     settings = _config_record(config)
-    record = RunRecord.of_run(settings, dataset.class_names, precision, final["decision_threshold"])
+    classes = list(whole.counts["train"])
+    record = RunRecord.of_run(settings, classes, precision, final["decision_threshold"],
+                              data_shards=trainer.shard.count)
     return {
         "run_id": config.run_id,
         RECORD_KEY: record.as_dict(),
@@ -159,11 +220,11 @@ def run_metrics(config: Config, precision: str, dataset: data.DataSet,
         "precision_policy": precision,
         "versions": _versions(),
         "hardware": _hardware(),
-        "classes": dataset.class_names,
-        "class_counts": dataset.counts(),
+        "classes": classes,
+        "class_counts": whole.counts,
         "data_pull": pulled.as_dict() if pulled else None,
-        "data_notes": dataset.notes,
-        "skipped_files": dataset.skipped,
+        "data_notes": trainer.dataset.notes,
+        "skipped_files": whole.skipped,
         "class_weights": trainer.class_weights,
         "cache": trainer.features.plan.as_dict(),
         "phase1": records["phase1"],
@@ -271,20 +332,32 @@ class Trainer:
     """Fits the phases of one classifier on one data set and scores each."""
 
     def __init__(self, config: Config, dataset: data.DataSet, parts: model.Classifier,
-                 scratch_dir: Path, checkpoints: Checkpoints, strategy=None):
+                 scratch_dir: Path, checkpoints: Checkpoints, strategy=None,
+                 shard: Shard = EVERYTHING, chief: bool = True):
         self.config, self.dataset, self.parts = config, dataset, parts
-        self.checkpoints = checkpoints
+        self.checkpoints, self.shard, self.chief = checkpoints, shard, chief
         self.strategy = strategy or tf.distribute.get_strategy()
-        # BATCH_SIZE is per replica; tf.data and fit() take the global batch.
-        batch_size = distribute.global_batch_size(config.batch_size, self.strategy)
-        # Each worker measures its own disk; all take the smallest, so that all cache alike.
+        # BATCH_SIZE is per replica. On one machine tf.data and fit() take the global batch; a
+        # worker with a shard batches its own examples per replica (see fit_data).
+        self.global_batch = distribute.global_batch_size(config.batch_size, self.strategy)
+        batch_size = config.batch_size if shard.is_partial else self.global_batch
+        # Each worker measures its own disk and shard; all take the tightest, so all cache alike.
         available = distribute.smallest(budget.available_bytes(config.cache_budget, scratch_dir),
                                         self.strategy)
-        self.features = Features(config, dataset, parts, scratch_dir, batch_size, available)
+        self.features = Features(config, dataset, parts, scratch_dir, batch_size, available,
+                                 largest=lambda value: distribute.largest(value, self.strategy))
         _log_cache_plan(self.features.plan, config)
-        self.class_weights = (data.class_weights(dataset.train, len(dataset.class_names))
-                              if config.class_weights == "auto" and data.is_imbalanced(dataset.train)
+        train_counts = self.total(dataset.train.label_counts(len(dataset.class_names)))
+        self.class_weights = (data.class_weights(train_counts)
+                              if config.class_weights == "auto" and data.is_imbalanced(train_counts)
                               else None)
+        # The scored splits whole, in the order their probabilities are gathered: (paths
+        # relative to the data root, labels).
+        self.scored_splits = {
+            name: (self.gather_texts([str(Path(path).relative_to(dataset.root))
+                                      for path in getattr(dataset, name).paths]),
+                   self.gather(np.asarray(getattr(dataset, name).labels, dtype=np.int32)))
+            for name in report.SCORED_SPLITS}
         self.verbose = 1 if sys.stdout.isatty() else 0
         # Per phase name: the test split's probabilities as scored, for report.html (in memory:
         # metrics.json keeps only the scores).
@@ -315,14 +388,17 @@ class Trainer:
     def _fit(self, phase: Phase, inputs: PhaseInputs) -> dict:
         loss, metrics = model.loss_and_metrics(len(self.dataset.class_names),
                                                self.config.label_smoothing)
-        steps_per_epoch = -(-inputs.train_examples // self.features.batch_size)
+        train, validation, steps_per_epoch = self.fit_data(inputs)
         inputs.trained.compile(optimizer=phase.optimizer(steps_per_epoch), loss=loss,
                                metrics=metrics)
         callbacks = self.callbacks(phase) + self.checkpoints.callbacks(phase.name)
         history = self.checkpoints.history_so_far(phase.name)
         started = time.perf_counter()
-        fitted = inputs.trained.fit(inputs.train, validation_data=inputs.validation,
-                                    epochs=phase.epochs, class_weight=self.class_weights,
+        fitted = inputs.trained.fit(train, validation_data=validation, epochs=phase.epochs,
+                                    steps_per_epoch=steps_per_epoch if self.shard.is_partial
+                                    else None,
+                                    class_weight=None if self.shard.is_partial
+                                    else self.class_weights,
                                     callbacks=callbacks, shuffle=False,  # the data shuffles itself
                                     verbose=self.verbose)
         seconds = time.perf_counter() - started
@@ -337,19 +413,58 @@ class Trainer:
             "seconds": round(inputs.cache_seconds + time.perf_counter() - started, 2),
             "training_seconds": round(seconds, 2),
             "cache_seconds": round(inputs.cache_seconds, 2),
-            "train_examples": inputs.train_examples,
+            "train_examples": steps_per_epoch * self.global_batch if self.shard.is_partial
+            else inputs.train_examples,
+            "frozen_layer_inputs": inputs.cached_examples,
             "images_per_second": round(epochs_now * inputs.train_examples / seconds, 1),
             **scores,
         }
+
+    def fit_data(self, inputs: PhaseInputs) -> tuple[object, object, int]:
+        """What fit() takes: the training and validation batches and the steps of an epoch.
+
+        On one machine, inputs' own. A worker with a shard feeds its own examples alone, batched
+        per replica (tf.distribute neither splits nor re-batches them), weighted by class here
+        (Keras' class_weight cannot map a distributed data set). Every worker must take the same
+        number of steps, as the all-reduce needs: the training batches repeat, for as many steps
+        an epoch as one machine takes over all the examples at the global batch. Validation runs
+        to the end of each worker's shard; tf.distribute gives a worker that runs out first
+        empty batches, so the loss and metrics are those of the whole validation split."""
+        examples = int(self.total(np.int64(inputs.train_examples)))
+        steps = max(1, -(-examples // self.global_batch))
+        if not self.shard.is_partial:
+            return inputs.train, inputs.validation, steps
+        train = inputs.train
+        if self.class_weights is not None:
+            weights = tf.constant([self.class_weights[label]
+                                   for label in range(len(self.class_weights))], tf.float32)
+            train = train.map(lambda x, y: (x, y, tf.gather(weights, tf.cast(y, tf.int32))))
+        return (distribute.per_worker(train.repeat(), self.strategy),
+                distribute.per_worker(inputs.validation, self.strategy), steps)
+
+    def gather(self, array: np.ndarray) -> np.ndarray:
+        """Every worker's rows (distribute.gather_rows); the rows themselves on one machine."""
+        return distribute.gather_rows(array, self.strategy) if self.shard.is_partial else array
+
+    def gather_texts(self, texts: list[str]) -> list[str]:
+        return distribute.gather_texts(texts, self.strategy) if self.shard.is_partial else texts
+
+    def total(self, array):
+        """The sum over the workers' shards (distribute.total); array itself on one machine."""
+        return distribute.total(array, self.strategy) if self.shard.is_partial else array
 
     def _solve_probe(self, phase: Phase, inputs: PhaseInputs) -> dict:
         """Phase 1 of a linear head: the linear probe on the unaugmented training features, its
         C chosen on validation, becomes the head's output layer (job.probe)."""
         started = time.perf_counter()
-        probe_data = self.features.probe_data()
+        probe_data = {name: tuple(map(self.gather, arrays))  # every worker's rows
+                      for name, arrays in self.features.probe_data().items()}
         fitted = probe.fit(probe_data["train"], probe_data["validation"],
                            balanced=self.class_weights is not None)
-        self.parts.head.get_layer("probabilities").set_weights(list(fitted.dense_weights()))
+        weights = list(fitted.dense_weights())
+        if self.shard.is_partial:  # one head on every worker, whatever each one's solver did
+            weights = distribute.from_chief(weights, self.chief, self.strategy)
+        self.parts.head.get_layer("probabilities").set_weights(weights)
         seconds = time.perf_counter() - started
         log.info("%s: linear probe on %d training images, C=%g chosen on validation (accuracy "
                  "%.4f) in %.1f s", phase.name, len(probe_data["train"][1]), fitted.c,
@@ -366,6 +481,7 @@ class Trainer:
             "seconds": round(inputs.cache_seconds + seconds, 2),
             "training_seconds": round(seconds, 2), "cache_seconds": round(inputs.cache_seconds, 2),
             "train_examples": len(probe_data["train"][1]),
+            "frozen_layer_inputs": inputs.cached_examples,
             **self.evaluate(phase.name, inputs),
         }
 
@@ -393,14 +509,16 @@ class Trainer:
     def evaluate(self, phase: str, inputs: PhaseInputs) -> dict:
         """The validation and test scores of the classifier as it stands after a phase (see
         report.score_phase), logged."""
-        names = [name for name in report.SCORED_SPLITS if len(getattr(self.dataset, name))]
+        names = [name for name in report.SCORED_SPLITS if len(self.scored_splits[name][1])]
 
         def predict(name: str, flipped: bool):
-            return distribute.predict(inputs.scored, inputs.scored_batches(name, flipped),
-                                      self.strategy)
+            """The whole split's probabilities, each worker scoring its shard."""
+            if not len(getattr(self.dataset, name)):  # none in this worker's shard
+                return self.gather(np.zeros((0, *inputs.scored.output_shape[1:]), np.float32))
+            return self.gather(distribute.predict(
+                inputs.scored, inputs.scored_batches(name, flipped), self.strategy))
 
-        labels = {name: np.asarray(getattr(self.dataset, name).labels, dtype=np.int32)
-                  for name in names}
+        labels = {name: self.scored_splits[name][1] for name in names}
         probabilities = {name: predict(name, False) for name in names}
         flipped = {name: predict(name, True) for name in names} if self.config.tta else None
         result = report.score_phase(labels, probabilities, self.dataset.class_names, flipped)
@@ -464,16 +582,19 @@ def _log_cache_plan(plan: budget.CachePlan, config: Config) -> None:
         log.warning("cache: %s", refusal)
 
 
-def final_test_predictions(dataset: data.DataSet, trainer: Trainer,
+def final_test_predictions(data_root: Path, trainer: Trainer,
                            final: Phase) -> html_report.TestPredictions | None:
     """The final phase's test probabilities with the test images' paths (relative to the data
     root, as the export finds them again); None without a test split, or when an earlier attempt
-    of the run finished the final phase, so this process never scored it."""
+    of the run finished the final phase, so this process never scored it. (Of a cluster's run,
+    the chief has only its own shard's images under data_root: the report shows the others'
+    names without a thumbnail until the export, which has them all, renders it again.)"""
     probabilities = trainer.test_probabilities.get(final.name)
     if probabilities is None:
         return None
-    return html_report.TestPredictions.of_split(dataset.test.paths, dataset.test.labels,
-                                                probabilities, dataset.root)
+    paths, labels = trainer.scored_splits["test"]
+    return html_report.TestPredictions.of_split([str(data_root / path) for path in paths],
+                                                labels, probabilities, data_root)
 
 
 def write_run(work_dir: Path, config: Config, classifier: keras.Model, class_names: list[str],

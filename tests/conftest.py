@@ -68,6 +68,11 @@ def mobilenet_v2_weights() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mobilenet_v2_035_weights() -> Path:
+    return require_shared(MOBILENET_V2_035)
+
+
+@pytest.fixture(scope="session")
 def hub_feature_vector(tmp_path_factory) -> Path:
     """A local image feature-vector module, as TF-Hub's TF2 ones are: a SavedModel whose
     `serving_default` signature takes float32 pixels in [0, 1], of any height and width, and
@@ -218,7 +223,7 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def free_ports():
     """free_ports(n): n distinct TCP ports on 127.0.0.1 that were free a moment ago."""
 

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from job import data
+from job.shard import Shard
 from edge.images import DecodeBudget, ImageError, load_image
 from tests.conftest import write_class_images
 
@@ -171,4 +172,27 @@ def test_pipeline_yields_float_batches_of_the_decoded_images(tmp_path):
 
 def test_class_weights_balance_the_classes():
     split = data.Split(["x"] * 4, [0, 0, 0, 1])
-    assert data.class_weights(split, 2) == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0)}
+    assert data.class_weights(split.label_counts(2)) == {0: pytest.approx(4 / 6),
+                                                        1: pytest.approx(2.0)}
+
+
+def test_a_shard_loads_its_part_of_every_class_folder(tmp_path):
+    root = write_class_images(tmp_path / "images", ["a", "b"], per_class=9)
+    whole = data.load_dataset(root, 16, 0.25, 0.25, seed=3)
+    parts = [data.load_dataset(root, 16, 0.25, 0.25, seed=3, shard=Shard(index, 2),
+                               require_every_class=False) for index in range(2)]
+    every = lambda dataset: {p for name in data.SPLITS for p in getattr(dataset, name).paths}
+    assert every(parts[0]) | every(parts[1]) == every(whole)
+    assert not every(parts[0]) & every(parts[1])
+    assert [len(every(part)) for part in parts] in ([9, 9], [10, 8], [8, 10])
+
+
+def test_the_splits_of_a_sharded_run_are_found_again_as_each_worker_made_them(tmp_path):
+    root = write_class_images(tmp_path / "images", ["a", "b"], per_class=12)
+    parts = [data.load_dataset(root, 16, 0.25, 0.25, seed=3, shard=Shard(index, 3),
+                               require_every_class=False) for index in range(3)]
+    again = data.load_as_split_by(3, root, 16, 0.25, 0.25, seed=3)
+    for name in data.SPLITS:
+        assert sorted(getattr(again, name).paths) == sorted(
+            path for part in parts for path in getattr(part, name).paths)
+    assert again.class_names == ["a", "b"]

@@ -11,6 +11,7 @@ import pytest
 
 from job import distribute, tfconfig
 from job.config import Config, ConfigError
+from job.shard import EVERYTHING, Shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,6 +76,18 @@ def test_tf_config_wins_over_cluster_spec_when_both_are_set():
 ])
 def test_only_the_chief_writes_outputs(config, spec, chief):
     assert distribute.is_chief(cluster(config, spec)) is chief
+
+
+def test_each_training_task_gets_its_own_shard_of_the_data_the_chief_first():
+    assert [cluster(tf_config(3, index)).shard for index in range(3)] == [
+        Shard(0, 3), Shard(1, 3), Shard(2, 3)]
+    with_chief = [cluster(tf_config(2, 0, "chief", chief=True))] + [
+        cluster(tf_config(2, index, chief=True)) for index in range(2)]
+    assert [c.shard for c in with_chief] == [Shard(0, 3), Shard(1, 3), Shard(2, 3)]
+
+
+def test_a_process_alone_loads_all_the_data():
+    assert cluster(tf_config(1)).shard == EVERYTHING
 
 
 def test_global_batch_size_scales_with_replicas_in_sync():

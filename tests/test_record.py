@@ -6,12 +6,18 @@ from job.record import RecordError, RunRecord
 RECORD = {"run_id": "r1", "classes": ["cat", "dog"], "image_size": 150, "backbone": "vgg16",
           "alpha": 1.0, "dense_units": 256, "dropout": 0.5, "precision_policy": "mixed_float16",
           "seed": 42, "data_uri": "gs://bucket/images", "validation_split": 0.2,
-          "test_split": 0.1, "decision_threshold": 0.37}
+          "test_split": 0.1, "decision_threshold": 0.37, "data_shards": 1}
 
 
 def test_a_record_reads_back_what_was_written():
     record = RunRecord.from_metrics({"record": RECORD})
     assert record.as_dict() == RECORD and record.mixed_precision
+
+
+def test_a_record_without_data_shards_is_of_a_run_on_one_worker():
+    older = {key: value for key, value in RECORD.items() if key != "data_shards"}
+    assert RunRecord.from_metrics({"record": older}).data_shards == 1
+    assert RunRecord.from_metrics({"record": {**RECORD, "data_shards": 3}}).data_shards == 3
 
 
 def test_a_run_written_before_the_record_is_read_from_its_config_block():

@@ -13,6 +13,7 @@ import pytest
 from tests import gcs_emulator
 from tests.conftest import random_vgg16_weights
 from job import storage
+from job.shard import Shard
 from job.storage import StorageError
 
 QUICK = {"retry_deadline": 5.0}
@@ -109,6 +110,23 @@ def test_pull_deletes_local_files_that_are_not_under_the_prefix(remote_tree, tmp
     stats = storage.pull_tree(remote_tree, local)
     assert stats.removed == 1
     assert not (local / "NORMAL" / "removed-from-the-bucket.jpeg").exists()
+
+
+def test_a_sharded_pull_mirrors_only_the_shard_and_makes_every_folder(remote_tree, file_tree,
+                                                                    tmp_path):
+    names = set(tree_contents(file_tree))
+    pulled = {}
+    for index in range(2):
+        shard = Shard(index, 2)
+        local = tmp_path / f"worker{index}"
+        stats = storage.pull_tree(remote_tree, local,
+                                  select=lambda listed: shard.select(listed, seed=42))
+        pulled[index] = set(tree_contents(local))
+        assert pulled[index] == shard.select(names, seed=42)
+        assert stats.objects == len(pulled[index])
+        assert {"NORMAL", "PNEUMONIA", "PNEUMONIA/sub"} <= {
+            path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_dir()}
+    assert pulled[0] | pulled[1] == names and not pulled[0] & pulled[1]
 
 
 def test_pull_of_a_prefix_larger_than_one_batch_gets_every_object(remote_tree, file_tree, tmp_path):
