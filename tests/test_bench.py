@@ -41,7 +41,20 @@ def script_arguments(trees: dict[str, Path], work: Path) -> dict[str, list[str]]
                     "--work", str(work / "quality"), *TINY_JOB],
         "storage_pull": ["bench/storage_pull.py", "--objects", "20", "--repeats", "1",
                          "--data", split],
+        "scaling": ["bench/scaling.py", "--check", str(two_worker_metrics(work))],
     }
+
+
+def two_worker_metrics(root: Path) -> Path:
+    """A metrics.json of a run on two workers, as much of it as bench/scaling.py --check reads."""
+    worker = {"objects_pulled": 9, "objects_already_cached": 1, "phase1_frozen_layer_inputs": 10,
+              "phase1_seconds": 3.0, "phase2_seconds": 4.0}
+    metrics = {"class_counts": {"train": {"a": 7, "b": 7}, "validation": {"a": 2, "b": 2},
+                                "test": {"a": 1, "b": 1}},
+               "workers": [worker, {**worker, "phase1_frozen_layer_inputs": 10}]}
+    path = root / "two-workers-metrics.json"
+    path.write_text(json.dumps(metrics))
+    return path
 
 
 def tiny_trees(root: Path) -> dict[str, Path]:
@@ -164,6 +177,24 @@ def test_storage_pull(bench_runs):
     assert result["objects"] == 20 and result["repeats"] == 1
     assert result["parallel_objects_per_s"] > 0 and result["sequential_objects_per_s"] > 0
     assert result["speedup"] > 0
+
+
+def test_scaling(bench_runs):
+    result = output(bench_runs, "scaling")
+    table = result["table"]
+    assert [(row["images"], row["workers"]) for row in table] == [
+        (images, workers) for images in (10_000, 1_000_000, 10_000_000) for workers in (1, 4, 16)]
+    for row in table:
+        assert row["wall_hours"] >= 0 and row["cost_usd"] >= 0
+        assert row["bottleneck"] in row["seconds"]
+    one, sixteen = (next(row for row in table if row["images"] == 1_000_000 and
+                         row["workers"] == workers) for workers in (1, 16))
+    assert sixteen["seconds"]["pull"] == pytest.approx(one["seconds"]["pull"] / 16, abs=1)
+    assert sixteen["seconds"]["list"] == one["seconds"]["list"]  # every worker lists it all
+    assert one["seconds"]["phase2_allreduce"] == 0 < sixteen["seconds"]["phase2_allreduce"]
+    (check,) = result["checks"]
+    assert check["workers"] == 2 and check["images"] == 20
+    assert check["measured_objects_per_worker"] == [10, 10] and check["largest_deviation"] == 0
 
 
 def test_link_slice(tmp_path):
