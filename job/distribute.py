@@ -11,6 +11,11 @@ everything else here takes that parsed Cluster, and nothing reads the environmen
 Only the chief writes outputs. The other workers still run every save (collective ops inside
 saving must run on all of them) but into throwaway directories (job/context.py), as in
 TensorFlow's multi-worker Keras guide.
+
+Each worker of a cluster holds only its shard of the data (job/shard.py). What must be whole on
+every worker is joined through the strategy's own collective operations (gather_rows, total,
+gather_texts, from_chief), never through files or a channel of the job's own; every worker makes
+the same calls in the same order, as collectives need.
 """
 from __future__ import annotations
 

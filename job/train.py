@@ -210,7 +210,7 @@ def run_metrics(config: Config, precision: str, whole: WholeData,
     """metrics.json: the settings, the environment, the data and each phase's results."""
     final = records.get("phase2") or records["phase1"]
     settings = _config_record(config)
-    classes = list(whole.counts["train"])
+    classes = trainer.dataset.class_names
     record = RunRecord.of_run(settings, classes, precision, final["decision_threshold"],
                               data_shards=trainer.shard.count)
     return {
@@ -388,7 +388,7 @@ class Trainer:
     def _fit(self, phase: Phase, inputs: PhaseInputs) -> dict:
         loss, metrics = model.loss_and_metrics(len(self.dataset.class_names),
                                                self.config.label_smoothing)
-        train, validation, steps_per_epoch = self.fit_data(inputs)
+        train, validation, steps_per_epoch, examples = self.fit_data(inputs)
         inputs.trained.compile(optimizer=phase.optimizer(steps_per_epoch), loss=loss,
                                metrics=metrics)
         callbacks = self.callbacks(phase) + self.checkpoints.callbacks(phase.name)
@@ -413,15 +413,15 @@ class Trainer:
             "seconds": round(inputs.cache_seconds + time.perf_counter() - started, 2),
             "training_seconds": round(seconds, 2),
             "cache_seconds": round(inputs.cache_seconds, 2),
-            "train_examples": steps_per_epoch * self.global_batch if self.shard.is_partial
-            else inputs.train_examples,
+            "train_examples": examples,
             "frozen_layer_inputs": inputs.cached_examples,
             "images_per_second": round(epochs_now * inputs.train_examples / seconds, 1),
             **scores,
         }
 
-    def fit_data(self, inputs: PhaseInputs) -> tuple[object, object, int]:
-        """What fit() takes: the training and validation batches and the steps of an epoch.
+    def fit_data(self, inputs: PhaseInputs) -> tuple[object, object, int, int]:
+        """What fit() takes: the training and validation batches and the steps of an epoch; and
+        the training examples of all the workers.
 
         On one machine, inputs' own. A worker with a shard feeds its own examples alone, batched
         per replica (tf.distribute neither splits nor re-batches them), weighted by class here
@@ -433,14 +433,14 @@ class Trainer:
         examples = int(self.total(np.int64(inputs.train_examples)))
         steps = max(1, -(-examples // self.global_batch))
         if not self.shard.is_partial:
-            return inputs.train, inputs.validation, steps
+            return inputs.train, inputs.validation, steps, examples
         train = inputs.train
         if self.class_weights is not None:
             weights = tf.constant([self.class_weights[label]
                                    for label in range(len(self.class_weights))], tf.float32)
             train = train.map(lambda x, y: (x, y, tf.gather(weights, tf.cast(y, tf.int32))))
         return (distribute.per_worker(train.repeat(), self.strategy),
-                distribute.per_worker(inputs.validation, self.strategy), steps)
+                distribute.per_worker(inputs.validation, self.strategy), steps, examples)
 
     def gather(self, array: np.ndarray) -> np.ndarray:
         """Every worker's rows (distribute.gather_rows); the rows themselves on one machine."""

@@ -126,6 +126,9 @@ def test_a_sharded_pull_mirrors_only_the_shard_and_makes_every_folder(remote_tre
         assert stats.objects == len(pulled[index])
         assert {"NORMAL", "PNEUMONIA", "PNEUMONIA/sub"} <= {
             path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_dir()}
+        again = storage.pull_tree(remote_tree, local,  # a restarted worker: its cache holds it
+                                  select=lambda listed: shard.select(listed, seed=42))
+        assert (again.objects, again.cached, again.removed) == (0, len(pulled[index]), 0)
     assert pulled[0] | pulled[1] == names and not pulled[0] & pulled[1]
 
 
