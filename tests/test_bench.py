@@ -42,6 +42,7 @@ def script_arguments(trees: dict[str, Path], work: Path) -> dict[str, list[str]]
         "storage_pull": ["bench/storage_pull.py", "--objects", "20", "--repeats", "1",
                          "--data", split],
         "scaling": ["bench/scaling.py", "--check", str(two_worker_metrics(work))],
+        "onnx_float32": ["bench/onnx_float32.py", "--image-size", "32", "--repeats", "1"],
     }
 
 
@@ -195,6 +196,18 @@ def test_scaling(bench_runs):
     (check,) = result["checks"]
     assert check["workers"] == 2 and check["images"] == 20
     assert check["measured_objects_per_worker"] == [10, 10] and check["largest_deviation"] == 0
+
+
+def test_onnx_float32(bench_runs):
+    result = output(bench_runs, "onnx_float32")
+    assert result["backbone"] == "vgg16" and result["image_size"] == 32
+    variants = {"tensorflow", "onnxruntime_nhwc_all", "onnxruntime_nhwc_extended",
+                "onnxruntime_nchw_all", "openvino_f32"}
+    assert set(result["images_per_s"]) == variants == set(result["vs_tensorflow"])
+    assert result["vs_tensorflow"]["tensorflow"] == 1.0
+    assert all(rate > 0 for rate in result["images_per_s"].values())
+    # every layout and runtime computes the same function: float32 rounding apart
+    assert max(result["max_abs_diff_vs_tensorflow"].values()) < 1e-4
 
 
 def test_link_slice(tmp_path):
