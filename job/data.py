@@ -133,11 +133,10 @@ def load_as_split_by(workers: int, root: Path, image_size: int, validation_split
                           [l for part in parts for l in getattr(part, name).labels])
               for name in SPLITS}
     first = parts[0]
-    _require_every_class(merged["train"], first.class_names, root, root,
-                         {path: why for part in parts for path, why in part.skipped.items()})
-    return DataSet(first.class_names, **merged,
-                   skipped={path: why for part in parts for path, why in part.skipped.items()},
-                   notes=first.notes, root=first.root)
+    skipped = {path: why for part in parts for path, why in part.skipped.items()}
+    _require_every_class(merged["train"], first.class_names, root, root, skipped)
+    return DataSet(first.class_names, **merged, skipped=skipped, notes=first.notes,
+                   root=first.root)
 
 
 def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:

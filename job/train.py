@@ -178,9 +178,10 @@ class WholeData:
                                  "folder needs at least as many images as there are workers")
         counts = distribute.total(np.stack([getattr(dataset, name).label_counts(len(classes))
                                             for name in data.SPLITS]), strategy)
+        skipped = distribute.gather_texts(
+            [f"{path}\t{reason}" for path, reason in dataset.skipped.items()], strategy)
         whole = cls({name: dict(zip(classes, row.tolist())) for name, row in zip(data.SPLITS, counts)},
-                    dict(line.split("\t", 1) for line in distribute.gather_texts(
-                        [f"{path}\t{reason}" for path, reason in dataset.skipped.items()], strategy)))
+                    dict(line.split("\t", 1) for line in skipped))
         missing = [name for name, count in whole.counts["train"].items() if count == 0]
         if missing:
             raise data.DataError(f"DATA_URI: class {missing[0]!r} has no usable training image")
@@ -347,16 +348,19 @@ class Trainer:
         self.features = Features(config, dataset, parts, scratch_dir, batch_size, available,
                                  largest=lambda value: distribute.largest(value, self.strategy))
         _log_cache_plan(self.features.plan, config)
-        train_counts = self.total(dataset.train.label_counts(len(dataset.class_names)))
+        train_counts = distribute.total(dataset.train.label_counts(len(dataset.class_names)),
+                                        self.strategy)
         self.class_weights = (data.class_weights(train_counts)
                               if config.class_weights == "auto" and data.is_imbalanced(train_counts)
                               else None)
         # The scored splits whole, in the order their probabilities are gathered: (paths
         # relative to the data root, labels).
         self.scored_splits = {
-            name: (self.gather_texts([str(Path(path).relative_to(dataset.root))
-                                      for path in getattr(dataset, name).paths]),
-                   self.gather(np.asarray(getattr(dataset, name).labels, dtype=np.int32)))
+            name: (distribute.gather_texts([str(Path(path).relative_to(dataset.root))
+                                            for path in getattr(dataset, name).paths],
+                                           self.strategy),
+                   distribute.gather_rows(
+                       np.asarray(getattr(dataset, name).labels, dtype=np.int32), self.strategy))
             for name in report.SCORED_SPLITS}
         self.verbose = 1 if sys.stdout.isatty() else 0
         # Per phase name: the test split's probabilities as scored, for report.html (in memory:
@@ -430,7 +434,7 @@ class Trainer:
         an epoch as one machine takes over all the examples at the global batch. Validation runs
         to the end of each worker's shard; tf.distribute gives a worker that runs out first
         empty batches, so the loss and metrics are those of the whole validation split."""
-        examples = int(self.total(np.int64(inputs.train_examples)))
+        examples = int(distribute.total(np.int64(inputs.train_examples), self.strategy))
         steps = max(1, -(-examples // self.global_batch))
         if not self.shard.is_partial:
             return inputs.train, inputs.validation, steps, examples
@@ -442,22 +446,12 @@ class Trainer:
         return (distribute.per_worker(train.repeat(), self.strategy),
                 distribute.per_worker(inputs.validation, self.strategy), steps, examples)
 
-    def gather(self, array: np.ndarray) -> np.ndarray:
-        """Every worker's rows (distribute.gather_rows); the rows themselves on one machine."""
-        return distribute.gather_rows(array, self.strategy) if self.shard.is_partial else array
-
-    def gather_texts(self, texts: list[str]) -> list[str]:
-        return distribute.gather_texts(texts, self.strategy) if self.shard.is_partial else texts
-
-    def total(self, array):
-        """The sum over the workers' shards (distribute.total); array itself on one machine."""
-        return distribute.total(array, self.strategy) if self.shard.is_partial else array
-
     def _solve_probe(self, phase: Phase, inputs: PhaseInputs) -> dict:
         """Phase 1 of a linear head: the linear probe on the unaugmented training features, its
         C chosen on validation, becomes the head's output layer (job.probe)."""
         started = time.perf_counter()
-        probe_data = {name: tuple(map(self.gather, arrays))  # every worker's rows
+        probe_data = {name: tuple(distribute.gather_rows(array, self.strategy)  # every worker's
+                                  for array in arrays)
                       for name, arrays in self.features.probe_data().items()}
         fitted = probe.fit(probe_data["train"], probe_data["validation"],
                            balanced=self.class_weights is not None)
@@ -514,9 +508,10 @@ class Trainer:
         def predict(name: str, flipped: bool):
             """The whole split's probabilities, each worker scoring its shard."""
             if not len(getattr(self.dataset, name)):  # none in this worker's shard
-                return self.gather(np.zeros((0, *inputs.scored.output_shape[1:]), np.float32))
-            return self.gather(distribute.predict(
-                inputs.scored, inputs.scored_batches(name, flipped), self.strategy))
+                return distribute.gather_rows(
+                    np.zeros((0, *inputs.scored.output_shape[1:]), np.float32), self.strategy)
+            return distribute.gather_rows(distribute.predict(
+                inputs.scored, inputs.scored_batches(name, flipped), self.strategy), self.strategy)
 
         labels = {name: self.scored_splits[name][1] for name in names}
         probabilities = {name: predict(name, False) for name in names}
