@@ -6,18 +6,19 @@ as in training), then empirical bias correction. Two recipes, in RECIPES, fastes
 export keeps the first one that passes the int8 gate (accept, from export.formats), and the last
 one otherwise.
 
-All 8 bits, uint8 activations ("uint8"): onnxruntime's fast path on x86, whose int8 kernels
-(QLinearConv, QGemm) want uint8 activations with int8 weights (U8S8), one scale per activation
-tensor, and all three of a layer's input, weights and output in 8 bits. Every layer then runs in
-int8: on MobileNetV2 0.5 at 224 it is 1.6x to 2x float32's speed at batch 32 (2 cores, AVX-512
-VNNI). Its rounding errors are spread over the network, not in a few layers: keeping any one of
-its 54 layers in float32 flipped as many labels (a per-layer sweep on a chest X-ray run), and on
-three real runs it agreed with float32 on 98.1 % to 98.9 % of the test labels. Neither percentile
-nor entropy calibration, bias correction on more images, nor keeping the linear bottlenecks and
-residual sums in float32 moved that past the noise of a few labels (and the last halved the speed).
-Quantization-aware training, the usual next step, has no tool here: tensorflow-model-optimization
-does not load under Keras 3 (tensorflow/model-optimization#1119), and Keras 3's own
-`Model.quantize` rewrites the Keras model for its own inference, not into an ONNX QDQ graph.
+All in int8, uint8 activations and 7-bit weights ("uint8"; UINT8 says why 7): onnxruntime's fast
+path on x86, whose int8 kernels (QLinearConv, QGemm) want uint8 activations with int8 weights
+(U8S8), one scale per activation tensor, and all three of a layer's input, weights and output in 8
+bits. Every layer then runs in int8: on MobileNetV2 0.5 at 224 it is 1.6x to 2x float32's speed at
+batch 32 (2 cores, AVX-512 VNNI). Its rounding errors are spread over the network, not in a few
+layers: keeping any one of its 54 layers in float32 flipped as many labels (a per-layer sweep on a
+chest X-ray run), and on three real runs it agreed with float32 on 98.1 % to 98.9 % of the test
+labels. Neither percentile nor entropy calibration, bias correction on more images, nor keeping the
+linear bottlenecks and residual sums in float32 moved that past the noise of a few labels (and the
+last halved the speed). Quantization-aware training, the usual next step, has no tool here:
+tensorflow-model-optimization does not load under Keras 3 (tensorflow/model-optimization#1119), and
+Keras 3's own `Model.quantize` rewrites the Keras model for its own inference, not into an ONNX QDQ
+graph.
 
 Mixed precision ("mixed_16bit"), the accurate fallback: 8 bits where they pay, 16 where 8 cost
 labels and buy nothing. onnxruntime runs a convolution or matrix product in int8 only when its
