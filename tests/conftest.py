@@ -349,6 +349,13 @@ def mobilenet_export(mobilenet_run) -> tuple[int, dict, str]:
 
 
 @pytest.fixture(scope="session")
+def mobilenet_onnx(mobilenet_export, mobilenet_run) -> Path:
+    """The MobileNetV2 run's float32 ONNX model, which its export writes."""
+    assert (mobilenet_run / "model.onnx").exists(), mobilenet_export[2][-2000:]
+    return mobilenet_run / "model.onnx"
+
+
+@pytest.fixture(scope="session")
 def mixed_precision_run(tmp_path_factory, xray_small) -> Path:
     """VGG16 at 32 px trained under mixed_float16 (forced on the CPU), with a hidden-layer head:
     the linear probe on random features left probabilities so near the threshold that float16

@@ -19,9 +19,8 @@ HEAVY = ("tensorflow", "keras", "tf2onnx", "tf_keras", "sklearn")
 
 
 @pytest.fixture(scope="module")
-def model_path(mobilenet_export, mobilenet_run) -> Path:
-    assert (mobilenet_run / "model.onnx").exists(), mobilenet_export[2][-2000:]
-    return mobilenet_run / "model.onnx"
+def model_path(mobilenet_onnx) -> Path:
+    return mobilenet_onnx
 
 
 @pytest.fixture()
