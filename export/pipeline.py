@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.runtime import available_cores, cpu_session
+from edge.runtime import available_cores, cpu_description, cpu_session
 from export import convert, measure
 from export.census import int8_census
 from export.config import ExportConfig
@@ -223,7 +223,7 @@ def time_backends(backends: dict[str, measure.Predict], images: np.ndarray,
     return latency, {"onnxruntime_intra_op_threads": config.intra_op_threads,
                      "onnxruntime_graph_optimization": "ORT_ENABLE_ALL",
                      "tensorflow_threads": "TensorFlow defaults (all cores)",
-                     "cpu_cores_available": available_cores(),
+                     "cpu": cpu_description(), "cpu_cores_available": available_cores(),
                      "load_average_1m_before": load_before}
 
 

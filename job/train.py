@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from edge import logs as edge_logs
+from edge.runtime import cpu_description
 from job import budget, data, distribute, html_report, model, probe, report, storage
 from job.checkpoint import Checkpoints, StopSignal, phase_key
 from job.config import Config, ConfigError
@@ -635,21 +636,6 @@ def _versions() -> dict:
 def _hardware() -> dict:
     import psutil
 
-    return {"platform": platform.platform(), "cpu": _cpu(), "cpus": os.cpu_count(),
+    return {"platform": platform.platform(), "cpu": cpu_description(), "cpus": os.cpu_count(),
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "gpus": [gpu.name for gpu in tf.config.list_physical_devices("GPU")]}
-
-
-def _cpu() -> str:
-    """The CPU model and its widest vector extensions. oneDNN picks its kernels by them, so the
-    same seed on AVX2 and on AVX-512 rounds differently and can end at a different model."""
-    try:
-        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    except OSError:  # not Linux
-        return platform.processor()
-    fields = {key.strip(): value.strip()
-              for key, value in (line.split(":", 1) for line in first_cpu.splitlines() if ":" in line)}
-    flags = set(fields.get("flags", "").split())
-    extensions = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-                  if flag in flags]
-    return " ".join([fields.get("model name", platform.processor()), *extensions])

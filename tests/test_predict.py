@@ -276,3 +276,19 @@ def test_openvino_is_imported_only_when_asked_for(tmp_path):
          "print('openvino' in sys.modules)"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0 and probe.stdout.strip() == "False", probe.stderr
+
+
+def test_cpu_description_names_the_model_and_the_extensions_kernels_are_chosen_by():
+    from edge.runtime import cpu_description
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    model_name = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                      if line.startswith("model name"))
+    flags = next(line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                 if line.startswith("flags"))
+    description = cpu_description()
+    assert description.startswith(model_name)
+    extensions = description[len(model_name):].split()
+    assert set(extensions) <= set(flags)
+    assert set(extensions) <= {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8"}
+    assert ("avx2" in extensions) == ("avx2" in flags)
