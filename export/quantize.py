@@ -202,12 +202,12 @@ def _build(recipe: Recipe, prepared: Path, output: Path, calibration_paths: list
     import onnx
 
     graph = onnx.load(str(prepared))
-    overrides = recipe.overrides(graph)
+    overrides, float32_layers = recipe.overrides(graph), recipe.float32_layers(graph)
     if overrides and convert.opset_of(graph) < SIXTEEN_BIT_OPSET:
         graph = onnx.version_converter.convert_version(graph, SIXTEEN_BIT_OPSET)
         prepared = prepared.with_name(f"{prepared.stem}-opset{SIXTEEN_BIT_OPSET}.onnx")
         onnx.save(graph, str(prepared))
-    _quantize(prepared, output, calibration_paths, image_size, recipe, overrides)
+    _quantize(prepared, output, calibration_paths, image_size, recipe, overrides, float32_layers)
     if not bias_correction:
         return 0
     quantized = onnx.load(str(output))
@@ -218,8 +218,7 @@ def _build(recipe: Recipe, prepared: Path, output: Path, calibration_paths: list
 
 
 def _quantize(model: Path, output: Path, calibration_paths: list[str], image_size: int,
-              recipe: Recipe, overrides: dict) -> None:
-    import onnx
+              recipe: Recipe, overrides: dict, float32_layers: list[str]) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     try:
@@ -228,7 +227,7 @@ def _quantize(model: Path, output: Path, calibration_paths: list[str], image_siz
                 str(model), str(output), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType[recipe.activations], weight_type=QuantType.QInt8,
                 reduce_range=recipe.seven_bit_weights,
-                nodes_to_exclude=recipe.float32_layers(onnx.load(str(model))),
+                nodes_to_exclude=float32_layers,
                 calibrate_method=CalibrationMethod.MinMax,
                 extra_options={"TensorQuantOverrides": overrides})
     except Exception as error:
