@@ -6,7 +6,7 @@ MobileNetV2 runs with the real ImageNet weights from ../shared, VGG16 with rando
 not depend on the weights).
 
     python bench/speed.py [--backbone mobilenet_v2] [--images 256] [--repeats 3]
-        [--only pipeline,phase1,phase2,steps] [--precisions float32,mixed_float16,mixed_bfloat16]
+        [--only pipeline,phase1,phase2,augmentation,extraction,steps] [--precisions float32,mixed_float16,mixed_bfloat16]
         [--data DIR] [--image-size N]
 
 - pipeline: decoded and resized images/s from local disk (no cache), against the model's own
@@ -14,9 +14,13 @@ not depend on the weights).
 - phase1: seconds per head epoch on cached features against running the frozen base every epoch.
 - phase2: seconds per fine-tuning epoch on cached activations of the frozen bottom against
   running the whole model every epoch.
-- extraction: images/s of the job's own frozen feature extraction (job.features: the pass that
-  caches the frozen layers' outputs of the augmented training views, validation and test) against
-  the exported SavedModel's batch-32 inference rate, measured in the same run (goal: 0.8x or more).
+- augmentation: images/s of the training augmentation in tf.data, the job's (one reframing of
+  each image) against the same draws as Keras's chain of RandomFlip, RandomRotation, RandomZoom
+  and RandomTranslation (four resamplings).
+- extraction: images/s of the job's own frozen feature extraction (job.features: the passes that
+  cache the frozen layers' outputs, phase 1's on the unaugmented training images and validation,
+  phase 2's on the augmented training views) against the exported SavedModel's batch-32
+  inference rate, measured in the same run (goal: 0.8x or more).
 - steps: training images/s of phase 1 with augmentation and of phase 2, float32 against mixed
   precision (float16 and bfloat16), with and without XLA (jit_compile).
 """
@@ -41,7 +45,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from job import data, model  # noqa: E402
+from job import augmentation, data, model  # noqa: E402
 from job.config import Config, default_fine_tune_from, default_image_size  # noqa: E402
 from job.features import Features  # noqa: E402
 
@@ -132,10 +136,30 @@ def bench_phase2(split, size, parts, backbone, repeats) -> dict:
             "ratio": round(uncached / cached, 2)}
 
 
+def bench_augmentation(split, size, repeats) -> dict:
+    images = data.image_dataset(split, size, BATCH_SIZE).cache()
+    sum(1 for _ in images)  # decoded once, beforehand
+
+    def rate(views: keras.Layer) -> float:
+        augmented = images.map(lambda x, y: (views(x, training=True), y))
+        return round(len(split) / median_seconds(lambda: sum(1 for _ in augmented), repeats), 1)
+
+    reframing, chain = augmentation.build_augmentation(0), keras.Sequential([
+        keras.layers.RandomFlip("horizontal", seed=0),
+        keras.layers.RandomRotation(augmentation.ROTATION, seed=0),
+        keras.layers.RandomZoom(augmentation.ZOOM, augmentation.ZOOM, seed=0),
+        keras.layers.RandomTranslation(augmentation.TRANSLATION, augmentation.TRANSLATION, seed=0),
+        keras.layers.RandomBrightness(augmentation.BRIGHTNESS, seed=0),
+        keras.layers.RandomContrast(augmentation.CONTRAST, seed=0)])
+    rates = {"job_images_per_s": rate(reframing), "keras_chain_images_per_s": rate(chain)}
+    return {**rates, "ratio": round(rates["job_images_per_s"] / rates["keras_chain_images_per_s"], 2)}
+
+
 def bench_extraction(split, size, parts, backbone, repeats) -> dict:
-    """The job's frozen-layer pass as a run makes it (decode, augment, frozen layers, write their
-    outputs to the scratch cache) against serving the exported SavedModel on batches of 32 of
-    the same images, decoded beforehand."""
+    """The job's frozen-layer passes as a default run makes them (decode, augment, frozen layers,
+    write their outputs to the scratch cache): for phase 1 the unaugmented training images and
+    the validation images, for phase 2 the augmented views of the training images; against
+    serving the exported SavedModel on batches of 32 of the same images, decoded beforehand."""
     images = data.image_dataset(split, size, BATCH_SIZE).cache()
     batches = [x for x, _ in images]
     with tempfile.TemporaryDirectory() as scratch:
@@ -148,15 +172,21 @@ def bench_extraction(split, size, parts, backbone, repeats) -> dict:
         no_test = dataclasses.replace(split, paths=[], labels=[])
         dataset = data.DataSet(["0", "1"], split, split, no_test, {}, [], Path(scratch))
 
-        def extract():
+        def features() -> Features:
             run = Path(tempfile.mkdtemp(dir=scratch))
-            return Features(config, dataset, parts, run, BATCH_SIZE,
-                            available_bytes=2**62).frozen_outputs(head=True)
+            return Features(config, dataset, parts, run, BATCH_SIZE, available_bytes=2**62)
+
+        def extract():
+            run = features()
+            for head in (True, False):  # phase 1, then phase 2 (reusing phase 1's validation)
+                run.frozen_outputs(head)
 
         extract()  # traces the frozen layers
         extraction = median_seconds(extract, repeats)
-    passes = (config.augment_views + 1) * len(split)  # the training views, then validation
-    return {"augment_views": config.augment_views, "images_through_frozen_layers": passes,
+        counts = {**features().frozen_input_counts(head=True), **features().frozen_input_counts()}
+    passes = sum(counts.values())
+    return {"augment_views": config.augment_views, "inputs": counts,
+            "images_through_frozen_layers": passes,
             "extraction_images_per_s": round(passes / extraction, 1),
             "saved_model_batch32_images_per_s": round(len(split) / serving, 1),
             "ratio": round(passes / extraction / (len(split) / serving), 2)}
@@ -175,7 +205,7 @@ def bench_steps(split, size, backbone, repeats, policies) -> list[dict]:
                 if phase == "phase 2":
                     model.unfreeze_from(parts.base, default_fine_tune_from(backbone))
                 else:
-                    trainer = model.with_augmentation(trainer, model.build_augmentation(0))
+                    trainer = model.with_augmentation(trainer, augmentation.build_augmentation(0))
                 steps = tf.data.Dataset.from_tensors(batch).repeat(3)
                 try:
                     seconds = epoch_seconds(trainer, steps, repeats, jit_compile=jit)
@@ -192,7 +222,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="mobilenet_v2", choices=["mobilenet_v2", "vgg16"])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default="pipeline,phase1,phase2,extraction,steps")
+    parser.add_argument("--only", default="pipeline,phase1,phase2,augmentation,extraction,steps")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="dtype policies of steps")
     parser.add_argument("--data", type=Path, default=XRAY_TRAIN, help="a folder of class folders")
     parser.add_argument("--image-size", type=int, default=0, help="default: the backbone's")
@@ -214,6 +244,8 @@ def main() -> None:
         result["phase1"] = bench_phase1(split, size, parts, args.repeats)
     if "phase2" in wanted:
         result["phase2"] = bench_phase2(split, size, parts, args.backbone, args.repeats)
+    if "augmentation" in wanted:
+        result["augmentation"] = bench_augmentation(split, size, args.repeats)
     if "extraction" in wanted:
         result["extraction"] = bench_extraction(split, size, parts, args.backbone, args.repeats)
     if "steps" in wanted:
