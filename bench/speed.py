@@ -6,7 +6,7 @@ MobileNetV2 runs with the real ImageNet weights from ../shared, VGG16 with rando
 not depend on the weights).
 
     python bench/speed.py [--backbone mobilenet_v2] [--images 256] [--repeats 3]
-        [--only pipeline,phase1,phase2,augmentation,extraction,steps] [--precisions float32,mixed_float16,mixed_bfloat16]
+        [--only pipeline,phase1,phase2,steps] [--precisions float32,mixed_float16,mixed_bfloat16]
         [--data DIR] [--image-size N]
 
 - pipeline: decoded and resized images/s from local disk (no cache), against the model's own
@@ -14,9 +14,6 @@ not depend on the weights).
 - phase1: seconds per head epoch on cached features against running the frozen base every epoch.
 - phase2: seconds per fine-tuning epoch on cached activations of the frozen bottom against
   running the whole model every epoch.
-- augmentation: images/s of the training augmentation in tf.data, the job's (one reframing of
-  each image) against the same draws as Keras's chain of RandomFlip, RandomRotation, RandomZoom
-  and RandomTranslation (four resamplings).
 - extraction: images/s of the job's own frozen feature extraction (job.features: the passes that
   cache the frozen layers' outputs, phase 1's on the unaugmented training images and validation,
   phase 2's on the augmented training views) against the exported SavedModel's batch-32
@@ -45,7 +42,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from job import augmentation, data, model  # noqa: E402
+from job import data, model  # noqa: E402
 from job.config import Config, default_fine_tune_from, default_image_size  # noqa: E402
 from job.features import Features  # noqa: E402
 
@@ -136,25 +133,6 @@ def bench_phase2(split, size, parts, backbone, repeats) -> dict:
             "ratio": round(uncached / cached, 2)}
 
 
-def bench_augmentation(split, size, repeats) -> dict:
-    images = data.image_dataset(split, size, BATCH_SIZE).cache()
-    sum(1 for _ in images)  # decoded once, beforehand
-
-    def rate(views: keras.Layer) -> float:
-        augmented = images.map(lambda x, y: (views(x, training=True), y))
-        return round(len(split) / median_seconds(lambda: sum(1 for _ in augmented), repeats), 1)
-
-    reframing, chain = augmentation.build_augmentation(0), keras.Sequential([
-        keras.layers.RandomFlip("horizontal", seed=0),
-        keras.layers.RandomRotation(augmentation.ROTATION, seed=0),
-        keras.layers.RandomZoom(augmentation.ZOOM, augmentation.ZOOM, seed=0),
-        keras.layers.RandomTranslation(augmentation.TRANSLATION, augmentation.TRANSLATION, seed=0),
-        keras.layers.RandomBrightness(augmentation.BRIGHTNESS, seed=0),
-        keras.layers.RandomContrast(augmentation.CONTRAST, seed=0)])
-    rates = {"job_images_per_s": rate(reframing), "keras_chain_images_per_s": rate(chain)}
-    return {**rates, "ratio": round(rates["job_images_per_s"] / rates["keras_chain_images_per_s"], 2)}
-
-
 def bench_extraction(split, size, parts, backbone, repeats) -> dict:
     """The job's frozen-layer passes as a default run makes them (decode, augment, frozen layers,
     write their outputs to the scratch cache): for phase 1 the unaugmented training images and
@@ -205,7 +183,7 @@ def bench_steps(split, size, backbone, repeats, policies) -> list[dict]:
                 if phase == "phase 2":
                     model.unfreeze_from(parts.base, default_fine_tune_from(backbone))
                 else:
-                    trainer = model.with_augmentation(trainer, augmentation.build_augmentation(0))
+                    trainer = model.with_augmentation(trainer, model.build_augmentation(0))
                 steps = tf.data.Dataset.from_tensors(batch).repeat(3)
                 try:
                     seconds = epoch_seconds(trainer, steps, repeats, jit_compile=jit)
@@ -222,7 +200,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="mobilenet_v2", choices=["mobilenet_v2", "vgg16"])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default="pipeline,phase1,phase2,augmentation,extraction,steps")
+    parser.add_argument("--only", default="pipeline,phase1,phase2,extraction,steps")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="dtype policies of steps")
     parser.add_argument("--data", type=Path, default=XRAY_TRAIN, help="a folder of class folders")
     parser.add_argument("--image-size", type=int, default=0, help="default: the backbone's")
@@ -244,8 +222,6 @@ def main() -> None:
         result["phase1"] = bench_phase1(split, size, parts, args.repeats)
     if "phase2" in wanted:
         result["phase2"] = bench_phase2(split, size, parts, args.backbone, args.repeats)
-    if "augmentation" in wanted:
-        result["augmentation"] = bench_augmentation(split, size, args.repeats)
     if "extraction" in wanted:
         result["extraction"] = bench_extraction(split, size, parts, args.backbone, args.repeats)
     if "steps" in wanted:

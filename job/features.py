@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from job import augmentation, budget, data, model
+from job import budget, data, model
 from job.progress import Progress
 from job.report import SCORED_SPLITS
 from job.config import Config
@@ -123,7 +123,7 @@ class Features:
         trained = classifier
         if self.config.augment:
             trained = model.with_augmentation(classifier,
-                                              augmentation.build_augmentation(augmentation_seed))
+                                              model.build_augmentation(augmentation_seed))
         return PhaseInputs(trained, classifier, self.images("train", training=True),
                            self.images("validation"), len(self.dataset.train),
                            lambda name, flipped: self.images(name, flipped=flipped), cached=False)
@@ -191,7 +191,7 @@ class Features:
 
     def _frozen_input(self, name: str) -> tf.data.Dataset:
         if name == "train" and self.config.augment:
-            views = augmentation.build_augmentation(self.config.seed)
+            views = model.build_augmentation(self.config.seed)
             return self.images("train").repeat(self.config.augment_views).map(
                 lambda x, y: (views(x, training=True), y))
         split = name.split("_")[0]  # train_unaugmented, test_flipped: the images of a split

@@ -100,6 +100,20 @@ def test_split_for_fine_tuning_computes_what_the_classifier_computes(backbone, l
     assert top_weights == {id(w) for w in parts.classifier.trainable_weights}
 
 
+def test_augmentation_reframes_training_images_within_the_pixel_range():
+    """Augmented views keep shape and the 0-255 range and each differs from its image;
+    inference leaves images alone."""
+    rows = np.linspace(0, 255, 64, dtype="float32")
+    images = np.broadcast_to(rows[None, :, None, None], (8, 64, 64, 3)).copy()  # a vertical ramp
+    augmentation = model.build_augmentation(seed=1)
+    views = keras.ops.convert_to_numpy(augmentation(images, training=True))
+    assert views.shape == images.shape
+    assert views.min() >= 0 and views.max() <= 255
+    assert np.abs(views - images).mean(axis=(1, 2, 3)).min() > 1  # every view differs
+    unchanged = keras.ops.convert_to_numpy(augmentation(images, training=False))
+    np.testing.assert_array_equal(unchanged, images)
+
+
 @pytest.mark.parametrize("num_classes", [2, 3])
 def test_label_smoothing_moves_targets_towards_uniform(num_classes):
     """Without smoothing the loss is plain cross-entropy; with 0.2 a confident right answer costs
