@@ -30,6 +30,11 @@ from job.progress import Progress
 from job.report import SCORED_SPLITS
 from job.config import Config
 
+# tf.data runs each function of a pipeline on one thread unless told otherwise; the augmentation
+# in front of the frozen layers gets every core (0: TensorFlow's default intra-op pool), as the
+# frozen layers do on the main thread, or on 2 cores the single-threaded augmentation starves them.
+_AUGMENTATION_IN_PIPELINE = tf.data.Options()
+_AUGMENTATION_IN_PIPELINE.threading.max_intra_op_parallelism = 0
 # The cache name of the unaugmented training images' outputs, which a head solved as a linear
 # probe fits on (the augmented views keep "train", for fine-tuning).
 UNAUGMENTED_TRAIN = "train_unaugmented"
@@ -218,17 +223,18 @@ class Features:
         for name, (batches, count) in inputs.items():
             path = self.scratch_dir / f"{tag}-{name}.tfrecord"
             if not path.exists():
-                _fill(path, self._traced(extractor, batches.element_spec[0]), batches, count,
+                _fill(path, self._traced(extractor), batches, count,
                       f"frozen layers ({tag}) on {name}")
             cached[name] = _read(path, spec, batches.element_spec[1].dtype, count)
         return cached
 
-    def _traced(self, extractor: keras.Model, batch: tf.TensorSpec) -> Callable:
-        """extractor in inference mode as a function traced once per run, for batches of any
-        size: a trace of MobileNetV2 takes most of a second."""
+    def _traced(self, extractor: keras.Model) -> Callable:
+        """extractor in inference mode as a function traced once per run and input dtype (under
+        mixed precision the augmented views are float16, the other images float32), for batches
+        of any size: a trace of MobileNetV2 takes most of a second."""
         if id(extractor) not in self._traces:
             self._traces[id(extractor)] = tf.function(
-                lambda images: extractor(images, training=False), input_signature=[batch])
+                lambda images: extractor(images, training=False), reduce_retracing=True)
         return self._traces[id(extractor)]
 
     def batches(self, examples: tf.data.Dataset, training: bool = False) -> tf.data.Dataset:
@@ -261,7 +267,8 @@ def _fill(path: Path, run: Callable, batches: tf.data.Dataset, count: int, step:
     partial = path.with_name(f"{path.name}.partial")
     with tf.io.TFRecordWriter(str(partial)) as writer, \
             Progress(step, count, "examples", data.log) as progress:
-        for images, labels in batches.prefetch(tf.data.AUTOTUNE):
+        for images, labels in batches.with_options(_AUGMENTATION_IN_PIPELINE).prefetch(
+                tf.data.AUTOTUNE):
             outputs = run(images)
             writer.write(tf.train.Example(features=tf.train.Features(feature={
                 _OUTPUTS: _bytes_feature(tf.io.serialize_tensor(outputs)),
