@@ -253,9 +253,8 @@ def _arrays(examples: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
 # The frozen layers run on the main thread, fed by tf.data, and their outputs are written batch by
 # batch to a TFRecord file, rather than run inside a tf.data map in front of tf.data's own cache:
 # the same traced call runs 1.6x as fast outside the pipeline (78 to 88 images/s against 48 to 53
-# inside its map, MobileNetV2 0.5 at 224, 2 AVX2 cores), as fast as the SavedModel serves; the
-# whole pass (bench/speed.py --only extraction, 2 AMX cores) went from 0.41x to 0.48x the
-# SavedModel's rate. tf.data has no cache a computed tensor can be written to from outside a
+# inside its map, MobileNetV2 0.5 at 224, 2 AVX2 cores), as fast as the SavedModel serves (the
+# whole pass, augmentation included, is in README's Benchmarks). tf.data has no cache a computed tensor can be written to from outside a
 # pipeline, hence this small format: one record per batch, outputs and labels as serialized
 # tensors.
 _OUTPUTS, _LABELS = "outputs", "labels"
