@@ -2,9 +2,9 @@
 
 Steps: quant_pre_process (ONNX shape inference; BatchNorm folded into the convolutions),
 quantize_static with MinMax calibration over images of the run's training split (decoded exactly
-as in training), then empirical bias correction. Two recipes, in RECIPES, fastest first; the
-export keeps the first one that passes the int8 gate (accept, from export.formats), and the last
-one otherwise.
+as in training), then GPTQ rounding of the int8 weights (export.rounding) and empirical bias
+correction. Two recipes, in RECIPES, fastest first; the export keeps the first one that passes the
+int8 gate (accept, from export.formats), and the last one otherwise.
 
 All in int8 but the stem, uint8 activations and 7-bit weights ("uint8"; UINT8 says why 7 and
 stem_layers which layers stay float32): onnxruntime's fast path on x86, whose int8 kernels
@@ -70,14 +70,14 @@ from typing import Any, Callable
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from export import convert
+from export import convert, rounding
 from export.convert import INPUT_NAME
 from export.errors import ExportError
 from job.progress import Progress
 
 log = logging.getLogger("export")
 
-BIAS_CORRECTION_IMAGES = 64
+CORRECTION_IMAGES = 64  # of the calibration images: GPTQ's inputs and bias correction's
 SAME_PRECISION_AS_INPUT = ("Relu", "Clip", "Flatten", "Reshape", "Squeeze", "Unsqueeze",
                            "Transpose")
 SHORT_WEIGHTS_PER_CHANNEL = 32  # convolution weights this short per output channel get 16 bits
@@ -107,13 +107,14 @@ class Recipe:
 # Xeon with AVX-512 VNNI and AMX, gave outputs identical to the last bit (clothing10 and
 # intel_scenes runs); the 8-bit file changed 6.2 % of its labels between the two CPUs.
 UINT8 = Recipe("uint8", "static QDQ, MinMax calibration, per-channel 7-bit int8 weights, uint8 "
-               "activations, every layer in int8 but the stem; empirical bias correction",
+               "activations, every layer in int8 but the stem; GPTQ weight rounding; empirical "
+               "bias correction",
                activations="QUInt8", seven_bit_weights=True, overrides=lambda graph: {},
                float32_layers=lambda graph: stem_layers(graph))
 MIXED_16BIT = Recipe("mixed_16bit", "static QDQ, MinMax calibration, per-channel int8 weights and "
                      "int8 activations at layers that run in int8; 16-bit short convolution weights "
                      "(at most 32 per channel), unbounded activations and activations of layers "
-                     "that run in float32; empirical bias correction",
+                     "that run in float32; GPTQ weight rounding; empirical bias correction",
                      activations="QInt8", seven_bit_weights=False,
                      overrides=lambda graph: sixteen_bit_overrides(graph),
                      float32_layers=lambda graph: [])
@@ -180,25 +181,29 @@ def quantize_int8(float_model: Path, int8_model: Path, calibration_paths: list[s
             log.warning("quant_pre_process failed (%s); quantizing the graph as converted", error)
             shutil.copyfile(float_model, prepared)
         for recipe in recipes:
-            corrected = _build(recipe, prepared, int8_model, calibration_paths, image_size,
-                               bias_correction)
+            rounded, corrected = _build(recipe, prepared, int8_model, calibration_paths,
+                                        image_size, bias_correction)
             accepted, tried[recipe.name] = accept(int8_model) if accept else (True, {})
             log.info("int8 recipe %s: %s%s", recipe.name, "kept" if accepted else "not kept",
                      f" {tried[recipe.name]}" if tried[recipe.name] else "")
             if accepted:
                 break
-    log.info("int8 model (%s) calibrated on %d training images; biases of %d convolutions "
-             "corrected", recipe.name, len(calibration_paths), corrected)
+    log.info("int8 model (%s) calibrated on %d training images; weights of %d layers rounded by "
+             "GPTQ, biases of %d convolutions corrected", recipe.name, len(calibration_paths),
+             rounded, corrected)
+    correction_images = min(len(calibration_paths), CORRECTION_IMAGES)
     return {"recipe": recipe.name, "method": recipe.method, "tried": tried,
             "calibration_images": len(calibration_paths),
+            "gptq_rounded_layers": rounded, "gptq_images": correction_images,
             "bias_corrected_convolutions": corrected,
-            "bias_correction_images": min(len(calibration_paths), BIAS_CORRECTION_IMAGES)
-            if bias_correction else 0}
+            "bias_correction_images": correction_images if bias_correction else 0}
 
 
 def _build(recipe: Recipe, prepared: Path, output: Path, calibration_paths: list[str],
-           image_size: int, bias_correction: bool) -> int:
-    """Quantizes the prepared graph by recipe into output; returns how many biases it corrected."""
+           image_size: int, bias_correction: bool) -> tuple[int, int]:
+    """Quantizes the prepared graph by recipe into output, rounds its int8 weights by GPTQ
+    (export.rounding) and corrects its biases; returns how many layers it rounded and how many
+    biases it corrected."""
     import onnx
 
     graph = onnx.load(str(prepared))
@@ -208,13 +213,25 @@ def _build(recipe: Recipe, prepared: Path, output: Path, calibration_paths: list
         prepared = prepared.with_name(f"{prepared.stem}-opset{SIXTEEN_BIT_OPSET}.onnx")
         onnx.save(graph, str(prepared))
     _quantize(prepared, output, calibration_paths, image_size, recipe, overrides, float32_layers)
-    if not bias_correction:
-        return 0
     quantized = onnx.load(str(output))
-    corrected = correct_biases(graph, quantized, calibration_paths[:BIAS_CORRECTION_IMAGES],
-                               image_size)
+    correction_paths = calibration_paths[:CORRECTION_IMAGES]
+    rounded = rounding.round_weights(graph, quantized, list(_batches(correction_paths, image_size)),
+                                     *weight_range(recipe))
+    corrected = correct_biases(graph, quantized, correction_paths, image_size) \
+        if bias_correction else 0
     onnx.save(quantized, str(output))
-    return corrected
+    return rounded, corrected
+
+
+def weight_range(recipe: Recipe) -> tuple[int, int]:
+    """The integers quantize_static gives the recipe's symmetric int8 weights: [-64, 64] with seven
+    bits, [-127, 127] with eight."""
+    from onnx import TensorProto
+    from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
+
+    qmin, qmax = get_qmin_qmax_for_qType(TensorProto.INT8, reduce_range=recipe.seven_bit_weights,
+                                         symmetric=True)
+    return int(qmin), int(qmax)
 
 
 def _quantize(model: Path, output: Path, calibration_paths: list[str], image_size: int,
@@ -363,16 +380,7 @@ def correct_biases(float_model, quantized, paths: list[str], image_size: int) ->
 
 def channel_means(model, names: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
     """Per-channel means (over images and positions) of the named NCHW tensors of a model."""
-    import onnx
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {output.name for output in probe.graph.output}
-    for name in names:
-        if name not in present:
-            probe.graph.output.add().name = name
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = rounding.intermediate_session(model, names)
     sums: dict[str, np.ndarray] = {}
     count = 0
     for feed in feeds:

@@ -120,6 +120,26 @@ def test_int8_is_quantized_by_the_first_recipe_accepted_else_by_the_last(mobilen
     assert notes["recipe"] == "uint8" and list(notes["tried"]) == ["uint8"]
 
 
+def test_uint8_rounds_every_int8_layer_by_gptq_and_keeps_seven_bit_weights(
+        mobilenet_onnx, xray_small, tmp_path):
+    """GPTQ re-rounds the weights on the quantizer's own grid: every layer in int8 (49
+    convolutions and the classifier's two dense layers), none outside [-64, 64], so onnxruntime's
+    16-bit pair sums still cannot saturate on CPUs without VNNI."""
+    from onnx import numpy_helper
+
+    from export.quantize import quantize_int8
+
+    calibration = sorted(str(p) for p in (xray_small / "train").glob("*/*"))[::20]
+    notes = quantize_int8(mobilenet_onnx, tmp_path / "int8.onnx", calibration, 96,
+                          recipes=(UINT8,))
+    assert notes["gptq_rounded_layers"] == 51 and notes["gptq_images"] == len(calibration)
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    weights = [numpy_helper.to_array(i) for i in model.graph.initializer
+               if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1]
+    assert len(weights) == 51
+    assert min(w.min() for w in weights) >= -64 and max(w.max() for w in weights) <= 64
+
+
 def _prepared(model: Path, tmp_path: Path):
     """The graph as the quantizer sees it (quant_pre_process: shapes inferred)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
