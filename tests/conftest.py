@@ -356,6 +356,17 @@ def mobilenet_onnx(mobilenet_export, mobilenet_run) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mobilenet_uint8(mobilenet_onnx, xray_small, tmp_path_factory) -> tuple[Path, dict]:
+    """The MobileNetV2 run's float32 model quantized by the uint8 recipe alone on every fifth
+    training image, and quantize_int8's notes."""
+    from export.quantize import UINT8, quantize_int8
+
+    path = tmp_path_factory.mktemp("uint8") / "int8.onnx"
+    calibration = sorted(str(p) for p in (xray_small / "train").glob("*/*"))[::5]
+    return path, quantize_int8(mobilenet_onnx, path, calibration, 96, recipes=(UINT8,))
+
+
+@pytest.fixture(scope="session")
 def mixed_precision_run(tmp_path_factory, xray_small) -> Path:
     """VGG16 at 32 px trained under mixed_float16 (forced on the CPU), with a hidden-layer head:
     the linear probe on random features left probabilities so near the threshold that float16
