@@ -7,27 +7,26 @@ correction. Two recipes, in RECIPES, fastest first; the export keeps the first o
 int8 gate (accept, from export.formats), and the last one otherwise.
 
 All in int8 but the stem and the classifier head, uint8 activations and 7-bit weights ("uint8";
-UINT8 says why 7, stem_layers and head_layers which layers stay float32): onnxruntime's fast path
-on x86, whose int8 kernels
-(QLinearConv, QGemm) want uint8 activations with int8 weights (U8S8), one scale per activation
-tensor, and all three of a layer's input, weights and output in 8 bits. On MobileNetV2 0.5 at 224
-it is 1.3x to 1.4x float32's speed at batch 32 on 2 AVX2 cores, 1.4x to 2x on AVX-512 VNNI and
-AMX. Most of its error arises in the stem: onnxruntime's qdq_loss_debug on a clothing10 run shows
-the int8 network's signal-to-noise ratio against float32 falling from 45 dB to 17 dB over the
-first three blocks and staying there to the logits. Keeping the stem in float32 cut the mean
-probability error by 16 % to 31 % on three real runs (clothing10, intel_scenes, chest X-ray; full
-test splits, AVX2) and the flipped labels from 11 to 5, 15 to 14 and 6 to 5, at the same speed
-(the first convolution, with three input channels, is no faster in int8). Keeping more layers
-(the first 6, 9 or 12) did not lower the error further; keeping any one layer alone changed
-little (a per-layer sweep on a chest X-ray run). The rest of the error is spread over the
-network: neither percentile nor entropy calibration, bias correction on more images, nor keeping
-the linear bottlenecks and residual sums in float32 moved agreement past the noise of a few labels
-(and the last halved the speed), so on some runs (clothing10's 98.7 %) it stays under a 99 %
-gate. Keeping the head in float32 as well, and rounding the weights by GPTQ (export.rounding),
-each took a few more labels off (README's Edge export section has the figures). Quantization-aware training, the usual next step, has no tool here:
-tensorflow-model-optimization does not load under Keras 3 (tensorflow/model-optimization#1119), and
-Keras 3's own `Model.quantize` rewrites the Keras model for its own inference, not into an ONNX QDQ
-graph.
+UINT8 says why 7, stem_layers and head_layers which layers stay float32): onnxruntime's fast path on
+x86, whose int8 kernels (QLinearConv, QGemm) want uint8 activations with int8 weights (U8S8), one
+scale per activation tensor, and all three of a layer's input, weights and output in 8 bits. On
+MobileNetV2 0.5 at 224 it is 1.3x to 1.4x float32's speed at batch 32 on 2 AVX2 cores, 1.4x to 2x on
+AVX-512 VNNI and AMX. Most of its error arises in the stem: onnxruntime's qdq_loss_debug on a
+clothing10 run shows the int8 network's signal-to-noise ratio against float32 falling from 45 dB to
+17 dB over the first three blocks and staying there to the logits. Keeping the stem in float32 cut
+the mean probability error by 16 % to 31 % on three real runs (clothing10, intel_scenes, chest
+X-ray; full test splits, AVX2) and the flipped labels from 11 to 5, 15 to 14 and 6 to 5, at the same
+speed (the first convolution, with three input channels, is no faster in int8). Keeping more layers
+(the first 6, 9 or 12) did not lower the error further; keeping any one layer alone changed little
+(a per-layer sweep on a chest X-ray run). The rest of the error is spread over the network: neither
+percentile nor entropy calibration, bias correction on more images, nor keeping the linear
+bottlenecks and residual sums in float32 moved agreement past the noise of a few labels (and the
+last halved the speed), so on some runs (clothing10's 98.7 %) it stays under a 99 % gate. Keeping
+the head in float32 as well, and rounding the weights by GPTQ (export.rounding), each took a few
+more labels off (README's Edge export section has the figures). Quantization-aware training, the
+usual next step, has no tool here: tensorflow-model-optimization does not load under Keras 3
+(tensorflow/model-optimization#1119), and Keras 3's own `Model.quantize` rewrites the Keras model
+for its own inference, not into an ONNX QDQ graph.
 
 Mixed precision ("mixed_16bit"), the accurate fallback: 8 bits where they pay, 16 where 8 cost
 labels and buy nothing. onnxruntime runs a convolution or matrix product in int8 only when its
@@ -216,11 +215,9 @@ def _build(recipe: Recipe, prepared: Path, output: Path, calibration_paths: list
         onnx.save(graph, str(prepared))
     _quantize(prepared, output, calibration_paths, image_size, recipe, overrides, float32_layers)
     quantized = onnx.load(str(output))
-    correction_paths = calibration_paths[:CORRECTION_IMAGES]
-    rounded = rounding.round_weights(graph, quantized, list(_batches(correction_paths, image_size)),
-                                     *weight_range(recipe))
-    corrected = correct_biases(graph, quantized, correction_paths, image_size) \
-        if bias_correction else 0
+    feeds = list(_batches(calibration_paths[:CORRECTION_IMAGES], image_size))  # decoded once
+    rounded = rounding.round_weights(graph, quantized, feeds, *weight_range(recipe))
+    corrected = correct_biases(graph, quantized, feeds) if bias_correction else 0
     onnx.save(quantized, str(output))
     return rounded, corrected
 
@@ -357,10 +354,10 @@ def _consumers(model) -> dict[str, list]:
     return consumers
 
 
-def correct_biases(float_model, quantized, paths: list[str], image_size: int) -> int:
+def correct_biases(float_model, quantized, feeds: list[dict]) -> int:
     """Adjusts the int32 biases of the QDQ model `quantized` in place, convolution by convolution
-    in graph order, so that each one's per-channel output mean on these images matches the float
-    model's. Returns how many convolutions were corrected."""
+    in graph order, so that each one's per-channel output mean on these images (feeds, batches of
+    the model's input) matches the float model's. Returns how many convolutions were corrected."""
     from onnx import numpy_helper
 
     producers = {output: node for node in quantized.graph.node for output in node.output}
@@ -388,7 +385,6 @@ def correct_biases(float_model, quantized, paths: list[str], image_size: int) ->
                         return dequantize.output[0]
         return name
 
-    feeds = list(_batches(paths, image_size))
     reference = channel_means(float_model, [node.output[0] for node, _ in convs], feeds)
     for node, bias_node in convs:
         observed = seen(node.output[0])

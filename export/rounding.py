@@ -156,16 +156,20 @@ def _hessians(layers, float_model, feeds: list[dict]) -> dict[str, np.ndarray]:
     names = sorted({node.input[0] for _, node, _ in layers})
     session = intermediate_session(float_model, names)
     hessians: dict[str, np.ndarray] = {}
+    windows = {node.name: _windows(node) for _, node, _ in layers}
     for feed in feeds:
         values = dict(zip(names, session.run(names, feed)))
         for kind, node, _ in layers:
-            attributes = _attributes(node)
-            hessian = input_hessian(kind, values[node.input[0]],
-                                    list(attributes.get("kernel_shape", [1, 1])),
-                                    list(attributes.get("strides", [1, 1])),
-                                    list(attributes.get("pads", [0, 0, 0, 0])))
+            hessian = input_hessian(kind, values[node.input[0]], *windows[node.name])
             hessians[node.name] = hessians.get(node.name, 0) + hessian
     return hessians
+
+
+def _windows(node) -> tuple[list[int], list[int], list[int]]:
+    """A layer's kernel shape, strides and pads, as input_hessian takes them."""
+    attributes = _attributes(node)
+    return (list(attributes.get("kernel_shape", [1, 1])), list(attributes.get("strides", [1, 1])),
+            list(attributes.get("pads", [0, 0, 0, 0])))
 
 
 def intermediate_session(model, names: list[str]):
