@@ -6,10 +6,13 @@ intra-op threads = cores and ORT_ENABLE_ALL), and prints JSON: p50/p95 latency a
 images/s at batch 32 of each backend, measured in the same export run, and their ratios.
 Latency does not depend on the weights, so VGG16 runs with WEIGHTS=none here. --models picks
 some of them, --data another data set with train/validation/test folders, --image-size another
-input size for every model (a quick look: the figures then say little about the real sizes).
+input size for every model (a quick look: the figures then say little about the real sizes),
+--images-per-class how many images of each class the short run takes from each split (the
+export's parity gate reads up to 1,000 of the test images: `--images-per-class 200,50,100000`
+judges int8 on a whole test split).
 
     python bench/inference.py [--latency-runs 100] [--models vgg16_150,mobilenet_v2_050_224]
-        [--data DIR] [--image-size N]
+        [--data DIR] [--image-size N] [--images-per-class 40,10,50]
 """
 from __future__ import annotations
 
@@ -78,6 +81,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA,
                         help="class folders under train/validation/test")
     parser.add_argument("--image-size", type=int, default=0, help="default: each model's own")
+    parser.add_argument("--images-per-class", default="40,10,50",
+                        help="TRAIN,VALIDATION,TEST: images of each class taken from each split")
     args = parser.parse_args()
     names = args.models.split(",")
     unknown = sorted(set(names) - set(MODELS))
@@ -85,9 +90,15 @@ def main() -> None:
         parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
     if not args.data.is_dir():
         raise SystemExit(f"data not found at {args.data}")
+    try:
+        per_class = dict(zip(("train", "validation", "test"),
+                             (int(count) for count in args.images_per_class.split(",")), strict=True))
+    except ValueError:
+        parser.error(f"--images-per-class {args.images_per_class}: expected three integers, "
+                     "TRAIN,VALIDATION,TEST")
     size = {"IMAGE_SIZE": str(args.image_size)} if args.image_size else {}
     with tempfile.TemporaryDirectory() as work:
-        data = link_slice(args.data, Path(work) / "data", {"train": 40, "validation": 10, "test": 50})
+        data = link_slice(args.data, Path(work) / "data", per_class)
         results = {name: measure(name, {**MODELS[name], **size}, data, Path(work), args.latency_runs)
                    for name in names}
     print(json.dumps({"cpus": os.cpu_count(), "load_average": os.getloadavg(), **results}, indent=1))
