@@ -69,6 +69,7 @@ def measure(name: str, settings: dict, data: Path, work: Path, latency_runs: int
         "int8_recipes_tried": report["quantization"]["tried"],
         "int8_mac_share": report["operators"]["model.int8.onnx"]["int8_mac_share"],
         "int8_parity": report["parity"]["int8"],
+        "parity_images": report["parity"]["images"],
         "export_status": report.get("status"),
     }
 

@@ -32,7 +32,7 @@ def script_arguments(trees: dict[str, Path], work: Path) -> dict[str, list[str]]
         "speed": ["bench/speed.py", "--backbone", "vgg16", "--images", "16", "--repeats", "1",
                   "--image-size", "32", "--data", f"{split}/train", "--precisions", "float32"],
         "inference": ["bench/inference.py", "--models", "vgg16_150", "--image-size", "32",
-                      "--latency-runs", "2", "--data", split],
+                      "--latency-runs", "2", "--data", split, "--images-per-class", "8,3,2"],
         "memory": ["bench/memory.py", "--backbone", "vgg16", "--weights", random_vgg16_weights(), "--image-size",
                    "32", "--per-class", "2", "--data", split],
         # Class folders without split folders: the job and the probe each split them, seeded.
@@ -139,6 +139,7 @@ def test_inference(bench_runs):
     assert vgg["int8_recipe"] in vgg["int8_recipes_tried"]
     assert 0 <= vgg["int8_mac_share"] <= 1 and 0 <= vgg["int8_parity"]["top1_agreement"] <= 1
     assert isinstance(vgg["export_status"], str)
+    assert vgg["parity_images"] == 2 * 2  # two of the three test images per class: --images-per-class
 
 
 def test_memory(bench_runs):
