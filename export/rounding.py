@@ -22,6 +22,11 @@ from __future__ import annotations
 import numpy as np
 
 DAMPING = 0.01  # GPTQ's: a share of H's mean diagonal added to it, so that H inverts stably
+# GPTQ's lazy batch updates: each column's error updates the rest of its block of columns at once,
+# and the columns after the block once per block, in one matrix product. The same arithmetic as
+# updating every later column after every column, reordered: on VGG16's 4,608-column layers the
+# column-by-column updates made the int8 export take 87 s at 32 px.
+BLOCK = 128
 
 
 def gptq(weights: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmin: int,
@@ -36,10 +41,15 @@ def gptq(weights: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmin: int,
     hessian += DAMPING * np.mean(np.diag(hessian)) * np.eye(len(hessian))
     inverse = np.linalg.cholesky(np.linalg.inv(hessian)).T  # the upper factor, as GPTQ uses it
     integers = np.zeros(weights.shape, dtype=np.int64)
-    for column in range(weights.shape[1]):
-        integers[:, column] = np.clip(np.round(weights[:, column] / scale), qmin, qmax)
-        error = (weights[:, column] - integers[:, column] * scale) / inverse[column, column]
-        weights[:, column + 1:] -= np.outer(error, inverse[column, column + 1:])
+    for start in range(0, weights.shape[1], BLOCK):
+        end = min(start + BLOCK, weights.shape[1])
+        errors = np.zeros((len(weights), end - start))
+        for column in range(start, end):
+            integers[:, column] = np.clip(np.round(weights[:, column] / scale), qmin, qmax)
+            error = (weights[:, column] - integers[:, column] * scale) / inverse[column, column]
+            weights[:, column + 1:end] -= np.outer(error, inverse[column, column + 1:end])
+            errors[:, column - start] = error
+        weights[:, end:] -= errors @ inverse[start:end, end:]  # the block's errors, at once
     return integers
 
 
