@@ -79,8 +79,8 @@ from job.progress import Progress
 log = logging.getLogger("export")
 
 CORRECTION_IMAGES = 64  # of the calibration images: GPTQ's inputs and bias correction's
-SAME_PRECISION_AS_INPUT = ("Relu", "Clip", "Flatten", "Reshape", "Squeeze", "Unsqueeze",
-                           "Transpose")
+ACTIVATIONS = ("Relu", "Clip")  # bound a layer's output; the quantizer folds them into its range
+SAME_PRECISION_AS_INPUT = ACTIVATIONS + ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose")
 SHORT_WEIGHTS_PER_CHANNEL = 32  # convolution weights this short per output channel get 16 bits
 SIXTEEN_BIT_OPSET = 21  # the first opset whose QuantizeLinear takes 16-bit integers
 
@@ -269,7 +269,7 @@ def sixteen_bit_overrides(model) -> dict:
         if layer.input[1] in short_weights or {layer.input[0], layer.output[0]} & unbounded:
             continue  # it runs in float32
         activated = [c.output[0] for c in consumers.get(layer.output[0], [])
-                     if c.op_type in ("Relu", "Clip")]
+                     if c.op_type in ACTIVATIONS]
         for tensor in (layer.input[0], layer.output[0], *activated):
             # The quantizer gives a ReLU or a reshape its input's precision: walk back through them.
             while tensor not in eight_bit:
@@ -326,7 +326,7 @@ def head_layers(model) -> list[str]:
     if not convolutions:
         return []
     head = nodes[convolutions[-1] + 1:]
-    while head and head[0].op_type in ("Relu", "Clip"):  # fused into the last convolution
+    while head and head[0].op_type in ACTIVATIONS:  # fused into the last convolution
         head = head[1:]
     return [node.name for node in head]
 
@@ -343,7 +343,7 @@ def _unbounded_outputs(model) -> set[str]:
     consumers = _consumers(model)
     return {node.output[0] for node in model.graph.node
             if node.op_type in ("Conv", "MatMul", "Gemm", "Add")
-            and not any(c.op_type in ("Relu", "Clip") for c in consumers.get(node.output[0], []))}
+            and not any(c.op_type in ACTIVATIONS for c in consumers.get(node.output[0], []))}
 
 
 def _consumers(model) -> dict[str, list]:
