@@ -137,12 +137,12 @@ RUNTIMES = {
 DEFAULT_RUNTIME = "onnxruntime"
 
 
-def require_runtime(name: str) -> None:
-    """Raises RuntimeUnavailable (one line: which runtime, how to install it) unless the runtime's
-    package imports."""
+def require_runtime(name: str) -> str:
+    """The runtime's version; raises RuntimeUnavailable (one line: which runtime, how to install
+    it) unless the runtime's package imports."""
     runtime = RUNTIMES[name]
     try:
-        __import__(runtime.module)
+        return __import__(runtime.module).__version__
     except ImportError as error:
         missing = isinstance(error, ModuleNotFoundError) and error.name == runtime.module
         detail = (str(error).splitlines() or [type(error).__name__])[0][:200]

@@ -4,7 +4,8 @@ export_run tells it in order: fetch the run and read its record; re-discover its
 sample the parity and calibration images; build each row of the format table
 (export.formats: model.onnx, then model.int8.onnx from it) and count the operators onnxruntime
 runs in int8 in each; compare every model with TensorFlow on the run's test images and apply each
-format's gate; time every backend; stamp the models that passed and publish them with the run's
+format's gate; time every backend (and, where installed, OpenVINO on the same files: measured
+beside onnxruntime, not gated); stamp the models that passed and publish them with the run's
 report.html rendered again with the export's figures, and last export_report.json (the export's
 completion marker, also written when a gate fails).
 """
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.runtime import available_cores, cpu_description, cpu_session
+from edge.runtime import (RuntimeUnavailable, available_cores, cpu_description, cpu_session,
+                          open_model, require_runtime)
 from export import convert, measure
 from export.census import int8_census
 from export.config import ExportConfig
@@ -37,6 +39,7 @@ from job.report import sha256, write_json
 log = logging.getLogger("export")
 
 REPORT = "export_report.json"
+OPTIONAL_RUNTIMES = ("openvino",)  # timed beside onnxruntime where installed (edge.runtime)
 RUN_FILES = ("MANIFEST.json", "metrics.json", "model.keras", "labels.txt", "saved_model")
 
 
@@ -60,13 +63,17 @@ def export_run(config: ExportConfig) -> dict:
         with timed(seconds, "parity"):
             images = context.parity_images
             backends = predictors(formats, context)
-            verdict = judge(predict_outputs(backends, images, context.rebuilt),
-                            np.asarray(parity_split.labels), record, config)
-            verdict.parity.update(images=int(len(images)), test_split_images=len(dataset.test))
+            side_runtimes, runtime_notes = side_by_side(formats, context)
+            outputs = predict_outputs({**backends, **side_runtimes}, images, context.rebuilt)
+            verdict = judge(outputs, np.asarray(parity_split.labels), record, config)
+            verdict.parity.update(images=int(len(images)), test_split_images=len(dataset.test),
+                                  **side_by_side_parity(side_runtimes, outputs, verdict, record))
         for failure in verdict.failures:
             log.error("gate failed: %s", failure)
         with timed(seconds, "latency"):
-            latency, latency_settings = time_backends(backends, images, config)
+            latency, latency_settings = time_backends({**backends, **side_runtimes}, images,
+                                                      config)
+            latency_settings.update(runtime_notes)
         files = stamp_passed(formats, context.staging, verdict)
         shutil.copy2(run_dir / "labels.txt", context.staging / "labels.txt")
         seconds["total"] = round(time.perf_counter() - started, 2)
@@ -199,6 +206,37 @@ def predictors(formats: tuple[Format, ...], context: BuildContext) -> dict[str, 
     return {SAVED_MODEL: measure.saved_model_predictor(context.run_dir / "saved_model"),
             **{row.backend: measure.onnx_predictor(cpu_session(context.staging / row.file, threads))
                for row in formats}}
+
+
+def side_by_side(formats: tuple[Format, ...], context: BuildContext
+                 ) -> tuple[dict[str, measure.Predict], dict[str, str]]:
+    """Every staged model run by each optional runtime as well (edge.runtime: OpenVINO reads the
+    same ONNX files), by backend name ("openvino_int8"), measured beside onnxruntime but not
+    gated: onnxruntime is what the predictor runs by default. Also, per optional runtime, its
+    version or why it was skipped (not installed: the training image has no OpenVINO)."""
+    predictors, notes = {}, {}
+    for name in OPTIONAL_RUNTIMES:
+        try:
+            notes[name] = require_runtime(name)
+        except RuntimeUnavailable as error:
+            log.info("%s not measured: %s", name, error)
+            notes[name] = f"skipped: {error}"
+            continue
+        for row in formats:
+            model = open_model(context.staging / row.file, name, context.config.intra_op_threads)
+            predictors[f"{name}_{row.key}"] = model.run
+    return predictors, notes
+
+
+def side_by_side_parity(side_runtimes: dict[str, measure.Predict],
+                        outputs: dict[str, np.ndarray], verdict: Verdict,
+                        record: RunRecord) -> dict:
+    """Each optional runtime's figures against the gates' reference, by backend name beside the
+    formats' own ("int8"), so its int8 model is compared with onnxruntime's at the same
+    agreement."""
+    reference = outputs[verdict.parity["reference"]]
+    return {name: measure.compare(outputs[name], reference, record.decision_threshold)
+            for name in side_runtimes}
 
 
 def predict_outputs(backends: dict[str, measure.Predict], images: np.ndarray,

@@ -186,6 +186,36 @@ def test_the_report_counts_the_operators_onnxruntime_runs_in_int8(mobilenet_expo
     assert operators["model.onnx"]["macs"] == int8["macs"] > 0
 
 
+def test_the_report_times_openvino_beside_onnxruntime_on_the_same_files(mobilenet_export):
+    pytest.importorskip("openvino", reason="OpenVINO is not installed: "
+                                           "pip install -r requirements-openvino.txt")
+    _, report, _ = mobilenet_export
+    assert report["latency_settings"]["openvino"].startswith("20")  # its version: 2026.0.0-...
+    parity = report["parity"]
+    for backend in ("openvino_float32", "openvino_int8"):
+        assert report["latency"][backend]["batch1_p50_ms"] > 0
+        assert report["latency"][backend]["batch32_images_per_s"] > 0
+        assert 0 <= parity["accuracy"][backend] <= 1
+    # The same float32 file in another runtime: the same probabilities to rounding.
+    assert parity["openvino_float32"]["max_abs_diff"] <= 1e-4
+    assert parity["openvino_float32"]["top1_agreement"] >= 0.99
+    # The same QDQ file: OpenVINO's int8 labels are about onnxruntime's, not gated.
+    assert abs(parity["openvino_int8"]["top1_agreement"] - parity["int8"]["top1_agreement"]) <= 0.03
+
+
+def test_a_side_runtime_that_is_not_installed_is_skipped_and_the_report_says_why(monkeypatch):
+    from edge import runtime
+    from export import pipeline
+
+    monkeypatch.setitem(runtime.RUNTIMES, "absent",
+                        runtime.Runtime("no_such_runtime_module", "requirements-absent.txt", None))
+    monkeypatch.setattr(pipeline, "OPTIONAL_RUNTIMES", ("absent",))
+    predictors, notes = pipeline.side_by_side(formats=(), context=None)
+    assert predictors == {}
+    assert notes == {"absent": "skipped: runtime absent: no_such_runtime_module is not installed; "
+                               "install it with `pip install -r requirements-absent.txt`"}
+
+
 def test_onnx_model_has_named_io_dynamic_batch_opset_and_metadata(mobilenet_onnx, mobilenet_run):
     model = onnx.load(str(mobilenet_onnx))
     assert [i.name for i in model.graph.input] == ["image"]
