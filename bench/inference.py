@@ -9,10 +9,13 @@ some of them, --data another data set with train/validation/test folders, --imag
 input size for every model (a quick look: the figures then say little about the real sizes),
 --images-per-class how many images of each class the short run takes from each split (the
 export's parity gate reads up to 1,000 of the test images: `--images-per-class 200,50,100000`
-judges int8 on a whole test split).
+judges int8 on a whole test split). --run exports and times a finished run as it is (a real
+model, on its own data's whole test split) instead of, or beside, the short runs. Where OpenVINO
+is installed (requirements-openvino.txt), the export times it on the same files, and the JSON
+gives its int8 model against onnxruntime's float32 and its agreement with the reference.
 
-    python bench/inference.py [--latency-runs 100] [--models vgg16_150,mobilenet_v2_050_224]
-        [--data DIR] [--image-size N] [--images-per-class 40,10,50]
+    python bench/inference.py [--latency-runs 100] [--models vgg16_150,mobilenet_v2_050_224|none]
+        [--data DIR] [--image-size N] [--images-per-class 40,10,50] [--run RUN_DIR ...]
 """
 from __future__ import annotations
 
@@ -51,25 +54,45 @@ def measure(name: str, settings: dict, data: Path, work: Path, latency_runs: int
     run("job", {"DATA_URI": str(data), "OUTPUT_URI": str(work), "RUN_ID": name,
                 "CACHE_DIR": str(work / "cache"), "HEAD_EPOCHS": "2", "FINE_TUNE_EPOCHS": "0",
                 **settings})
-    run("export", {"RUN_URI": str(work / name), "CACHE_DIR": str(work / "cache"),
-                   "LATENCY_RUNS": str(latency_runs), "CALIBRATION_IMAGES": "80"})
-    report = json.loads((work / name / "export_report.json").read_text())
-    latency = report["latency"]
+    return {"settings": settings,
+            **export_and_time(work / name, work, latency_runs, {"CALIBRATION_IMAGES": "80"})}
+
+
+def export_and_time(run_dir: Path, work: Path, latency_runs: int, settings: dict) -> dict:
+    """Exports the run into work and reads the report: latency, sizes, parity and their ratios,
+    OpenVINO's beside onnxruntime's where it is installed."""
+    target = work / f"export-{run_dir.name}"
+    run("export", {"RUN_URI": str(run_dir), "EXPORT_URI": str(target),
+                   "CACHE_DIR": str(work / "cache"), "LATENCY_RUNS": str(latency_runs), **settings})
+    report = json.loads((target / "export_report.json").read_text())
+    latency, parity = report["latency"], report["parity"]
+
+    def ratio(numerator: str, denominator: str) -> float | None:
+        if numerator not in latency:
+            return None
+        return round(latency[numerator]["batch32_images_per_s"]
+                     / latency[denominator]["batch32_images_per_s"], 2)
+
     return {
-        "settings": settings,
         "latency": latency,
         "sizes_bytes": report["sizes_bytes"],
-        "onnx_float32_vs_tensorflow_batch32": round(
-            latency["onnx_float32"]["batch32_images_per_s"] / latency["tensorflow"]["batch32_images_per_s"], 2),
+        "onnx_float32_vs_tensorflow_batch32": ratio("onnx_float32", "tensorflow"),
         "onnx_int8_vs_float32_batch1_p50": round(
             latency["onnx_float32"]["batch1_p50_ms"] / latency["onnx_int8"]["batch1_p50_ms"], 2),
-        "onnx_int8_vs_float32_batch32": round(
-            latency["onnx_int8"]["batch32_images_per_s"] / latency["onnx_float32"]["batch32_images_per_s"], 2),
+        "onnx_int8_vs_float32_batch32": ratio("onnx_int8", "onnx_float32"),
+        # The issue's "best runtime offered": each runtime's int8 against onnxruntime's float32.
+        "openvino_int8_vs_onnx_float32_batch32": ratio("openvino_int8", "onnx_float32"),
+        "openvino": report["latency_settings"].get("openvino"),
         "int8_recipe": report["quantization"]["recipe"],
         "int8_recipes_tried": report["quantization"]["tried"],
         "int8_mac_share": report["operators"]["model.int8.onnx"]["int8_mac_share"],
-        "int8_parity": report["parity"]["int8"],
-        "parity_images": report["parity"]["images"],
+        "int8_parity": parity["int8"],
+        "openvino_parity": {name: figures for name, figures in parity.items()
+                            if name.startswith("openvino_")},
+        "test_accuracy": parity["accuracy"],
+        "parity_images": parity["images"],
+        "test_split_images": parity["test_split_images"],
+        "cpu": report["latency_settings"]["cpu"],
         "export_status": report.get("status"),
     }
 
@@ -84,12 +107,18 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=0, help="default: each model's own")
     parser.add_argument("--images-per-class", default="40,10,50",
                         help="TRAIN,VALIDATION,TEST: images of each class taken from each split")
+    parser.add_argument("--run", type=Path, action="append", default=[],
+                        help="a finished run directory to export and time as it is, instead of "
+                             "training a short run (repeatable; --models none then trains nothing)")
     args = parser.parse_args()
-    names = args.models.split(",")
+    names = [] if args.models == "none" else args.models.split(",")
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
-    if not args.data.is_dir():
+    missing = [str(run_dir) for run_dir in args.run if not (run_dir / "MANIFEST.json").is_file()]
+    if missing:
+        parser.error(f"--run {', '.join(missing)}: not a finished run (no MANIFEST.json)")
+    if names and not args.data.is_dir():
         raise SystemExit(f"data not found at {args.data}")
     try:
         per_class = dict(zip(("train", "validation", "test"),
@@ -99,9 +128,11 @@ def main() -> None:
                      "TRAIN,VALIDATION,TEST")
     size = {"IMAGE_SIZE": str(args.image_size)} if args.image_size else {}
     with tempfile.TemporaryDirectory() as work:
-        data = link_slice(args.data, Path(work) / "data", per_class)
+        data = link_slice(args.data, Path(work) / "data", per_class) if names else None
         results = {name: measure(name, {**MODELS[name], **size}, data, Path(work), args.latency_runs)
                    for name in names}
+        results.update({f"run:{run_dir}": export_and_time(run_dir, Path(work), args.latency_runs, {})
+                        for run_dir in args.run})
     print(json.dumps({"cpus": os.cpu_count(), "load_average": os.getloadavg(), **results}, indent=1))
 
 

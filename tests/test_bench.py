@@ -9,6 +9,7 @@ so on two cores that halves the wall time. Only the scripts whose tests are sele
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -140,6 +141,22 @@ def test_inference(bench_runs):
     assert 0 <= vgg["int8_mac_share"] <= 1 and 0 <= vgg["int8_parity"]["top1_agreement"] <= 1
     assert isinstance(vgg["export_status"], str)
     assert vgg["parity_images"] == 2 * 2  # two of the three test images per class: --images-per-class
+    assert vgg["test_split_images"] == 2 * 2 and set(vgg["test_accuracy"]) >= {"onnx_int8"}
+    if importlib.util.find_spec("openvino"):  # timed beside onnxruntime on the same files
+        assert vgg["openvino"].startswith("20")
+        assert vgg["openvino_int8_vs_onnx_float32_batch32"] > 0
+        assert set(vgg["openvino_parity"]) == {"openvino_float32", "openvino_int8"}
+    else:
+        assert vgg["openvino"].startswith("skipped: runtime openvino: openvino is not installed")
+        assert vgg["openvino_int8_vs_onnx_float32_batch32"] is None
+
+
+def test_inference_refuses_a_run_that_is_not_finished(tmp_path):
+    result = subprocess.run([sys.executable, "bench/inference.py", "--models", "none",
+                             "--run", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2
+    assert f"--run {tmp_path}: not a finished run (no MANIFEST.json)" in result.stderr
 
 
 def test_memory(bench_runs):
