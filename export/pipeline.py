@@ -5,7 +5,8 @@ sample the parity and calibration images; build each row of the format table
 (export.formats: model.onnx, then model.int8.onnx from it) and count the operators onnxruntime
 runs in int8 in each; compare every model with TensorFlow on the run's test images and apply each
 format's gate; time every backend (and, where installed, OpenVINO on the same files: measured
-beside onnxruntime, not gated); stamp the models that passed and publish them with the run's
+beside onnxruntime, not gated) and name the fastest passed file (warning where int8 is the
+slower); stamp the models that passed and publish them with the run's
 report.html rendered again with the export's figures, and last export_report.json (the export's
 completion marker, also written when a gate fails).
 """
@@ -29,8 +30,8 @@ from export import convert, measure
 from export.census import int8_census
 from export.config import ExportConfig
 from export.errors import BadInput, GateFailed
-from export.formats import (REBUILD, SAVED_MODEL, BuildContext, Format, Verdict, export_formats,
-                            judge)
+from export.formats import (INT8_MODEL, REBUILD, SAVED_MODEL, BuildContext, Format, Verdict,
+                            export_formats, judge)
 from export.report import build_report
 from job import html_report
 from job.record import RecordError, RunRecord
@@ -82,6 +83,7 @@ def export_run(config: ExportConfig) -> dict:
             latency=latency, latency_settings=latency_settings, operators=operators,
             quantization=notes.get("int8"),
             seconds=seconds, versions=versions(), created_utc=utc_now())
+        warn_if_int8_is_slower(report)
         write_json(context.staging / REPORT, report)
         render_run_report(run_dir, context.staging, report, dataset.root)
         publish(context.staging, config.target_uri,
@@ -263,6 +265,19 @@ def time_backends(backends: dict[str, measure.Predict], images: np.ndarray,
                      "tensorflow_threads": "TensorFlow defaults (all cores)",
                      "cpu": cpu_description(), "cpu_cores_available": available_cores(),
                      "load_average_1m_before": load_before}
+
+
+def warn_if_int8_is_slower(report: dict) -> None:
+    """Warns where the int8 file passed yet onnxruntime runs another file faster on this CPU
+    (the `mixed_16bit` fallback is smaller than float32 but slower): the report's "fastest"
+    names the file to ship where speed matters."""
+    slower_at = [size for size, fastest in report["fastest"].items()
+                 if fastest["file"] != INT8_MODEL]
+    if INT8_MODEL in report["files"] and slower_at:
+        log.warning("%s (int8 recipe %s) is slower in onnxruntime on this CPU than %s (%s): ship "
+                    "that where speed matters, %s where size does; export_report.json: fastest",
+                    INT8_MODEL, report["quantization"]["recipe"],
+                    report["fastest"][slower_at[0]]["file"], ", ".join(slower_at), INT8_MODEL)
 
 
 def stamp_passed(formats: tuple[Format, ...], staging: Path, verdict: Verdict) -> dict[str, dict]:

@@ -31,6 +31,7 @@ def build_report(config: ExportConfig, record: RunRecord, verdict: Verdict, *,
         "sizes_bytes": {**run_sizes, **{name: file["bytes"] for name, file in files.items()}},
         "latency": latency,
         "latency_settings": latency_settings,
+        "fastest": fastest(latency, verdict.passed),
         # Per model file: the compute operators onnxruntime runs, int8 and float32, and the share
         # of multiply-accumulates in int8 (export.census), so a slow int8 model explains itself.
         "operators": operators,
@@ -39,3 +40,18 @@ def build_report(config: ExportConfig, record: RunRecord, verdict: Verdict, *,
         "seconds": seconds,
         "versions": versions,
     }
+
+
+def fastest(latency: dict, passed: dict[str, bool]) -> dict:
+    """Per batch size, the passed model file onnxruntime (the predictor's default) runs fastest
+    on this CPU, and its speed: int8 is not always the faster one (a `mixed_16bit` file is a third
+    of float32's size but slower), so the report says which to ship where speed matters."""
+    timed = {row.file: latency[row.backend] for row in FORMATS
+             if passed.get(row.file) and row.backend in latency}
+    if not timed:
+        return {}
+    batch1 = min(timed, key=lambda file: timed[file]["batch1_p50_ms"])
+    batch32 = max(timed, key=lambda file: timed[file]["batch32_images_per_s"])
+    return {"batch1": {"file": batch1, "p50_ms": timed[batch1]["batch1_p50_ms"]},
+            "batch32": {"file": batch32,
+                        "images_per_s": timed[batch32]["batch32_images_per_s"]}}

@@ -13,7 +13,7 @@ import pytest
 from export.config import ExportConfig
 from export.errors import BadInput
 from export.formats import FLOAT32_MODEL, INT8_MODEL, REBUILD, Verdict, export_formats, judge
-from export.pipeline import RUN_FILES, read_run
+from export.pipeline import RUN_FILES, read_run, warn_if_int8_is_slower
 from export.report import build_report
 from tests.conftest import gate_outputs, run_record
 
@@ -118,14 +118,15 @@ def test_a_mixed_precision_run_fails_when_its_saved_model_disagrees_on_over_1_pe
 # --- The report (build_report). ---
 
 
-def report_of(verdict: Verdict, settings: ExportConfig = SETTINGS) -> dict:
+def report_of(verdict: Verdict, settings: ExportConfig = SETTINGS, latency: dict | None = None
+              ) -> dict:
     files = {FLOAT32_MODEL: {"bytes": 4000, "sha256": "f" * 64},
              INT8_MODEL: {"bytes": 1000, "sha256": "8" * 64}}
     return build_report(
         settings, run_record(decision_threshold=0.4), verdict,
         opsets={FLOAT32_MODEL: 17, INT8_MODEL: 21}, files=files,
         run_sizes={"saved_model": 9000, "model.keras": 5000},
-        latency={"tensorflow": {"batch1_p50_ms": 1.0}}, latency_settings={"threads": 2},
+        latency=latency or {"tensorflow": {"batch1_p50_ms": 1.0}}, latency_settings={"threads": 2},
         operators={INT8_MODEL: {"int8_mac_share": 1.0}},
         quantization={"method": "static"}, seconds={"total": 1.0},
         versions={"onnx": "1"}, created_utc="2026-01-01T00:00:00+00:00")
@@ -140,8 +141,8 @@ def test_report_has_the_keys_of_export_report_json():
     assert list(report_of(PASSED)) == [
         "status", "failed_gates", "run_id", "run_uri", "export_uri", "created_utc", "opsets",
         "classes", "image_size", "decision_threshold", "training_precision_policy", "parity",
-        "gates", "sizes_bytes", "latency", "latency_settings", "operators", "quantization", "files",
-        "seconds", "versions"]
+        "gates", "sizes_bytes", "latency", "latency_settings", "fastest", "operators", "quantization",
+        "files", "seconds", "versions"]
 
 
 def test_report_of_passed_gates_is_passed_with_no_failed_gates():
@@ -158,6 +159,39 @@ def test_report_of_a_failed_gate_is_failed_and_names_it():
 def test_report_lists_only_the_passed_models_as_files():
     assert list(report_of(INT8_FAILED)["files"]) == [FLOAT32_MODEL]
     assert list(report_of(PASSED)["files"]) == [FLOAT32_MODEL, INT8_MODEL]
+
+
+# clothing10's export on an Intel Xeon with AMX: the mixed_16bit int8 file, 4x slower than float32.
+SLOW_INT8 = {"tensorflow": {"batch1_p50_ms": 10.1, "batch32_images_per_s": 255.0},
+             "onnx_float32": {"batch1_p50_ms": 1.50, "batch32_images_per_s": 668.7},
+             "onnx_int8": {"batch1_p50_ms": 5.88, "batch32_images_per_s": 170.1},
+             "openvino_int8": {"batch1_p50_ms": 1.40, "batch32_images_per_s": 900.0}}
+FAST_INT8 = {**SLOW_INT8, "onnx_int8": {"batch1_p50_ms": 1.17, "batch32_images_per_s": 1128.7}}
+
+
+def test_fastest_names_the_passed_file_onnxruntime_runs_fastest_at_each_batch_size():
+    assert report_of(PASSED, latency=FAST_INT8)["fastest"] == {
+        "batch1": {"file": INT8_MODEL, "p50_ms": 1.17},
+        "batch32": {"file": INT8_MODEL, "images_per_s": 1128.7}}
+    assert report_of(PASSED, latency=SLOW_INT8)["fastest"] == {
+        "batch1": {"file": FLOAT32_MODEL, "p50_ms": 1.50},
+        "batch32": {"file": FLOAT32_MODEL, "images_per_s": 668.7}}
+
+
+def test_fastest_never_names_a_model_that_failed_its_gate():
+    assert report_of(INT8_FAILED, latency=FAST_INT8)["fastest"]["batch1"]["file"] == FLOAT32_MODEL
+
+
+def test_a_passed_int8_model_slower_than_float32_is_a_warning_naming_the_file_to_ship(caplog):
+    report = {**report_of(PASSED, latency=SLOW_INT8), "quantization": {"recipe": "mixed_16bit"}}
+    warn_if_int8_is_slower(report)
+    assert caplog.messages == [
+        "model.int8.onnx (int8 recipe mixed_16bit) is slower in onnxruntime on this CPU than "
+        "model.onnx (batch1, batch32): ship that where speed matters, model.int8.onnx where size "
+        "does; export_report.json: fastest"]
+    caplog.clear()
+    warn_if_int8_is_slower({**report_of(PASSED, latency=FAST_INT8), "quantization": {}})
+    assert caplog.messages == []
 
 
 def test_report_sizes_every_model_built_beside_the_runs_own():
