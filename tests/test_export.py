@@ -120,6 +120,22 @@ def test_int8_is_quantized_by_the_first_recipe_accepted_else_by_the_last(mobilen
     assert notes["recipe"] == "uint8" and list(notes["tried"]) == ["uint8"]
 
 
+def test_the_calibration_reader_serves_one_stride_of_batches_at_a_time(tmp_path):
+    """quantize_static calibrates one batch per step (CalibStridedMinMax), so a histogram holds
+    one batch's activations and a shorter last batch is read alone."""
+    from export.quantize import ImageReader
+    from tests.conftest import write_class_images
+
+    paths = [str(p) for p in sorted(write_class_images(tmp_path, ["a"], 20).rglob("*.png"))]
+    with ImageReader(paths, 24, batch_size=8) as reader:
+        assert len(reader) == 3
+        reader.set_range(start_index=2, end_index=3)
+        assert reader.get_next()["image"].shape == (4, 24, 24, 3) and reader.get_next() is None
+        reader.set_range(start_index=0, end_index=1)
+        assert reader.get_next()["image"].shape == (8, 24, 24, 3) and reader.get_next() is None
+        assert reader.progress.done == 12  # counted on across strides
+
+
 def test_uint8_rounds_every_int8_layer_by_gptq_and_keeps_seven_bit_weights(mobilenet_uint8):
     """GPTQ re-rounds the weights on the quantizer's own grid: every layer in int8 (the 49
     convolutions between the stem and the head), none outside [-64, 64], so onnxruntime's 16-bit
