@@ -63,17 +63,16 @@ def export_run(config: ExportConfig) -> dict:
                      for row in formats}
         with timed(seconds, "parity"):
             images = context.parity_images
-            backends = predictors(formats, context)
             side_runtimes, runtime_notes = side_by_side(formats, context)
-            outputs = predict_outputs({**backends, **side_runtimes}, images, context.rebuilt)
+            backends = {**predictors(formats, context), **side_runtimes}
+            outputs = predict_outputs(backends, images, context.rebuilt)
             verdict = judge(outputs, np.asarray(parity_split.labels), record, config)
             verdict.parity.update(images=int(len(images)), test_split_images=len(dataset.test),
                                   **side_by_side_parity(side_runtimes, outputs, verdict, record))
         for failure in verdict.failures:
             log.error("gate failed: %s", failure)
         with timed(seconds, "latency"):
-            latency, latency_settings = time_backends({**backends, **side_runtimes}, images,
-                                                      config)
+            latency, latency_settings = time_backends(backends, images, config)
             latency_settings.update(runtime_notes)
         files = stamp_passed(formats, context.staging, verdict)
         shutil.copy2(run_dir / "labels.txt", context.staging / "labels.txt")
@@ -216,7 +215,7 @@ def side_by_side(formats: tuple[Format, ...], context: BuildContext
     same ONNX files), by backend name ("openvino_int8"), measured beside onnxruntime but not
     gated: onnxruntime is what the predictor runs by default. Also, per optional runtime, its
     version or why it was skipped (not installed: the training image has no OpenVINO)."""
-    predictors, notes = {}, {}
+    models, notes = {}, {}
     for name in OPTIONAL_RUNTIMES:
         try:
             notes[name] = require_runtime(name)
@@ -226,8 +225,8 @@ def side_by_side(formats: tuple[Format, ...], context: BuildContext
             continue
         for row in formats:
             model = open_model(context.staging / row.file, name, context.config.intra_op_threads)
-            predictors[f"{name}_{row.key}"] = model.run
-    return predictors, notes
+            models[f"{name}_{row.key}"] = model.run
+    return models, notes
 
 
 def side_by_side_parity(side_runtimes: dict[str, measure.Predict],

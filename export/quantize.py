@@ -3,8 +3,9 @@
 Steps: quant_pre_process (ONNX shape inference; BatchNorm folded into the convolutions),
 quantize_static with percentile or MinMax calibration (per recipe) over images of the run's
 training split (decoded exactly as in training), then GPTQ rounding of the int8 weights
-(export.rounding) and empirical bias correction. Two recipes, in RECIPES, fastest first; the export keeps the first one that passes the
-int8 gate (accept, from export.formats), and the last one otherwise.
+(export.rounding) and empirical bias correction. Two recipes, in RECIPES, fastest first; the
+export keeps the first one that passes the int8 gate (accept, from export.formats), and the last
+one otherwise.
 
 All in int8 but the stem and the classifier head, uint8 activations and 7-bit weights ("uint8";
 UINT8 says why 7, stem_layers and head_layers which layers stay float32): onnxruntime's fast path on
