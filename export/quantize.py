@@ -5,7 +5,7 @@ quantize_static with percentile or MinMax calibration (per recipe) over images o
 training split (decoded exactly as in training), then GPTQ rounding of the int8 weights
 (export.rounding) and empirical bias correction. Two recipes, in RECIPES, fastest first; the
 export keeps the first one that passes the int8 gate (accept, from export.formats), and the last
-one otherwise.
+one otherwise; a recipe that cannot be built counts as one that did not pass.
 
 All in int8 but the stem and the classifier head, uint8 activations and 7-bit weights ("uint8";
 UINT8 says why 7, stem_layers and head_layers which layers stay float32): onnxruntime's fast path on
@@ -190,8 +190,9 @@ def quantize_int8(float_model: Path, int8_model: Path, calibration_paths: list[s
                   accept: Callable[[Path], tuple[bool, dict]] | None = None,
                   bias_correction: bool = True) -> dict:
     """Writes int8_model by the first of recipes that accept takes (given the model's path, it
-    answers whether to keep it, and the figures it judged by), else by the last one. Without
-    accept the first recipe is kept.
+    answers whether to keep it, and the figures it judged by), else by the last one. A recipe
+    that cannot be built (ExportError) is passed over, its error kept in the notes, unless it is
+    the last. Without accept the first recipe is kept.
 
     Returns what was done, for the report: the recipe kept, and the figures of each one tried."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -207,8 +208,19 @@ def quantize_int8(float_model: Path, int8_model: Path, calibration_paths: list[s
             log.warning("quant_pre_process failed (%s); quantizing the graph as converted", error)
             shutil.copyfile(float_model, prepared)
         for recipe in recipes:
-            rounded, corrected = _build(recipe, prepared, int8_model, calibration_paths,
-                                        image_size, bias_correction)
+            try:
+                rounded, corrected = _build(recipe, prepared, int8_model, calibration_paths,
+                                            image_size, bias_correction)
+            except ExportError as error:
+                if recipe is recipes[-1]:
+                    raise
+                # A recipe that cannot be built is one that failed: the next one may build
+                # (percentile calibration fails on a tensor whose values span fewer float32
+                # steps than its histogram has bins; see quantized_op_types).
+                log.warning("int8 recipe %s could not be built (%s); trying the next one",
+                            recipe.name, error)
+                tried[recipe.name] = {"error": str(error)}
+                continue
             accepted, tried[recipe.name] = accept(int8_model) if accept else (True, {})
             log.info("int8 recipe %s: %s%s", recipe.name, "kept" if accepted else "not kept",
                      f" {tried[recipe.name]}" if tried[recipe.name] else "")
@@ -238,7 +250,8 @@ def _build(recipe: Recipe, prepared: Path, output: Path, calibration_paths: list
         graph = onnx.version_converter.convert_version(graph, SIXTEEN_BIT_OPSET)
         prepared = prepared.with_name(f"{prepared.stem}-opset{SIXTEEN_BIT_OPSET}.onnx")
         onnx.save(graph, str(prepared))
-    _quantize(prepared, output, calibration_paths, image_size, recipe, overrides, float32_layers)
+    _quantize(prepared, output, calibration_paths, image_size, recipe, overrides, float32_layers,
+              quantized_op_types(graph, float32_layers))
     quantized = onnx.load(str(output))
     feeds = list(_batches(calibration_paths[:CORRECTION_IMAGES], image_size))  # decoded once
     rounded = rounding.round_weights(graph, quantized, feeds, *weight_range(recipe))
@@ -259,7 +272,8 @@ def weight_range(recipe: Recipe) -> tuple[int, int]:
 
 
 def _quantize(model: Path, output: Path, calibration_paths: list[str], image_size: int,
-              recipe: Recipe, overrides: dict, float32_layers: list[str]) -> None:
+              recipe: Recipe, overrides: dict, float32_layers: list[str],
+              op_types: list[str]) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     # One batch per calibration step (CalibStridedMinMax, which despite its name steps every
@@ -277,12 +291,30 @@ def _quantize(model: Path, output: Path, calibration_paths: list[str], image_siz
                 str(model), str(output), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType[recipe.activations], weight_type=QuantType.QInt8,
                 reduce_range=recipe.seven_bit_weights,
+                op_types_to_quantize=op_types,
                 nodes_to_exclude=float32_layers,
                 calibrate_method=CalibrationMethod[recipe.calibration],
                 extra_options=options)
     except Exception as error:
         raise ExportError(f"int8 quantization failed: {error.__class__.__name__}: "
                           f"{str(error).splitlines()[0][:300]}") from None
+
+
+def quantized_op_types(model, float32_layers: list[str]) -> list[str]:
+    """The operator types for quantize_static to quantize: those it can, less the types whose every
+    node stays in float32. It calibrates the inputs and outputs of every node of these types, so
+    this keeps the tensors only the float32 head reads and writes out of calibration, and the
+    quantized graph is the same. The classifier's output probabilities are such a tensor (its
+    Sigmoid or Softmax is the only one in most backbones), and percentile calibration fails on a
+    batch whose values span fewer float32 steps than its 2,048 histogram bins ("Too many bins for
+    data range"): a random-weight VGG16 gave 0.50059 to 0.50060 over a batch of 16, and a
+    confident model's probabilities near 1 can do the same."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    excluded = set(float32_layers)
+    quantizable = set(QDQRegistry) | set(QLinearOpsRegistry)
+    return sorted({node.op_type for node in model.graph.node
+                   if node.op_type in quantizable and node.name not in excluded})
 
 
 def sixteen_bit_overrides(model) -> dict:

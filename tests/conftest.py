@@ -367,6 +367,24 @@ def mobilenet_uint8(mobilenet_onnx, xray_small, tmp_path_factory) -> tuple[Path,
 
 
 @pytest.fixture(scope="session")
+def flat_output_onnx(mobilenet_onnx, tmp_path_factory) -> Path:
+    """The MobileNetV2 run's float32 model with its output layer's weights scaled by 1e-6: its
+    probabilities vary by a few float32 steps around sigmoid(bias) from image to image, as an
+    untrained model's (or a confident one's near 1) do."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(mobilenet_onnx))
+    initializers = {i.name: i for i in model.graph.initializer}
+    output_layer = [node for node in model.graph.node if node.op_type == "MatMul"][-1]
+    weights = initializers[output_layer.input[1]]
+    weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) * 1e-6, weights.name))
+    path = tmp_path_factory.mktemp("flat") / "model.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
 def mixed_precision_run(tmp_path_factory, xray_small) -> Path:
     """VGG16 at 32 px trained under mixed_float16 (forced on the CPU), with a hidden-layer head:
     the linear probe on random features left probabilities so near the threshold that float16

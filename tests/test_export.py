@@ -121,6 +121,39 @@ def test_int8_is_quantized_by_the_first_recipe_accepted_else_by_the_last(mobilen
     assert notes["recipe"] == "uint8" and list(notes["tried"]) == ["uint8"]
 
 
+def test_percentile_calibration_quantizes_a_model_whose_probabilities_barely_vary(
+        flat_output_onnx, xray_small, tmp_path):
+    """The float32 head's tensors are left out of calibration: percentile's histogram of the
+    output probabilities (a few float32 steps apart) cannot be built."""
+    from export.quantize import quantize_int8
+
+    calibration = sorted(str(p) for p in (xray_small / "train").glob("*/*"))[::10]
+    notes = quantize_int8(flat_output_onnx, tmp_path / "int8.onnx", calibration, 96,
+                          recipes=(UINT8,))
+    assert UINT8.calibration == "Percentile" and notes["recipe"] == "uint8"
+    probabilities = ort.InferenceSession(str(tmp_path / "int8.onnx")).run(
+        None, {"image": np.zeros((2, 96, 96, 3), np.float32)})[0]
+    assert probabilities.shape == (2, 1) and np.all(np.abs(probabilities - 0.5) < 0.01)
+
+
+def test_a_recipe_that_cannot_be_built_gives_way_to_the_next(flat_output_onnx, xray_small,
+                                                             tmp_path):
+    import dataclasses
+
+    from export.quantize import quantize_int8
+
+    # Percentile calibration of the output probabilities, which the uint8 recipe leaves out,
+    # fails ("Too many bins for data range"); MinMax does not.
+    calibrated_head = dataclasses.replace(UINT8, name="uint8_calibrated_head",
+                                          float32_layers=lambda graph: [])
+    calibration = sorted(str(p) for p in (xray_small / "train").glob("*/*"))[::10]
+    notes = quantize_int8(flat_output_onnx, tmp_path / "int8.onnx", calibration, 96,
+                          recipes=(calibrated_head, MIXED_16BIT))
+    assert notes["recipe"] == "mixed_16bit"
+    assert "Too many bins" in notes["tried"]["uint8_calibrated_head"]["error"]
+    assert (tmp_path / "int8.onnx").is_file()
+
+
 def test_the_calibration_reader_serves_one_stride_of_batches_at_a_time(tmp_path):
     """quantize_static calibrates one batch per step (CalibStridedMinMax), so a histogram holds
     one batch's activations and a shorter last batch is read alone."""
