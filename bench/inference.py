@@ -42,11 +42,12 @@ MODELS = {
 }
 
 
-def run(module: str, env: dict) -> None:
+def run(module: str, env: dict) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", module], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO), **env})
     if result.returncode not in (0, 1):  # 1: a parity gate failed; the timings are still measured
         raise SystemExit(f"python -m {module} failed:\n{result.stderr[-3000:]}")
+    return result
 
 
 def measure(name: str, settings: dict, data: Path, work: Path, latency_runs: int) -> dict:
@@ -62,8 +63,12 @@ def export_and_time(run_dir: Path, work: Path, latency_runs: int, settings: dict
     """Exports the run into work and reads the report: latency, sizes, parity and their ratios,
     OpenVINO's beside onnxruntime's where it is installed."""
     target = work / f"export-{run_dir.name}"
-    run("export", {"RUN_URI": str(run_dir), "EXPORT_URI": str(target),
-                   "CACHE_DIR": str(work / "cache"), "LATENCY_RUNS": str(latency_runs), **settings})
+    result = run("export", {"RUN_URI": str(run_dir), "EXPORT_URI": str(target),
+                            "CACHE_DIR": str(work / "cache"), "LATENCY_RUNS": str(latency_runs),
+                            **settings})
+    if not (target / "export_report.json").is_file():  # exit 1 without a report: it failed early
+        raise SystemExit(f"python -m export of {run_dir} failed (exit {result.returncode}) before "
+                         f"it wrote export_report.json:\n{result.stderr[-3000:]}")
     report = json.loads((target / "export_report.json").read_text())
     latency, parity = report["latency"], report["parity"]
 
