@@ -303,7 +303,7 @@ def _quantize(model: Path, output: Path, calibration_paths: list[str], image_siz
 def quantized_op_types(model, float32_layers: list[str]) -> list[str]:
     """The operator types for quantize_static to quantize: those it can, less the types whose every
     node stays in float32. It calibrates the inputs and outputs of every node of these types, so
-    this keeps the tensors only the float32 head reads and writes out of calibration, and the
+    this keeps the tensors of the float32 head's own operator types out of calibration, and the
     quantized graph is the same. The classifier's output probabilities are such a tensor (its
     Sigmoid or Softmax is the only one in most backbones), and percentile calibration fails on a
     batch whose values span fewer float32 steps than its 2,048 histogram bins ("Too many bins for
