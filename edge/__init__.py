@@ -2,6 +2,7 @@
 TensorFlow (a test imports it with TensorFlow made unimportable).
 
 - `edge.images`: decoding any image file to the model's input, exactly as training did;
+- `edge.files`: which files under a folder to read, each real file once, as training did;
 - `edge.runtime`: the CPU runtimes (onnxruntime, optionally OpenVINO), the cores to give them,
   the label a model's output means, the exit codes;
 - `edge.predict`: the predictor, `python -m edge.predict MODEL INPUT`.

@@ -4,14 +4,14 @@ Layouts: `<class>/<image>` at the root (split here, seeded and stratified), or t
 `train/`, and optionally `validation/` and `test/` (used as they are). Classes are the sorted
 sub-folder names of the training folder. Every file is checked once with the same decoder the
 pipeline uses, so unusable files are skipped and named with a reason instead of failing mid-epoch.
-Symbolic links are followed, but each real file is counted once, in one class and one split.
+Symbolic links are followed, but each real file is counted once, in one class and one split
+(the walk is edge/files.py, shared with the edge predictor).
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import logging
-import os
 import random
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from edge.files import Finder, file_problem, real_path, relative
 from edge.images import ImageError, load_image
 from job.progress import Progress
 from job.shard import EVERYTHING, Shard
@@ -87,8 +88,8 @@ def load_dataset(root: Path, image_size: int, validation_split: float, test_spli
                         f"{class_names}; need at least two, one per class")
 
     split_roots = [train_root] + [split_dirs[name] for name in SPLITS[1:] if name in split_dirs]
-    finder = _Finder(root, [folder / name for folder in split_roots for name in class_names],
-                     skipped)
+    class_dirs = [folder / name for folder in split_roots for name in class_names]
+    finder = _ClassFinder(root, class_dirs, skipped)
 
     def collect(split_root: Path) -> Split:
         unknown = sorted(set(_class_names(split_root)) - set(class_names))
@@ -226,7 +227,8 @@ def class_weights(counts) -> dict[int, float]:
 
 def _has_class_folders(path: Path) -> bool:
     return path.is_dir() and any(
-        child.is_dir() and not child.name.startswith(".") and any(_Finder(path, [], {}).walk(child))
+        child.is_dir() and not child.name.startswith(".")
+        and any(_ClassFinder(path, [], {}).walk(child))
         for child in path.iterdir())
 
 
@@ -235,116 +237,57 @@ def _class_names(root: Path) -> list[str]:
                   if child.is_dir() and not child.name.startswith(".") and child.name not in SPLITS)
 
 
-class _Finder:
-    """Lists the files under class folders, following symbolic links, each real file only once.
+class _ClassFinder(Finder):
+    """The shared walk (edge/files.py), keeping each class's images in their class.
 
-    A link to a folder is followed once. A link that loops back to a folder above it, or that
-    leads into another class folder (or to a folder holding one), is skipped with its reason, and
-    so is a second path to a file already listed: no image is counted twice, gets another class's
-    label, or lands in two splits. The first path found is kept (train before validation and
-    test, and real folders before links to them where they sit side by side).
+    A class folder that is a link may lead to a folder elsewhere, but not loop. A link that leads
+    into another class folder (or to a folder holding one) is skipped with its reason: no image
+    gets another class's label or lands in two splits. The first path found to a file is kept
+    (train before validation and test).
     """
 
     def __init__(self, root: Path, class_dirs: list[Path], skipped: dict[str, str]):
-        self.root = root
-        self.skipped = skipped
-        self.class_dirs = {_real(folder): folder for folder in class_dirs}  # real path -> as named
-        self.folders: dict[Path, str] = {}  # real path of each folder listed -> path listed by
-        self.files: dict[tuple[int, int], str] = {}  # (device, inode) of each file kept -> its path
+        super().__init__(root, skipped)
+        self.class_dirs = {real_path(folder): folder for folder in class_dirs}  # real -> as named
 
     def walk(self, class_dir: Path) -> Iterator[Path]:
-        """Every file under class_dir, sorted, nested folders included, hidden folders left out."""
-        own = _real(class_dir)
-        if class_dir.is_symlink():  # may lead to a folder elsewhere, but not loop or mix classes
-            problem = self._link_problem(class_dir, own, above=(_real(class_dir.parent),))
+        if class_dir.is_symlink():
+            problem = self.link_problem(class_dir, real_path(class_dir),
+                                        above=(real_path(class_dir.parent),))
             if problem:
-                self.skipped[_relative(class_dir, self.root)] = problem
+                self.skipped[relative(class_dir, self.root)] = problem
                 return
-        yield from self._walk(class_dir, own, above=())
+        yield from super().walk(class_dir)
 
-    def claim(self, path: Path, class_dir: Path) -> str | None:
-        """Why the file at path is not used in class_dir's class, or None: then it is, and a later
-        path to the same file (a symbolic or hard link) is not."""
-        status = path.stat()
-        identity = (status.st_dev, status.st_ino)
-        if identity in self.files:
-            return f"same file as {self.files[identity]}"
-        if path.is_symlink():
-            problem = self._other_class(_real(path), _real(class_dir), holding=False)
-            if problem:
-                return problem
-        self.files[identity] = _relative(path, self.root)
-        return None
-
-    def _walk(self, folder: Path, own: Path, above: tuple[Path, ...]) -> Iterator[Path]:
-        real = _real(folder)
-        if real in self.folders:
-            self.skipped[_relative(folder, self.root)] = f"same folder as {self.folders[real]}"
-            return
-        self.folders[real] = _relative(folder, self.root)
-        try:
-            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
-        except FileNotFoundError:
-            return  # a class missing from a split folder
-        except OSError as error:
-            self.skipped[_relative(folder, self.root)] = f"unreadable folder: {error.strerror}"
-            return
-        for entry in entries:
-            if not entry.is_dir():
-                yield Path(folder, entry.name)
-        above = above + (real,)
-        subfolders = [entry for entry in entries
-                      if entry.is_dir() and not entry.name.startswith(".")]
-        for entry in sorted(subfolders, key=lambda entry: entry.is_symlink()):  # real ones first
-            path = Path(folder, entry.name)
-            problem = self._link_problem(path, own, above) if entry.is_symlink() else None
-            if problem:
-                self.skipped[_relative(path, self.root)] = problem
-            else:
-                yield from self._walk(path, own, above)
-
-    def _link_problem(self, link: Path, own: Path, above: tuple[Path, ...]) -> str | None:
-        target = _real(link)
-        if any(folder.is_relative_to(target) for folder in above):
-            return "symbolic link loop: points to an ancestor folder"
-        return self._other_class(target, own, holding=True)
-
-    def _other_class(self, target: Path, own: Path, holding: bool) -> str | None:
+    def link_target_problem(self, target: Path, own: Path, folder: bool) -> str | None:
         """Why a link to target from the class folder own would give another folder's images
-        own's label (holding: a link to a folder, which may hold class folders), or None."""
+        own's label (folder: a link to a folder, which may hold class folders), or None."""
         for real, named in self.class_dirs.items():
             if real == own:
                 continue
             if target.is_relative_to(real):
-                return f"symbolic link into another class folder: {_relative(named, self.root)}"
-            if holding and real.is_relative_to(target):
+                return f"symbolic link into another class folder: {relative(named, self.root)}"
+            if folder and real.is_relative_to(target):
                 return ("symbolic link to a folder holding another class folder: "
-                        f"{_relative(named, self.root)}")
+                        f"{relative(named, self.root)}")
         return None
 
 
-def _image_candidates(class_dir: Path, finder: _Finder, root: Path, skipped: dict[str, str],
+def _image_candidates(class_dir: Path, finder: _ClassFinder, root: Path, skipped: dict[str, str],
                       select: Callable[[list[str]], set[str]]) -> list[str]:
     """Every file under a class folder that select keeps (given all of them, relative to root),
     nested folders included; hidden, empty and unreachable files (a symbolic link to nothing, a
     file gone since the listing), and files already listed by another path or in another class
     folder, are skipped."""
     candidates = []
-    walked = {_relative(path, root): path for path in finder.walk(class_dir)}
+    walked = {relative(path, root): path for path in finder.walk(class_dir)}
     chosen = select(list(walked))
     for path in (path for name, path in walked.items() if name in chosen):
-        if path.name.startswith("."):
-            reason = "hidden file"
-        elif not path.exists():
-            reason = "broken symbolic link" if path.is_symlink() else "file vanished while listing"
-        elif path.stat().st_size == 0:
-            reason = "empty file (0 bytes)"
-        else:
-            reason = finder.claim(path, class_dir)
+        reason = file_problem(path) or finder.claim(path, class_dir)
         if reason is None:
             candidates.append(str(path))
         else:
-            skipped[_relative(path, root)] = reason
+            skipped[relative(path, root)] = reason
     return candidates
 
 
@@ -366,7 +309,7 @@ def _checked(split: Split, image_size: int, root: Path, skipped: dict[str, str],
             kept.paths.append(path)
             kept.labels.append(label)
         else:
-            skipped[_relative(Path(path), root)] = reason
+            skipped[relative(Path(path), root)] = reason
     return kept
 
 
@@ -375,7 +318,7 @@ def _require_every_class(split: Split, class_names: list[str], folder: Path, roo
     for name, count in split.class_counts(class_names).items():
         if count == 0:
             raise DataError(f"{folder / name}: class {name!r} has no usable image: "
-                            f"{_skipped_summary(skipped, _relative(folder / name, root))}")
+                            f"{_skipped_summary(skipped, relative(folder / name, root))}")
 
 
 def _skipped_summary(skipped: dict[str, str], folder: str) -> str:
@@ -391,15 +334,3 @@ def _skipped_summary(skipped: dict[str, str], folder: str) -> str:
         listed.append(f"{sum(count for _, count in kinds.most_common()[3:])} for other reasons")
     files = "1 file" if len(paths) == 1 else f"{len(paths)} files"
     return f"{files} skipped ({', '.join(listed)}), e.g. {paths[0]}"
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
-
-
-def _real(path: Path) -> Path:
-    """The path with every symbolic link resolved, whether or not it exists."""
-    return Path(os.path.realpath(path))
