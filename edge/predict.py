@@ -3,10 +3,12 @@
 Needs only onnxruntime, numpy and Pillow (through edge.images, the decoder training used, so the
 resizing matches); it never imports TensorFlow. `--runtime openvino` runs the same ONNX file with
 OpenVINO instead (optional: `pip install -r requirements-openvino.txt`). INPUT is an image file or
-a folder (searched recursively, hidden files skipped). Each image gets its label, that label's
-probability and the top-k classes, printed as one line each or written to --output (.csv or
-.json). A file that is not a usable image gets one error line on stderr (text or JSON, as
-LOG_FORMAT says; see edge.logs) and the rest are still predicted.
+a folder, searched recursively as the training job searches its data (edge.files: links followed,
+each real file once, links that loop skipped; hidden files left out). Each image gets its label,
+that label's probability and the top-k classes, printed as one line each or written to --output
+(.csv or .json). A file that is not a usable image, and a link skipped, gets one error line on
+stderr (text or JSON, as LOG_FORMAT says; see edge.logs) with its reason, and the rest are still
+predicted. Images are decoded one at a time within edge.images' memory budget.
 
 For two classes the label is the second class when its probability reaches the threshold:
 --threshold, else the model's `decision_threshold` metadata (recorded by the training run), else 0.5.
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edge import logs
+from edge.files import Finder, file_problem, relative
 from edge.images import ImageError, load_image
 from edge.runtime import (DEFAULT_RUNTIME, EXIT_BAD_INPUT, EXIT_OK, RUNTIMES,
                           RuntimeUnavailable, open_model, predict_labels)
@@ -87,15 +90,24 @@ def predict_files(model: Model, paths: list[Path], threshold: float, top_k: int,
     return results
 
 
-def image_files(input_path: Path) -> list[Path]:
-    """The file itself, or every non-hidden file under a folder, sorted."""
+def image_files(input_path: Path) -> tuple[list[Path], dict[Path, str]]:
+    """The file itself, or every file under a folder, sorted, each real file once (edge/files.py,
+    the training job's walk); and what was skipped with its reason: links that loop or lead to a
+    folder or file already listed, links to nothing, empty files. Hidden files are left out."""
     if input_path.is_file():
-        return [input_path]
+        return [input_path], {}
+    skipped: dict[str, str] = {}  # path relative to input_path -> reason
+    finder = Finder(input_path, skipped)
     files = []
-    for directory, subdirs, names in os.walk(input_path, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        files.extend(Path(directory, name) for name in sorted(names) if not name.startswith("."))
-    return files
+    for path in finder.walk(input_path):
+        if path.name.startswith("."):
+            continue
+        reason = file_problem(path) or finder.claim(path, input_path)
+        if reason is None:
+            files.append(path)
+        else:
+            skipped[relative(path, input_path)] = reason
+    return files, {input_path / name: reason for name, reason in skipped.items()}
 
 
 def output_problem(path: Path) -> str | None:
@@ -183,13 +195,15 @@ def main(argv: list[str] | None = None, environ=os.environ) -> int:
         return _error(f"model {args.model}: cannot be loaded: {str(error).splitlines()[0][:200]}",
                       EXIT_BAD_INPUT)
     threshold = args.threshold if args.threshold is not None else model.decision_threshold
-    paths = image_files(args.input)
+    paths, skipped = image_files(args.input)
     failed = []
 
     def on_error(path: Path, reason: str) -> None:
         failed.append(str(path))
         log.error("%s: %s", path, reason)
 
+    for path, reason in skipped.items():
+        log.error("%s: %s", path, reason)
     results = predict_files(model, paths, threshold, args.top_k, on_error)
     if args.output:
         try:
@@ -200,7 +214,8 @@ def main(argv: list[str] | None = None, environ=os.environ) -> int:
         for result in results:
             top = " ".join(f"{item['label']}={item['probability']:.4f}" for item in result["top_k"])
             print(f"{result['path']}\t{result['label']}\t{result['probability']:.4f}\t{top}")
-    log.info("predicted %d of %d file(s); %d failed", len(results), len(paths), len(failed))
+    log.info("predicted %d of %d file(s); %d failed; %d skipped", len(results), len(paths),
+             len(failed), len(skipped))
     return EXIT_OK if results else EXIT_NOTHING_PREDICTED
 
 

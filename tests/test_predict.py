@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write_class_images
 from edge import predict
 from edge.runtime import open_model
 
@@ -292,3 +295,100 @@ def test_cpu_description_names_the_model_and_the_extensions_kernels_are_chosen_b
     assert set(extensions) <= set(flags)
     assert set(extensions) <= {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8"}
     assert ("avx2" in extensions) == ("avx2" in flags)
+
+
+# --- Folders: walked as the job walks them (edge/files.py), each real file read once.
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """write_tiny_model's classifier: enough to see which files the predictor reads, untrained."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
+
+
+@pytest.fixture()
+def two_images(tmp_path) -> Path:
+    """A folder holding two small PNGs, images_0.png and images_1.png."""
+    return write_class_images(tmp_path, ["images"], per_class=2) / "images"
+
+
+def predicted_paths(out: str) -> list[str]:
+    return [path for path, *_ in _printed(out)]
+
+
+@pytest.mark.timeout(60)  # following a -> . and b -> . again and again never ended, memory growing
+def test_links_back_to_the_input_folder_are_skipped_and_each_image_predicted_once(
+        tiny_model, two_images, capsys):
+    (two_images / "a").symlink_to(".")
+    (two_images / "b").symlink_to(".")
+    assert predict.main([str(tiny_model), str(two_images)]) == 0
+    out, err = capsys.readouterr()
+    assert predicted_paths(out) == [str(two_images / "images_0.png"),
+                                    str(two_images / "images_1.png")]
+    for link in ("a", "b"):
+        assert f"ERROR edge: {two_images / link}: symbolic link loop: points to an ancestor " \
+               "folder" in err
+    assert "predicted 2 of 2 file(s); 0 failed; 2 skipped" in err
+
+
+@pytest.mark.timeout(60)
+def test_a_link_up_out_of_a_subfolder_gives_one_prediction_per_image(tiny_model, two_images,
+                                                                     capsys):
+    (two_images / "sub").mkdir()
+    (two_images / "sub" / "up").symlink_to("..")
+    assert predict.main([str(tiny_model), str(two_images)]) == 0
+    out, err = capsys.readouterr()
+    assert len(predicted_paths(out)) == 2
+    assert f"ERROR edge: {two_images / 'sub' / 'up'}: symbolic link loop" in err
+
+
+@pytest.mark.parametrize("link", [os.symlink, os.link], ids=["symbolic link", "hard link"])
+def test_a_file_reached_by_two_paths_is_predicted_once(tiny_model, two_images, link, capsys):
+    link(two_images / "images_0.png", two_images / "images_2.png")
+    assert predict.main([str(tiny_model), str(two_images)]) == 0
+    out, err = capsys.readouterr()
+    assert predicted_paths(out) == [str(two_images / "images_0.png"),
+                                    str(two_images / "images_1.png")]
+    assert f"ERROR edge: {two_images / 'images_2.png'}: same file as images_0.png" in err
+
+
+def write_png_bomb(path: Path, width: int, height: int) -> Path:
+    """A valid black-and-white PNG of width x height black pixels (width a multiple of 8): a
+    decompression bomb, a file of about width * height / 8000 bytes that decodes to width * height
+    bytes (Pillow holds a byte per pixel)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        checksum = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + checksum
+
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + width // 8)  # each row: its filter type (none), then its pixels, 8 a byte
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit gray, not interlaced
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels)
+                     + chunk(b"IEND", b""))
+    return path
+
+
+PEAK_MEMORY_CHILD = """
+import sys
+from edge import predict
+code = predict.main(sys.argv[1:])
+status = open("/proc/self/status").read().split()
+print("peak_kb", status[status.index("VmHWM:") + 1], file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def test_a_decompression_bomb_is_skipped_with_its_reason_in_bounded_memory(tiny_model, two_images):
+    bomb = write_png_bomb(two_images / "bomb.png", 16000, 16000)  # 256 MB decoded
+    assert bomb.stat().st_size < 100_000
+    # The peak is the child's own (VmHWM), not this process's or its fork's.
+    result = subprocess.run([sys.executable, "-c", PEAK_MEMORY_CHILD, str(tiny_model),
+                             str(two_images)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(predicted_paths(result.stdout)) == 2
+    assert f"ERROR edge: {bomb}: too large: 16000x16000 pixels (limit 150,000,000)" \
+        in result.stderr
+    peak_kb = int(result.stderr.split()[-1])
+    assert peak_kb < 200 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"
