@@ -24,6 +24,16 @@ around:
 * Listings come in pages, as in GCS: at most 1,000 entries (objects and prefixes together) per
   response, fewer when `maxResults` says so, continued with `nextPageToken`/`pageToken`. The
   emulator answered any listing in one response, so code that gets paging wrong passed.
+* Generations and preconditions hold, as without object versioning: every write of a name makes
+  a new, larger generation (assigned when the write completes, as GCS does, so a resumable upload
+  begun earlier but finished later is newer); a request naming a `generation` that is not the
+  live one gets 404 (the emulator served the newest bytes); and `ifGenerationMatch` (0: only if
+  there is no live object), `ifGenerationNotMatch`, `ifMetagenerationMatch` and
+  `ifMetagenerationNotMatch` are checked against the live object on uploads (simple, multipart,
+  and resumable, whose conditions are checked when the upload completes), metadata reads,
+  downloads, patches and deletes, with 412 when one does not hold and nothing changed (the
+  emulator ignored them all, so two writers that relied on them both "won"). Reads answer 412
+  for the NotMatch conditions too, where GCS answers 304 Not Modified; nothing here relies on it.
 
 Run as a script to serve in the foreground: python tests/gcs_emulator.py PORT [LATENCY_MS]
 """
@@ -36,6 +46,7 @@ import functools
 import http.client
 import json
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -45,10 +56,12 @@ import urllib.request
 from http import server
 from http import HTTPStatus
 from typing import Iterator
-from urllib.parse import quote, urlparse
+from urllib.parse import parse_qs, quote, urlparse
 
 READY_TIMEOUT_S = 20.0
 MAX_PAGE_SIZE = 1000  # GCS's largest (and default) maxResults for objects.list
+PRECONDITIONS = ("ifGenerationMatch", "ifGenerationNotMatch", "ifMetagenerationMatch",
+                 "ifMetagenerationNotMatch")
 
 
 def free_port() -> int:
@@ -167,6 +180,28 @@ def paged_listing(full_listing, request, response, storage) -> None:
     response.json(page)
 
 
+def unmet_precondition(query: dict[str, list[str]], live: dict | None) -> str | None:
+    """The first precondition of a request's query (parse_qs form) that the live object (None:
+    there is none, generation 0) does not meet, as `name=value`; None when all hold."""
+    generation = int(live["generation"]) if live else 0
+    metageneration = int(live["metageneration"]) if live else None
+    holds = {"ifGenerationMatch": lambda value: generation == value,
+             "ifGenerationNotMatch": lambda value: generation != value,
+             "ifMetagenerationMatch": lambda value: metageneration == value,
+             "ifMetagenerationNotMatch": lambda value: metageneration != value}
+    for name in PRECONDITIONS:
+        if name in query and not holds[name](int(query[name][0])):
+            return f"{name}={query[name][0]}"
+    return None
+
+
+def refuse(response, status: HTTPStatus, message: str, reason: str) -> None:
+    response.status = status
+    response.json({"error": {"code": status.value, "message": message,
+                             "errors": [{"domain": "global", "reason": reason,
+                                         "message": message}]}})
+
+
 def adapt_emulator():
     """Installs, in this (the server's) process, what the module docstring describes; returns the
     Storage class to serve."""
@@ -185,6 +220,7 @@ def adapt_emulator():
         return obj
 
     objects._make_object_resource = make_object_resource_with_escaped_links
+    _hold_generations_and_preconditions(objects, emulator_server.HANDLERS)
 
     list_in_pages = functools.partial(paged_listing, objects.ls)
     for _pattern, methods in emulator_server.HANDLERS:
@@ -192,8 +228,25 @@ def adapt_emulator():
             methods["GET"] = list_in_pages
 
     class VerbatimStorage(Storage):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.upload_preconditions: dict[str, dict] = {}  # resumable upload id -> conditions
+            self.last_generation = 0
+
         def _object_path(self, bucket_name, file_name):
             return f"{bucket_name}/{verbatim_key(file_name)}"
+
+        def create_file(self, bucket_name, file_name, content, file_obj, file_id=None):
+            # A new generation, larger than any before, when the write completes; metageneration
+            # 1 (the emulator counts the metadata of a multipart upload as a first patch).
+            self.last_generation = max(time.time_ns(), self.last_generation + 1)
+            generation = str(self.last_generation)
+            file_obj.update(generation=generation, metageneration="1",
+                            id=f"{bucket_name}/{file_name}/{generation}")
+            if isinstance(file_obj.get("mediaLink"), str):
+                file_obj["mediaLink"] = re.sub(r"generation=\d+", f"generation={generation}",
+                                               file_obj["mediaLink"])
+            super().create_file(bucket_name, file_name, content, file_obj, file_id)
 
         def _list_live_candidates(self, bucket_name, prefix=None):
             # Listings are not serialised with writes: take the bucket's entries in one step
@@ -206,6 +259,97 @@ def adapt_emulator():
             pass  # the JSON snapshot: an in-memory store never reads it back
 
     return VerbatimStorage
+
+
+def _hold_generations_and_preconditions(objects, handlers) -> None:
+    """Wraps the emulator's object handlers so that generations and preconditions hold (see the
+    module docstring). Writes are serialised (serve), so a check and the write it guards are one
+    step, as they are in GCS."""
+    from gcp_storage_emulator.exceptions import NotFound
+
+    def live_object(storage, bucket_name: str, name: str) -> dict | None:
+        try:
+            return storage.get_file_obj(bucket_name, name)
+        except NotFound:
+            return None
+
+    def refused(request, response, storage, name: str | None, query=None) -> bool:
+        """Answers 404 or 412, and says so, when the request's generation or a precondition does
+        not hold for the live object named."""
+        query = request.query if query is None else query
+        live = live_object(storage, request.params["bucket_name"], name) if name else None
+        if "generation" in query and "softDeleted" not in query and (
+                live is None or live["generation"] != query["generation"][0]):
+            refuse(response, HTTPStatus.NOT_FOUND, f"No such object: {name} generation "
+                   f"{query['generation'][0]}", "notFound")
+            return True
+        unmet = unmet_precondition(query, live)
+        if unmet:
+            refuse(response, HTTPStatus.PRECONDITION_FAILED, "At least one of the pre-conditions "
+                   f"you specified did not hold ({unmet}).", "conditionNotMet")
+            return True
+        return False
+
+    def by_object_id(handler):
+        @functools.wraps(handler)
+        def checked(request, response, storage, *args, **kwargs):
+            if not refused(request, response, storage, request.params.get("object_id")):
+                handler(request, response, storage, *args, **kwargs)
+        return checked
+
+    def upload_name(request) -> str | None:
+        data = request.data  # read the body first: the connection stays usable after a refusal
+        if "name" in request.query:
+            return request.query["name"][0]
+        if isinstance(data, dict):
+            return (data.get("meta") or data).get("name")
+        return None
+
+    def by_upload_name(handler):
+        @functools.wraps(handler)
+        def checked(request, response, storage, *args, **kwargs):
+            if not refused(request, response, storage, upload_name(request)):
+                handler(request, response, storage, *args, **kwargs)
+        return checked
+
+    create_resumable = objects._create_resumable_upload
+    finalize_resumable = objects._finalize_resumable_object
+
+    @functools.wraps(create_resumable)
+    def create_resumable_keeping_preconditions(request, response, storage):
+        if "upload_id" in request.query:  # a chunk POSTed to the session URL
+            return create_resumable(request, response, storage)
+        if refused(request, response, storage, upload_name(request)):
+            return None
+        create_resumable(request, response, storage)
+        location = parse_qs(urlparse(response["Location"]).query)
+        storage.upload_preconditions[location["upload_id"][0]] = {
+            name: request.query[name] for name in PRECONDITIONS if name in request.query}
+        return None
+
+    @functools.wraps(finalize_resumable)
+    def finalize_if_preconditions_hold(response, storage, obj, data, upload_id):
+        conditions = storage.upload_preconditions.pop(upload_id, {})
+        unmet = unmet_precondition(conditions, live_object(storage, obj["bucket"], obj["name"]))
+        if unmet:
+            storage.delete_resumable_file_obj(upload_id)
+            refuse(response, HTTPStatus.PRECONDITION_FAILED, "At least one of the pre-conditions "
+                   f"you specified did not hold ({unmet}).", "conditionNotMet")
+            return
+        finalize_resumable(response, storage, obj, data, upload_id)
+
+    objects._media_upload = by_upload_name(objects._media_upload)
+    objects._multipart_upload = by_upload_name(objects._multipart_upload)
+    objects._create_resumable_upload = create_resumable_keeping_preconditions
+    objects._finalize_resumable_object = finalize_if_preconditions_hold
+    for name in ("get", "download", "delete", "patch"):  # in the routing table and called by name
+        original = getattr(objects, name)
+        replacement = by_object_id(original)
+        setattr(objects, name, replacement)
+        for _pattern, methods in handlers:
+            for method, handler in methods.items():
+                if handler is original:
+                    methods[method] = replacement
 
 
 def serve(port: int, latency_ms: float) -> None:

@@ -5,6 +5,7 @@ Everything goes through the real google-cloud-storage client.
 """
 from __future__ import annotations
 
+import io
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -199,3 +200,106 @@ def test_prefixes_and_objects_share_a_page(gcs_client, gcs_bucket):
 def test_an_invalid_page_token_is_a_bad_request(gcs_client, gcs_bucket):
     with pytest.raises(exceptions.BadRequest):
         listed_names(gcs_client, gcs_bucket, page_token="not-a-token")
+
+
+# --- Generations and preconditions, as GCS applies them ---
+# Without object versioning (the job's buckets have none) only the live generation of a name can
+# be read; any request may name the generation it expects (ifGenerationMatch, 0: no live object)
+# and is refused with 412 when the live object does not match, before anything changes.
+
+SMALL = b"small: one multipart request"
+LARGE = bytes(range(256)) * 2400  # 600 KiB, with chunk_size 256 KiB: a resumable upload
+
+
+def upload(bucket, name: str, content: bytes, **conditions):
+    """Uploads through the client as the job does: multipart, or resumable in 256 KiB chunks for
+    the large content; returns the blob (its generation set from the response)."""
+    blob = bucket.blob(name, chunk_size=256 * 1024 if len(content) > 256 * 1024 else None)
+    blob.upload_from_string(content, **conditions)
+    return blob
+
+
+@pytest.mark.parametrize("content", [SMALL, LARGE], ids=["multipart", "resumable"])
+def test_if_generation_match_0_creates_an_absent_object(gcs_client, gcs_bucket, content):
+    blob = upload(gcs_client.bucket(gcs_bucket), "run/MANIFEST.json", content,
+                  if_generation_match=0)
+    assert blob.generation and blob.download_as_bytes() == content
+
+
+@pytest.mark.parametrize("content", [SMALL, LARGE], ids=["multipart", "resumable"])
+def test_if_generation_match_0_refuses_to_replace_a_live_object(gcs_client, gcs_bucket, content):
+    bucket = gcs_client.bucket(gcs_bucket)
+    upload(bucket, "run/MANIFEST.json", b"the first writer's")
+    with pytest.raises(exceptions.PreconditionFailed):
+        upload(bucket, "run/MANIFEST.json", content, if_generation_match=0)
+    assert bucket.blob("run/MANIFEST.json").download_as_bytes() == b"the first writer's"
+
+
+@pytest.mark.parametrize("content", [SMALL, LARGE], ids=["multipart", "resumable"])
+def test_if_generation_match_replaces_only_the_generation_named(gcs_client, gcs_bucket, content):
+    bucket = gcs_client.bucket(gcs_bucket)
+    first = upload(bucket, "run/model.keras", b"first")
+    second = upload(bucket, "run/model.keras", b"second")
+    with pytest.raises(exceptions.PreconditionFailed):
+        upload(bucket, "run/model.keras", content, if_generation_match=first.generation)
+    third = upload(bucket, "run/model.keras", content, if_generation_match=second.generation)
+    assert bucket.blob("run/model.keras").download_as_bytes() == content
+    assert first.generation < second.generation < third.generation
+
+
+def test_a_resumable_upload_checks_its_precondition_when_it_completes(gcs_client, gcs_bucket):
+    """Two resumable uploads both started while the name was absent: the one that completes
+    second is refused, as GCS evaluates the precondition on completion."""
+    from google.resumable_media.requests import ResumableUpload
+    from google.auth.transport.requests import AuthorizedSession
+
+    session = AuthorizedSession(gcs_client._credentials)
+    url = (f"{gcs_client._connection.API_BASE_URL}/upload/storage/v1/b/{gcs_bucket}/o"
+           "?uploadType=resumable&ifGenerationMatch=0")
+    uploads = []
+    for content in (b"A" * 10, b"B" * 10):
+        upload_ = ResumableUpload(url, 256 * 1024)
+        upload_.initiate(session, io.BytesIO(content), {"name": "run/MANIFEST.json"},
+                         "application/octet-stream")
+        uploads.append(upload_)
+    uploads[0].transmit_next_chunk(session)
+    with pytest.raises(Exception) as refused:
+        uploads[1].transmit_next_chunk(session)
+    assert "412" in str(refused.value)
+    assert gcs_client.bucket(gcs_bucket).blob("run/MANIFEST.json").download_as_bytes() == b"A" * 10
+
+
+def test_a_delete_with_if_generation_match_spares_a_newer_generation(gcs_client, gcs_bucket):
+    bucket = gcs_client.bucket(gcs_bucket)
+    first = upload(bucket, "run/WRITER.json", b"old claim")
+    upload(bucket, "run/WRITER.json", b"new claim")
+    with pytest.raises(exceptions.PreconditionFailed):
+        bucket.blob("run/WRITER.json").delete(if_generation_match=first.generation)
+    assert bucket.blob("run/WRITER.json").download_as_bytes() == b"new claim"
+
+
+def test_a_metadata_read_with_if_generation_match_is_refused_for_another(gcs_client, gcs_bucket):
+    bucket = gcs_client.bucket(gcs_bucket)
+    first = upload(bucket, "run/WRITER.json", b"old claim")
+    second = upload(bucket, "run/WRITER.json", b"new claim")
+    with pytest.raises(exceptions.PreconditionFailed):
+        bucket.get_blob("run/WRITER.json", if_generation_match=first.generation)
+    assert bucket.get_blob("run/WRITER.json", if_generation_match=second.generation).size == 9
+
+
+def test_a_download_gets_the_generation_it_asks_for_or_not_found(gcs_client, gcs_bucket, tmp_path):
+    """A blob listed (or read) before its name was overwritten names its generation: GCS
+    without versioning answers 404 for it rather than the newer bytes."""
+    bucket = gcs_client.bucket(gcs_bucket)
+    upload(bucket, "run/metrics.json", b"first")
+    listed = next(iter(gcs_client.list_blobs(gcs_bucket)))
+    assert listed.download_as_bytes() == b"first"
+    upload(bucket, "run/metrics.json", b"second")
+    with pytest.raises(exceptions.NotFound):
+        listed.download_as_bytes()
+    with pytest.raises(exceptions.NotFound):
+        listed.download_to_filename(tmp_path / "old")
+    assert bucket.blob("run/metrics.json").download_as_bytes() == b"second"
+    newest = bucket.get_blob("run/metrics.json")
+    assert bucket.blob("run/metrics.json", generation=newest.generation).download_as_bytes() \
+        == b"second"
