@@ -234,6 +234,7 @@ def run_metrics(config: Config, precision: str, whole: WholeData,
         "validation": final["validation"],
         "test": final["test"],
         "decision_threshold": final["decision_threshold"],
+        "evaluation_warnings": final.get("evaluation_warnings", []),  # none in older records
         "parameters": {phase: s["parameters"] for phase, s in summaries.items()},
     }
 
@@ -528,6 +529,8 @@ class Trainer:
             for weak, recall in report.weak_classes(result[name]).items():
                 log.warning("%s after %s: class %r has recall %.3f, under half the mean "
                             "recall of the classes", name, phase, weak, recall)
+        for warning in result["evaluation_warnings"]:
+            log.warning("evaluation after %s: %s", phase, warning)
         return result
 
 
