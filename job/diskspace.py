@@ -27,7 +27,7 @@ from job.budget import size_text
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 # How the C++ of TensorFlow (and HDF5) reports them: strerror's text, the path before it.
 _FULL_TEXTS = re.compile(r"No space left on device|Disk quota exceeded")
-_PATH_BEFORE_TEXT = re.compile(r"(/[^\s;,'\"]+)[;,:]?\s*(?:No space left on device|Disk quota exceeded)")
+_PATH_BEFORE_TEXT = re.compile(r"(/[^\s;,'\"]+)[;,:]?\s*(?:" + _FULL_TEXTS.pattern + ")")
 # What a file of weights takes beyond the bytes of its tensors (HDF5 keeps a header and a few
 # attributes per variable: 0.9 KB each measured on MobileNetV2's 580 variables and optimizer
 # slots); what a SavedModel's graph takes per variable (3.3 MB for MobileNetV2's 262).
