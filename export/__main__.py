@@ -2,7 +2,8 @@
 
 Settings come from the environment (see export.config). Exit codes: 0 every gate passed;
 1 a parity gate failed (export_report.json says which, by how much) or storage/conversion failed;
-2 bad configuration or input (no such run, an incomplete run, its data missing).
+2 bad configuration or input (no such run, an incomplete run, its data missing), or a full disk
+(job/diskspace.py).
 """
 from __future__ import annotations
 
@@ -31,16 +32,24 @@ def main(environ=os.environ) -> int:
     with quiet_native_startup(os.environ):  # TensorFlow reads the process's own environment
         import tensorflow  # noqa: F401  (its C++ start-up lines are printed on import)
     from export import pipeline
+    from job import diskspace
     from job.storage import StorageError
 
     try:
         pipeline.export_run(config)
-    except ExportError as error:
-        log.error("%s: %s", error.__class__.__name__, error)
-        return error.exit_code
-    except StorageError as error:
-        log.error("storage error: %s", error)
-        return EXIT_FAILED
+    except Exception as error:
+        # A full disk first, whichever library met it and whatever error the export made of it.
+        full = diskspace.from_error(error, where=config.cache_dir)
+        if full is not None:
+            log.error("%s", full)
+            return EXIT_BAD_INPUT
+        if isinstance(error, ExportError):
+            log.error("%s: %s", error.__class__.__name__, error)
+            return error.exit_code
+        if isinstance(error, StorageError):
+            log.error("storage error: %s", error)
+            return EXIT_FAILED
+        raise  # unexpected: the traceback
     return EXIT_OK
 
 

@@ -62,7 +62,7 @@ class ExportConfig:
             latency_runs=env.integer("LATENCY_RUNS", 100, minimum=1),
             threads=env.integer("THREADS", 0, minimum=0),
             data_uri=env.uri("DATA_URI", ""),
-            cache_dir=Path(env.uri("CACHE_DIR", str(cls.cache_dir))),
+            cache_dir=env.local_folder("CACHE_DIR", cls.cache_dir),
             int8_min_agreement=env.fraction("INT8_MIN_AGREEMENT", measure.INT8_MIN_AGREEMENT),
             int8_max_accuracy_drop=env.fraction("INT8_MAX_ACCURACY_DROP",
                                                 measure.INT8_MAX_ACCURACY_DROP),

@@ -1,8 +1,8 @@
 """Entrypoint: `python -m job` reads its settings from the environment and runs one training job.
 
 Exit codes: 0 done (or the run was already complete), 1 unexpected or storage failure,
-2 bad configuration or bad input (retrying cannot help), 75 stopped by SIGTERM with a checkpoint
-saved (run again with the same RUN_ID to resume).
+2 bad configuration or bad input, or a full disk (retrying cannot help: job/diskspace.py), 75
+stopped by SIGTERM with a checkpoint saved (run again with the same RUN_ID to resume).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def main(environ=os.environ) -> int:
     from export.errors import ExportError
     from export.pipeline import export_run
 
+    from job import diskspace
     from job.context import RunContext
 
     stop = StopSignal()
@@ -57,8 +58,14 @@ def main(environ=os.environ) -> int:
         return _fail(f"storage: {error}", EXIT_BAD_INPUT)
     except StorageError as error:
         return _fail(f"storage error: {error}", EXIT_FAILED)
-    except ExportError as error:  # EXPORT_ONNX=1: the run is complete, its export is not
-        return _fail(f"ONNX export: {error.__class__.__name__}: {error}", error.exit_code)
+    except Exception as error:  # a full disk, whichever library met it; anything else below
+        full = diskspace.from_error(error, where=config.cache_dir)
+        if full is not None:
+            return _fail(f"{full}; then rerun with RUN_ID={config.run_id} to resume",
+                         EXIT_BAD_INPUT)
+        if isinstance(error, ExportError):  # EXPORT_ONNX=1: the run is complete, its export not
+            return _fail(f"ONNX export: {error.__class__.__name__}: {error}", error.exit_code)
+        raise  # unexpected: the traceback
     return EXIT_OK
 
 

@@ -54,8 +54,12 @@ def available_bytes(budget: CacheBudget, scratch_dir: Path) -> int:
     it reuses), so that a restart decides as its first attempt did."""
     if budget.fixed_bytes is not None:
         return budget.fixed_bytes
-    held = sum(path.stat().st_size for path in scratch_dir.rglob("*") if path.is_file())
-    return int(budget.share * (shutil.disk_usage(scratch_dir).free + held))
+    return int(budget.share * (shutil.disk_usage(scratch_dir).free + held_bytes(scratch_dir)))
+
+
+def held_bytes(scratch_dir: Path) -> int:
+    """What the files under scratch_dir take (a resumed run's caches)."""
+    return sum(path.stat().st_size for path in Path(scratch_dir).rglob("*") if path.is_file())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import keras
 
-from job import report, storage
+from job import diskspace, report, storage
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run is checkpointed, run it again with the same RUN_ID
 log = logging.getLogger("job")
@@ -74,7 +74,9 @@ class Checkpoints:
 
     def finish(self, phase: str, model: keras.Model, record: dict) -> None:
         """Keeps a finished phase's weights and record, then drops its in-progress backup."""
-        model.save_weights(self.local_dir / f"{phase_key(phase)}.weights.h5")
+        with diskspace.writing(self.local_dir, diskspace.weights_file_bytes(model),
+                               f"{phase}'s weights"):
+            model.save_weights(self.local_dir / f"{phase_key(phase)}.weights.h5")
         self.state["phases"][phase] = record
         report.write_json(self.local_dir / "state.json", self.state)
         shutil.rmtree(self._backup_dir(phase), ignore_errors=True)
@@ -139,6 +141,13 @@ class PreemptibleBackup(keras.callbacks.BackupAndRestore):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._current_epoch = epoch
+
+    def _save_model(self):
+        # h5py crashes the process on a full disk: the space is checked first. The save copies
+        # the last one aside and rewrites it, so it needs at most one weights file more.
+        diskspace.require(self.backup_dir, diskspace.weights_file_bytes(self.model),
+                          "the checkpoint of the epoch")
+        super()._save_model()
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)

@@ -117,7 +117,7 @@ class Config:
             data_uri=data_uri,
             output_uri=output_uri,
             run_id=run_id,
-            cache_dir=Path(env.uri("CACHE_DIR", str(cls.cache_dir))),
+            cache_dir=env.local_folder("CACHE_DIR", cls.cache_dir),
             backbone=backbone,
             alpha=env.choice_float("ALPHA", 1.0, MOBILENET_V2_ALPHAS),
             weights=env.weights("WEIGHTS", "imagenet"),
@@ -254,6 +254,15 @@ class EnvReader:
             return storage.normalise_uri(raw)
         except ValueError as problem:
             raise ConfigError(f"{name}={raw!r} is not valid: {problem}") from None
+
+    def local_folder(self, name: str, default: Path) -> Path:
+        """A folder on this machine, made absolute. A URI (gs:// or any other scheme://) is
+        refused: taken as a path it would create a folder named 'gs:' in the working directory."""
+        raw = self.text(name, str(default))
+        if "://" in raw:
+            raise ConfigError(f"{name}={raw!r} is not valid: expected a local folder (the job's "
+                              "scratch space on this machine), not a URI")
+        return Path(self.uri(name, str(default)))
 
     def integer(self, name: str, default: int, minimum: int) -> int:
         def parse(raw: str) -> int:

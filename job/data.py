@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import logging
 import random
+import unicodedata
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -233,8 +234,18 @@ def _has_class_folders(path: Path) -> bool:
 
 
 def _class_names(root: Path) -> list[str]:
-    return sorted(child.name for child in root.iterdir()
-                  if child.is_dir() and not child.name.startswith(".") and child.name not in SPLITS)
+    """The sorted names of the class folders under root. A name holding a control character or
+    a line break (a newline, a tab, U+2028) cannot be a label: labels.txt holds one class a line
+    and the predictor prints one tab-separated line an image. Such a folder is refused, named,
+    rather than skipped: skipping it would train a model that silently lacks one of the classes."""
+    names = sorted(child.name for child in root.iterdir()
+                   if child.is_dir() and not child.name.startswith(".") and child.name not in SPLITS)
+    for name in names:
+        if any(unicodedata.category(character) in ("Cc", "Zl", "Zp") for character in name):
+            raise DataError(f"{root}: the class folder {name!r} has a control character or line "
+                            "break in its name, which cannot be a label (labels.txt holds one "
+                            "class a line); rename the folder")
+    return names
 
 
 class _ClassFinder(Finder):

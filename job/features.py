@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from job import budget, data, model
+from job import budget, data, diskspace, model
 from job.progress import Progress
 from job.report import SCORED_SPLITS
 from job.config import Config
@@ -68,10 +68,14 @@ class Features:
         self.config, self.dataset, self.parts = config, dataset, parts
         self.scratch_dir, self.batch_size = scratch_dir, batch_size
         self._traces: dict[int, Callable] = {}  # per extractor (by id), see _traced
-        self.plan = budget.plan(config.cache_budget.describe(), available_bytes,
-                                largest(self._decoded_images_bytes()),
+        decoded = largest(self._decoded_images_bytes())
+        held = budget.held_bytes(scratch_dir)  # a resumed run's caches
+        # Sizing the frozen layers' outputs builds their inputs, which decodes the images.
+        diskspace.require(scratch_dir, max(0, decoded - held), "the decoded images")
+        self.plan = budget.plan(config.cache_budget.describe(), available_bytes, decoded,
                                 {phase: largest(size)
                                  for phase, size in self._wanted_cache_bytes().items()})
+        diskspace.require(scratch_dir, self._bytes_to_write(), "the frozen layers' outputs")
 
     def for_phase(self, fine_tunes: bool, augmentation_seed: int) -> PhaseInputs:
         """The inputs of the head phase (fine_tunes False) or the fine-tuning phase. Call it after
@@ -98,6 +102,15 @@ class Features:
             return {"phase1": features}
         return {"phase1": features,
                 "phase2": features + self._outputs_bytes(self.fine_tuning_parts[0], head=False)}
+
+    def _bytes_to_write(self) -> int:
+        """What the caches the plan keeps will add to the scratch directory: the decoded images
+        and the largest cached phase's outputs (phase 2's include phase 1's), less what a
+        resumed run's scratch already holds."""
+        plan = self.plan
+        outputs = max((plan.phase_bytes[phase] for phase, cached in plan.cached.items() if cached),
+                      default=0)
+        return max(0, plan.decoded_images_bytes + outputs - budget.held_bytes(self.scratch_dir))
 
     def _outputs_bytes(self, extractor: keras.Model, head: bool) -> int:
         counts = {name: count for name, (_, count) in self.frozen_inputs(head).items()}
@@ -223,8 +236,10 @@ class Features:
         for name, (batches, count) in inputs.items():
             path = self.scratch_dir / f"{tag}-{name}.tfrecord"
             if not path.exists():
-                _fill(path, self._traced(extractor), batches, count,
-                      f"frozen layers ({tag}) on {name}")
+                step = f"frozen layers ({tag}) on {name}"
+                with diskspace.writing(path, budget.tensor_bytes(spec.shape, extractor.output.dtype,
+                                                                 count), f"the outputs of the {step}"):
+                    _fill(path, self._traced(extractor), batches, count, step)
             cached[name] = _read(path, spec, batches.element_spec[1].dtype, count)
         return cached
 

@@ -112,7 +112,8 @@ def render(metrics: dict, class_names: list[str], predictions: TestPredictions |
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{_text(title)}</title><style>{STYLE}</style></head><body>"
-            f"<h1>{_text(title)}</h1>{headline(metrics)}{''.join(sections)}</body></html>\n")
+            f"<h1>{_text(title)}</h1>{headline(metrics)}{evaluation_warnings(metrics)}"
+            f"{''.join(sections)}</body></html>\n")
 
 
 def headline(metrics: dict) -> str:
@@ -126,6 +127,12 @@ def headline(metrics: dict) -> str:
             ("test macro recall", test.get("macro_recall")),
             ("decision threshold", metrics.get("decision_threshold"))]
     return _table(["", "value"], [row for row in rows if row[1] is not None])
+
+
+def evaluation_warnings(metrics: dict) -> str:
+    """Under the headline, why some of its figures are less than they seem (job.report)."""
+    return "".join(f'<p class="wrong">Evaluation: {_text(warning)}</p>'
+                   for warning in metrics.get("evaluation_warnings") or [])
 
 
 def data_section(metrics: dict, class_names: list[str]) -> str:

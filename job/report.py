@@ -22,6 +22,10 @@ MANIFEST = "MANIFEST.json"
 SCORED_SPLITS = ("validation", "test")
 TOP_K = (3, 5)  # top-k accuracies recorded where there are more than k classes
 WEAK_RECALL = 0.5  # a class whose recall is under this share of the mean is called out
+# Validation images per class below which no decision threshold is chosen (it stays 0.5): with
+# fewer, one image moves that class's recall by more than 5 points, and the threshold chosen
+# follows a handful of images (one a class chose 0.9985: test accuracy 0.69 at it, 1.0 at 0.5).
+MIN_THRESHOLD_IMAGES = 20
 
 
 def score_phase(labels: dict[str, np.ndarray], probabilities: dict[str, np.ndarray],
@@ -46,16 +50,21 @@ def score_phase(labels: dict[str, np.ndarray], probabilities: dict[str, np.ndarr
 
 def score_splits(labels: dict[str, np.ndarray], probabilities: dict[str, np.ndarray],
                  class_names: list[str]) -> dict:
-    """Metrics of each scored split (None where it has no images) and the decision threshold.
+    """Metrics of each scored split (None where it has no images), the decision threshold, and
+    "evaluation_warnings": why some of these figures are less than they seem.
 
     For two classes the threshold that maximises balanced accuracy on the validation split is
-    chosen, and each split is scored at 0.5 and, as "at_decision_threshold", at that threshold.
+    chosen (unless validation has too few images of a class: threshold_problem), and each split is
+    scored at 0.5 and, as "at_decision_threshold", at that threshold.
     """
     two_classes = len(class_names) == 2
     threshold = 0.5
+    warnings = missing_class_warnings(labels, probabilities, class_names)
     if two_classes and "validation" in probabilities:
         threshold = balanced_threshold(labels["validation"], probabilities["validation"][:, 0])
-    result: dict = {"decision_threshold": threshold}
+        problem = threshold_problem(labels["validation"], class_names)
+        warnings += [problem] if problem else []
+    result: dict = {"decision_threshold": threshold, "evaluation_warnings": warnings}
     for name in SCORED_SPLITS:
         if name not in probabilities:
             result[name] = None
@@ -66,6 +75,33 @@ def score_splits(labels: dict[str, np.ndarray], probabilities: dict[str, np.ndar
                 labels[name], probabilities[name], class_names, threshold)
         result[name] = scores
     return result
+
+
+def threshold_problem(labels: np.ndarray, class_names: list[str]) -> str | None:
+    """Why these validation labels of two classes cannot choose the decision threshold, or None."""
+    counts = np.bincount(np.asarray(labels).astype(int), minlength=len(class_names))
+    fewest = int(np.argmin(counts))
+    if counts[fewest] >= MIN_THRESHOLD_IMAGES:
+        return None
+    return (f"decision threshold 0.5, not chosen on validation: it has {counts[fewest]} image(s) "
+            f"of class {class_names[fewest]!r}, under the {MIN_THRESHOLD_IMAGES} per class needed "
+            "to choose one")
+
+
+def missing_class_warnings(labels: dict[str, np.ndarray], probabilities: dict[str, np.ndarray],
+                           class_names: list[str]) -> list[str]:
+    """One line per scored split that lacks images of some class: their recall cannot be
+    measured there, so that split's macro averages leave them out (classification_metrics)."""
+    warnings = []
+    for name in SCORED_SPLITS:
+        if name not in probabilities:
+            continue
+        counts = np.bincount(np.asarray(labels[name]).astype(int), minlength=len(class_names))
+        missing = [class_names[index] for index in np.flatnonzero(counts == 0)]
+        if missing:
+            warnings.append(f"{name}: no images of class(es) {missing}, so their recall is not "
+                            f"measured; {name}'s macro recall and macro F1 leave them out")
+    return warnings
 
 
 def headline(scores: dict) -> dict[str, float]:
@@ -101,12 +137,16 @@ def weak_classes(scores: dict) -> dict[str, float]:
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
                            class_names: list[str], threshold: float = 0.5) -> dict:
-    """Accuracy, log loss, per-class precision/recall/F1, confusion matrix, ROC AUC (two classes)."""
+    """Accuracy, log loss, per-class precision/recall/F1, confusion matrix, ROC AUC (two classes).
+    The macro averages are over the classes with images here ("classes_without_images" lists the
+    others): a class with none has no recall to average, and counting it as 0 would read as a
+    class the model misses (macro recall 0.5 at 100 % accuracy)."""
     labels = np.asarray(labels).astype(int)
     predicted = predict_labels(probabilities, threshold)
     class_probabilities = _class_probabilities(probabilities)
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         labels, predicted, labels=range(len(class_names)), zero_division=0)
+    present = support > 0
     result = {
         "images": int(len(labels)),
         "accuracy": float(np.mean(predicted == labels)) if len(labels) else None,
@@ -118,8 +158,9 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
         },
         "confusion_matrix": skm.confusion_matrix(
             labels, predicted, labels=range(len(class_names))).tolist(),
-        "macro_recall": float(np.mean(recall)),
-        "macro_f1": float(np.mean(f1)),
+        "macro_recall": float(np.mean(recall[present])) if present.any() else None,
+        "macro_f1": float(np.mean(f1[present])) if present.any() else None,
+        "classes_without_images": [name for name, has in zip(class_names, present) if not has],
     }
     if len(labels):
         result["top_k_accuracy"] = {
@@ -134,9 +175,10 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
 
 
 def balanced_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The threshold on class-1 scores with the best balanced accuracy (Youden's J) on these labels."""
+    """The threshold on class-1 scores with the best balanced accuracy (Youden's J) on these
+    labels; 0.5 where a class has fewer than MIN_THRESHOLD_IMAGES of them."""
     labels = np.asarray(labels).astype(int)
-    if len(set(labels.tolist())) < 2:
+    if np.bincount(labels, minlength=2).min() < MIN_THRESHOLD_IMAGES:
         return 0.5
     false_positive_rate, true_positive_rate, thresholds = skm.roc_curve(labels, scores)
     best = int(np.argmax(true_positive_rate - false_positive_rate))

@@ -48,6 +48,7 @@ from google.cloud import storage as gcs
 from google.cloud.storage.retry import DEFAULT_RETRY
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
+from job import diskspace
 from job.progress import Progress
 
 GCS_SCHEME = "gs://"
@@ -242,6 +243,8 @@ def pull_tree(uri: str, local_dir: Path, *, allow_empty: bool = False,
                     cached += 1
                 else:
                     missing.append((blob, target))
+            diskspace.require(local_dir, sum(blob.size or 0 for blob, _ in missing),
+                              f"the next {len(missing)} objects of {uri}")
             remote.download(missing)
             objects += len(missing)
             size += sum(blob.size or 0 for blob, _ in missing)
@@ -589,11 +592,17 @@ class _Remote:
         """Downloads in parallel, each to a temporary name renamed into place as soon as it is
         complete, so a failure or a SIGTERM keeps every download that had finished."""
         def download(blob: gcs.Blob, target: Path) -> None:
-            target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(target.name + PARTIAL_SUFFIX)
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 blob.download_to_filename(str(partial), retry=self.retry, timeout=REQUEST_TIMEOUT_S)
                 os.replace(partial, target)
+            except OSError as error:  # the local disk, not the URI, is at fault: DiskFull (exit 2)
+                if diskspace.from_error(error) is None:
+                    raise
+                partial.unlink(missing_ok=True)
+                raise diskspace.DiskFull(target, diskspace.free_bytes(target), blob.size,
+                                         "the download") from None
             finally:
                 partial.unlink(missing_ok=True)
 

@@ -27,6 +27,7 @@ import tensorflow as tf
 from edge import logs as edge_logs
 from edge.runtime import cpu_description
 from job import budget, data, distribute, html_report, model, probe, report, storage
+from job import diskspace
 from job.checkpoint import Checkpoints, StopSignal, phase_key
 from job.config import Config, ConfigError
 from job.context import RunContext
@@ -234,6 +235,7 @@ def run_metrics(config: Config, precision: str, whole: WholeData,
         "validation": final["validation"],
         "test": final["test"],
         "decision_threshold": final["decision_threshold"],
+        "evaluation_warnings": final.get("evaluation_warnings", []),  # none in older records
         "parameters": {phase: s["parameters"] for phase, s in summaries.items()},
     }
 
@@ -528,6 +530,8 @@ class Trainer:
             for weak, recall in report.weak_classes(result[name]).items():
                 log.warning("%s after %s: class %r has recall %.3f, under half the mean "
                             "recall of the classes", name, phase, weak, recall)
+        for warning in result["evaluation_warnings"]:
+            log.warning("evaluation after %s: %s", phase, warning)
         return result
 
 
@@ -599,6 +603,8 @@ def write_run(work_dir: Path, config: Config, classifier: keras.Model, class_nam
     """Writes every output file; MANIFEST.json, last, marks the run complete. report.html draws
     its ROC/PR curves and contact sheet from predictions, also kept as test_predictions.json so
     that the export can render it again; without them the page says they are missing."""
+    diskspace.require(work_dir, diskspace.model_files_bytes(classifier),
+                      "the run's saved_model/ and model.keras")
     classifier.export(str(work_dir / "saved_model"), verbose=False)
     classifier.save(work_dir / "model.keras")
     (work_dir / "labels.txt").write_text("\n".join(class_names) + "\n")

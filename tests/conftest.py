@@ -392,3 +392,17 @@ def mixed_precision_run(tmp_path_factory, xray_small) -> Path:
     return train_run(tmp_path_factory, xray_small, "fp16", BACKBONE="vgg16", WEIGHTS=random_vgg16_weights(),
                      IMAGE_SIZE="32", HEAD_EPOCHS="1", FINE_TUNE_EPOCHS="1", MIXED_PRECISION="float16",
                      DENSE_UNITS="256", DROPOUT="0.5")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path) -> Path:
+    """A folder on a 50 MB tmpfs: a disk that fills. Skips where mounting is not permitted
+    (mounting needs root, or CAP_SYS_ADMIN in a container)."""
+    folder = tmp_path / "tmpfs"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=50m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], capture_output=True)

@@ -155,6 +155,19 @@ def test_cache_dir_is_a_path():
     assert config(CACHE_DIR="/tmp/c").cache_dir == Path("/tmp/c")
 
 
+@pytest.mark.parametrize("read", [lambda value: config(CACHE_DIR=value),
+                                  lambda value: ExportConfig.from_env({"RUN_URI": "/runs/r",
+                                                                       "CACHE_DIR": value})],
+                         ids=["job", "export"])
+@pytest.mark.parametrize("value", ["gs://b/cache", "s3://b/cache"])
+def test_a_cache_dir_that_is_a_uri_is_refused_as_not_a_local_folder(read, value, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"CACHE_DIR='{value}' is not valid: expected a local folder"):
+        read(value)
+    assert list(tmp_path.iterdir()) == []  # no ./gs:/b/cache
+
+
 def test_bad_value_exits_2_with_one_line_before_any_work(tmp_path):
     result = run_job({"DATA_URI": str(tmp_path / "absent"), "HEAD_EPOCHS": "-1"}, timeout=120)
     assert result.returncode == 2

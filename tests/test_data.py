@@ -1,4 +1,5 @@
 """Finding, checking and splitting labelled images, and the tf.data pipeline that feeds them."""
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,14 @@ def load(root, **kwargs):
 def test_classes_are_the_sorted_folder_names(tmp_path):
     write_class_images(tmp_path, ["zebra", "ant", "moth"], per_class=5)
     assert load(tmp_path).class_names == ["ant", "moth", "zebra"]
+
+
+@pytest.mark.parametrize("name", ["bad\nname", "bad\rname", "bad\tname", "bad\u2028name", "bad\x85name"])
+def test_a_class_folder_whose_name_is_not_one_printable_line_is_refused_naming_it(tmp_path, name):
+    write_class_images(tmp_path, ["good", name], per_class=5)
+    with pytest.raises(data.DataError, match=f"the class folder {re.escape(repr(name))} has a "
+                                             "control character or line break"):
+        load(tmp_path)
 
 
 def test_split_folders_are_used_as_they_are(tmp_path):

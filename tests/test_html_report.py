@@ -97,6 +97,16 @@ def test_text_from_the_data_is_escaped(tmp_path):
     assert "not an &lt;image&gt;" in page and "r&quot;&lt;1&gt;" in page
 
 
+def test_the_evaluation_warnings_are_shown_under_the_headline():
+    labels, probabilities = np.array([0, 1]), np.array([[.1], [.9]])
+    metrics = run_metrics(TWO, labels, probabilities,
+                          evaluation_warnings=["decision threshold 0.5, not chosen on validation"])
+    page = html_report.render(metrics, TWO, None)
+    headline_end = page.index("</table>")
+    assert page.index("Evaluation: decision threshold 0.5, not chosen on validation") > headline_end
+    assert page.index("Evaluation: decision threshold 0.5") < page.index('id="data"')
+
+
 def test_two_classes_get_roc_and_pr_curves_and_both_operating_points(binary_page):
     page = binary_page
     assert section(page, "roc-pr").count("<img") == 1

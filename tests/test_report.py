@@ -25,14 +25,44 @@ def test_multiclass_scores_hold_macro_recall_f1_and_top_k_only_below_the_class_c
 
 
 def test_two_classes_are_scored_at_the_threshold_chosen_on_validation():
-    labels = {"validation": np.array([0, 0, 1, 1]), "test": np.array([0, 1])}
-    probabilities = {"validation": np.array([[.1], [.2], [.3], [.4]]),
+    per_class = report.MIN_THRESHOLD_IMAGES
+    labels = {"validation": np.repeat([0, 1], per_class), "test": np.array([0, 1])}
+    probabilities = {"validation": np.concatenate([np.linspace(.1, .2, per_class),
+                                                   np.linspace(.3, .4, per_class)])[:, None],
                      "test": np.array([[.2], [.35]])}
     result = report.score_splits(labels, probabilities, ["no", "yes"])
     assert result["decision_threshold"] == pytest.approx(0.3)
+    assert result["evaluation_warnings"] == []
     assert result["test"]["accuracy"] == 0.5  # at 0.5 both are called "no"
     assert result["test"]["at_decision_threshold"]["accuracy"] == 1.0
     assert result["test"]["roc_auc"] == 1.0
+
+
+def test_too_few_validation_images_of_a_class_keep_the_threshold_at_0_5_with_a_warning():
+    # One validation image a class chose 0.9985 in a real run: test accuracy 0.69 at it, 1.0 at 0.5.
+    labels = {"validation": np.array([0, 1] + [1] * report.MIN_THRESHOLD_IMAGES),
+              "test": np.array([0, 0, 1, 1])}
+    probabilities = {"validation": np.array([[.99], [.9985]] + [[.9]] * report.MIN_THRESHOLD_IMAGES),
+                     "test": np.array([[.2], [.6], [.9], [.999]])}
+    result = report.score_splits(labels, probabilities, ["no", "yes"])
+    assert result["decision_threshold"] == 0.5
+    assert result["test"]["at_decision_threshold"]["accuracy"] == 0.75
+    assert result["evaluation_warnings"] == [
+        "decision threshold 0.5, not chosen on validation: it has 1 image(s) of class 'no', "
+        f"under the {report.MIN_THRESHOLD_IMAGES} per class needed to choose one"]
+
+
+def test_a_class_missing_from_a_split_is_left_out_of_its_macro_averages_with_a_warning():
+    labels = {"validation": np.array([0, 1, 2]), "test": np.array([0, 0, 1, 1])}
+    probabilities = {"validation": np.eye(3), "test": np.eye(3)[[0, 0, 1, 1]]}
+    result = report.score_splits(labels, probabilities, THREE)
+    test = result["test"]
+    assert test["accuracy"] == 1.0 and test["macro_recall"] == 1.0 and test["macro_f1"] == 1.0
+    assert test["classes_without_images"] == ["fox"]
+    assert result["validation"]["classes_without_images"] == []
+    assert result["evaluation_warnings"] == [
+        "test: no images of class(es) ['fox'], so their recall is not measured; test's macro "
+        "recall and macro F1 leave them out"]
 
 
 def test_a_split_without_images_scores_none():

@@ -225,6 +225,11 @@ def test_augmented_binary_run_trains_both_phases_through_the_frozen_base(tmp_pat
     assert metrics["phase1"]["cached"] is False and metrics["phase2"]["cached"] is False
     assert metrics["test"]["roc_auc"] is not None
     assert metrics["test"]["without_tta"]["roc_auc"] is not None
+    # Two validation images a class: too few to choose a threshold on, and metrics.json says so.
+    assert metrics["decision_threshold"] == 0.5
+    assert any(warning.startswith("decision threshold 0.5, not chosen on validation")
+               for warning in metrics["evaluation_warnings"])
+    assert "WARNING job: evaluation after phase 2: decision threshold 0.5" in result.stderr
 
 
 def test_weights_none_trains_every_layer_from_scratch_in_one_phase_on_the_images(tmp_path):
