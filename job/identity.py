@@ -57,7 +57,7 @@ def of_attempt(config: Config) -> dict:
 
 def check_rerun(config: Config) -> dict:
     """This attempt's identity, once compared with what RUN_ID's run recorded: raises ConfigError
-    (exit 2) naming each difference; nothing has been read or restored then."""
+    (exit 2) naming each difference, before any data is pulled or checkpoint restored."""
     attempt = of_attempt(config)
     deadline = config.storage_deadline
     metrics = _read_json(storage.join(config.run_uri, METRICS), deadline)
