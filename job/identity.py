@@ -2,12 +2,12 @@
 settings is refused (exit 2, naming the difference) instead of being mixed into it or told that
 the other data's run is already complete.
 
-A run's identity is DATA_URI, the data's listing (storage.listing_digest: how many files and a
-digest of their names, sizes and checksums or modification times, read without reading an image;
-of the whole data set, also on a worker that pulls only its shard) and every setting that changes
-the trained model or its published result. It is recorded among the run's checkpoints (FILE,
-mirrored with them) and in the complete run's metrics.json (KEY). Before anything else, a rerun
-compares its own with every record the run left: metrics.json, the checkpoints' FILE.
+A run's identity is DATA_URI, the data's listing (job/listing.py: how many files and a digest of
+their names, sizes and checksums or modification times, without reading an image; of the whole
+data set, also on a worker that pulls only its shard) and every setting that changes the trained
+model or its published result. It is recorded among the run's checkpoints (FILE, mirrored with
+them) and in the complete run's metrics.json (KEY). Before anything else, a rerun compares its
+own with every record the run left: metrics.json, the checkpoints' FILE.
 
 Runs recorded before identities were: a complete run's metrics.json still holds its settings
 ("config"), which are compared (its data listing cannot be); checkpoints with no FILE are resumed
@@ -20,7 +20,7 @@ import json
 import logging
 from pathlib import Path
 
-from job import report, storage
+from job import listing, report, storage
 from job.config import Config, ConfigError
 
 KEY = "identity"  # its key in metrics.json
@@ -50,9 +50,8 @@ def settings_of(config: Config) -> dict:
 
 def of_attempt(config: Config) -> dict:
     """This attempt's identity: its settings and the listing of DATA_URI as it is now."""
-    listing = storage.listing_digest(config.data_uri, retry_deadline=config.storage_deadline)
-    return {**settings_of(config), "data_files": listing.files,
-            "data_listing_digest": listing.digest}
+    data = listing.of_tree(config.data_uri, retry_deadline=config.storage_deadline)
+    return {**settings_of(config), "data_files": data.files, "data_listing_digest": data.digest}
 
 
 def check_rerun(config: Config) -> dict:

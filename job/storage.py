@@ -193,58 +193,19 @@ def read_text(uri: str, *, retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> 
         return blob.download_as_bytes(retry=remote.retry, timeout=REQUEST_TIMEOUT_S).decode("utf-8")
 
 
-@dataclasses.dataclass(frozen=True)
-class Listing:
-    """A tree's listing in brief: its files, and a digest of their names (relative to the tree),
-    sizes and versions, which changes when a file is added, removed, renamed or rewritten."""
-
-    files: int
-    digest: str  # SHA-256, hex
-
-
-def listing_digest(uri: str, *, retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> Listing:
-    """The Listing of everything under uri, without reading a file: gs:// objects' sizes and
-    CRC32C (one listing request per 1,000 objects), local files' sizes and modification times
-    (links followed, each folder once). Nothing there gives 0 files."""
-    entries = _object_entries(uri, retry_deadline) if is_remote(uri) else _file_entries(Path(uri))
-    digest, files = hashlib.sha256(), 0
-    for entry in entries:  # JSON: names may hold any character, a newline included
-        digest.update(json.dumps(entry).encode("ascii") + b"\n")
-        files += 1
-    return Listing(files, digest.hexdigest())
-
-
-def _object_entries(uri: str, retry_deadline: float) -> Iterator[list]:
-    """[name, size, CRC32C] of each object under uri, in the listing's (name) order."""
+def list_objects(uri: str, *, retry_deadline: float = DEFAULT_RETRY_DEADLINE_S
+                 ) -> Iterator[tuple[str, int, str]]:
+    """(name relative to uri, size, version) of each object under uri, in name order, console
+    "folder" placeholders left out; the version is its CRC32C (its generation where it has
+    none). Only the fields needed are asked for: one short request per 1,000 objects."""
     bucket_name, key = _split(uri)
     prefix = _as_prefix(key)
     with _remote(uri, retry_deadline) as remote:
         for blob in remote.client.list_blobs(bucket_name, prefix=prefix, retry=remote.retry,
                                              fields="items(name,size,crc32c,generation),"
                                                     "nextPageToken"):
-            if not (blob.name.endswith("/") and not blob.size):  # console "folder" placeholders
-                yield [blob.name[len(prefix):], blob.size, blob.crc32c or blob.generation]
-
-
-def _file_entries(root: Path) -> Iterator[list]:
-    """[relative path, size, mtime in ns] of each file under root, in sorted order; a broken link
-    as [path, None, None]. A folder reached again through a link (a loop) is not walked again."""
-    walked: set[tuple[int, int]] = set()
-    for folder, folders, names in os.walk(root, followlinks=True):
-        status = os.stat(folder)
-        if (status.st_dev, status.st_ino) in walked:
-            folders.clear()
-            continue
-        walked.add((status.st_dev, status.st_ino))
-        folders.sort()
-        for name in sorted(names):
-            path = Path(folder, name)
-            try:
-                status = path.stat()
-                size, version = status.st_size, status.st_mtime_ns
-            except OSError:
-                size = version = None
-            yield [path.relative_to(root).as_posix(), size, version]
+            if not (blob.name.endswith("/") and not blob.size):
+                yield blob.name[len(prefix):], blob.size, blob.crc32c or str(blob.generation)
 
 
 def local_dir_for(uri: str, cache_dir: Path) -> Path:

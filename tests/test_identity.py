@@ -1,5 +1,5 @@
 """A run's identity (job/identity.py): what it holds, how two are compared, how a data listing is
-digested (storage.listing_digest), and a rerun checked against what a run recorded. In-process;
+digested (job/listing.py), and a rerun checked against what a run recorded. In-process;
 the end-to-end refusals of real runs are in tests/test_resume.py."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from job import identity, storage
+from job import identity, listing, storage
 from job.config import Config, ConfigError
 from tests.conftest import write_class_images
 from tests.test_storage import upload_tree
@@ -71,8 +71,9 @@ def test_a_difference_is_one_line_naming_each_setting_both_ways():
 def test_changed_data_under_the_same_uri_is_named_as_data_uri_with_its_listing():
     recorded = {"data_uri": "/a", "data_files": 6, "data_listing_digest": "a" * 64}
     attempt = {**recorded, "data_files": 7, "data_listing_digest": "b" * 64}
-    with pytest.raises(ConfigError, match=r"recorded DATA_URI=/a \(6 files, listing a{12}\); "
-                                          r"this attempt has DATA_URI=/a \(7 files, listing b{12}\)"):
+    expected = (r"recorded DATA_URI=/a \(6 files, listing a{12}\); "
+                r"this attempt has DATA_URI=/a \(7 files, listing b{12}\)")
+    with pytest.raises(ConfigError, match=expected):
         identity.refuse_difference(recorded, attempt, "run-1", "its checkpoints")
 
 
@@ -86,25 +87,25 @@ def test_what_a_record_lacks_is_not_compared():
 # --- the data's listing ---
 
 def test_a_local_listing_is_stable_and_changes_with_any_file(images):
-    first = storage.listing_digest(str(images))
-    assert first == storage.listing_digest(str(images)) and first.files == 6
+    first = listing.of_tree(str(images))
+    assert first == listing.of_tree(str(images)) and first.files == 6
     (images / "a" / "a_0.png").write_bytes(b"other")
-    rewritten = storage.listing_digest(str(images))
+    rewritten = listing.of_tree(str(images))
     assert rewritten.files == 6 and rewritten.digest != first.digest
     (images / "a" / "a_0.png").rename(images / "a" / "renamed.png")
-    assert storage.listing_digest(str(images)).digest not in (first.digest, rewritten.digest)
+    assert listing.of_tree(str(images)).digest not in (first.digest, rewritten.digest)
     (images / "b" / "extra.png").write_bytes(b"x")
-    assert storage.listing_digest(str(images)).files == 7
+    assert listing.of_tree(str(images)).files == 7
 
 
 def test_a_local_listing_walks_a_link_loop_once(images):
     (images / "a" / "loop").symlink_to("..")
     (images / "b" / "broken.png").symlink_to(images / "nowhere.png")
-    assert storage.listing_digest(str(images)).files == 7  # 6 images and the broken link
+    assert listing.of_tree(str(images)).files == 7  # 6 images and the broken link
 
 
 def test_a_missing_folder_lists_no_file(tmp_path):
-    assert storage.listing_digest(str(tmp_path / "absent")).files == 0
+    assert listing.of_tree(str(tmp_path / "absent")).files == 0
 
 
 def test_a_gs_listing_is_relative_to_the_prefix_and_changes_with_an_object(
@@ -112,10 +113,10 @@ def test_a_gs_listing_is_relative_to_the_prefix_and_changes_with_an_object(
     upload_tree(gcs_client, gcs_bucket, "one", images)
     upload_tree(gcs_client, gcs_bucket, "two", images)
     gcs_client.bucket(gcs_bucket).blob("two/folder/").upload_from_string(b"")  # a placeholder
-    one = storage.listing_digest(f"gs://{gcs_bucket}/one")
-    assert one.files == 6 and one == storage.listing_digest(f"gs://{gcs_bucket}/two")
+    one = listing.of_tree(f"gs://{gcs_bucket}/one")
+    assert one.files == 6 and one == listing.of_tree(f"gs://{gcs_bucket}/two")
     gcs_client.bucket(gcs_bucket).blob("two/a/a_0.png").upload_from_string(b"other bytes")
-    assert storage.listing_digest(f"gs://{gcs_bucket}/two").digest != one.digest
+    assert listing.of_tree(f"gs://{gcs_bucket}/two").digest != one.digest
 
 
 def test_read_text_answers_none_for_no_file_or_object(gcs_client, gcs_bucket, tmp_path):
