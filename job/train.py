@@ -26,8 +26,8 @@ import tensorflow as tf
 
 from edge import logs as edge_logs
 from edge.runtime import cpu_description
-from job import budget, data, distribute, html_report, model, probe, report, storage
-from job import diskspace
+from job import (budget, data, diskspace, distribute, html_report, identity, model, probe, report,
+                 storage)
 from job.checkpoint import Checkpoints, StopSignal, phase_key
 from job.config import Config, ConfigError
 from job.context import RunContext
@@ -84,6 +84,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
     A run that an earlier attempt with the same RUN_ID left unfinished resumes from its
     checkpoints; a complete run is left untouched.
     """
+    attempt = identity.check_rerun(config)  # exit 2 on other data or settings, complete or not
     if storage.exists(storage.join(config.run_uri, report.MANIFEST),
                       retry_deadline=config.storage_deadline):
         log.info("run %s is already complete at %s; nothing to do", config.run_id, config.run_uri)
@@ -99,6 +100,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
         checkpoints = Checkpoints(context.checkpoint_dir, config.checkpoint_uri, config.run_id,
                                   stop or StopSignal(), writer=context.chief,
                                   retry_deadline=config.storage_deadline)
+        identity.hold(context.checkpoint_dir, attempt, config.run_id)
         context.scratch_dir.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(config, dataset, parts, context.scratch_dir, checkpoints,
                           context.strategy, context.shard, context.chief)
@@ -109,6 +111,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
 
     metrics = run_metrics(config, precision, whole, pulled, trainer, records, summaries)
     metrics["workers"] = worker_records(context, dataset, pulled, records)
+    metrics[identity.KEY] = attempt
     log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
     context.run_dir.mkdir(parents=True, exist_ok=True)
     write_run(context.run_dir, config, parts.classifier, dataset.class_names, metrics, summaries,

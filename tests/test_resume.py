@@ -1,23 +1,34 @@
-"""Nothing lost: a run stopped by SIGTERM or killed outright resumes where it was, with the same RUN_ID."""
+"""Nothing lost: a run stopped by SIGTERM or killed outright resumes where it was, with the same
+RUN_ID, and only on the data and settings it was started with (job/identity.py)."""
 import json
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
+from job import identity
 from job.checkpoint import EXIT_PREEMPTED
+from job.config import Config, ConfigError
 from tests.conftest import run_job, start_job, tiny_vgg16_settings, write_class_images
+from tests.test_nothing_lost import EXIT_BAD_INPUT, assert_one_line_exit
+from tests.test_storage import tree_contents
 
 FINE_TUNE_EPOCHS = 6
 
 
-@pytest.fixture
-def slow_run(tmp_path):
+def slow_settings(root: Path) -> dict:
     """Settings for a run whose phase 2 epochs take about a second: the whole base trains uncached."""
-    images = write_class_images(tmp_path / "images", ["a", "b"], per_class=30, size=48)
-    return tiny_vgg16_settings(images, tmp_path / "out", tmp_path / "cache", IMAGE_SIZE="48",
+    images = write_class_images(root / "images", ["a", "b"], per_class=30, size=48)
+    return tiny_vgg16_settings(images, root / "out", root / "cache", IMAGE_SIZE="48",
                                FINE_TUNE_EPOCHS=str(FINE_TUNE_EPOCHS),
                                CACHE_FEATURES="0", PATIENCE="100", FINE_TUNE_FROM="block4_conv1")
+
+
+@pytest.fixture
+def slow_run(tmp_path):
+    return slow_settings(tmp_path)
 
 
 def stop_when_logged(process, log_path, line: str, sig: int, timeout: float = 300) -> float:
@@ -83,3 +94,89 @@ def test_a_new_run_id_starts_fresh(slow_run):
     assert first.returncode == second.returncode == 0
     assert "finished by an earlier attempt" not in second.stderr
     assert "phase 1: linear probe on" in second.stderr
+
+
+# --- a rerun of the RUN_ID on other data or settings is refused, complete or not ---
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory) -> dict:
+    """The settings of a run stopped by SIGTERM in phase 2 (exit 75), its checkpoints kept."""
+    root = tmp_path_factory.mktemp("interrupted")
+    settings = slow_settings(root)
+    process = start_job(settings, root / "first.log")
+    stop_when_logged(process, root / "first.log", "phase 2 epoch 2/", signal.SIGTERM)
+    assert process.wait(timeout=60) == EXIT_PREEMPTED
+    return settings
+
+
+def copy_of_run(settings: dict, root: Path) -> dict:
+    """Settings for a copy of a run's output folder (its checkpoints too) under root, with a new
+    cache: each test changes its own copy."""
+    shutil.copytree(settings["OUTPUT_URI"], root / "out", symlinks=True)
+    return {**settings, "OUTPUT_URI": str(root / "out"), "CACHE_DIR": str(root / "cache")}
+
+
+@pytest.fixture(scope="module")
+def resumed_run(interrupted_run, tmp_path_factory) -> tuple[dict, object]:
+    """A copy of the interrupted run rerun with its own data and settings: (settings, result)."""
+    settings = copy_of_run(interrupted_run, tmp_path_factory.mktemp("resumed"))
+    return settings, run_job(settings)
+
+
+def other_images(root: Path) -> Path:
+    return write_class_images(root / "other", ["a", "b"], per_class=30, size=48, seed=1)
+
+
+def test_an_unfinished_run_rerun_on_other_data_exits_2_naming_data_uri_and_restores_nothing(
+        interrupted_run, tmp_path):
+    settings = copy_of_run(interrupted_run, tmp_path)
+    checkpoints = Path(settings["OUTPUT_URI"], "tiny", "checkpoints")
+    before = tree_contents(checkpoints)
+    other = other_images(tmp_path)
+    started = time.monotonic()
+    result = run_job({**settings, "DATA_URI": str(other)})
+    print(f"refused in {time.monotonic() - started:.1f} s")
+    assert_one_line_exit(result, EXIT_BAD_INPUT, "RUN_ID=tiny: its checkpoints",
+                         f"recorded DATA_URI={settings['DATA_URI']} (60 files",
+                         f"this attempt has DATA_URI={other} (60 files")
+    assert "finished by an earlier attempt" not in result.stderr
+    assert tree_contents(checkpoints) == before
+
+
+def test_an_unfinished_run_rerun_with_its_identity_resumes_and_records_it(resumed_run):
+    settings, result = resumed_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "phase 1: finished by an earlier attempt" in result.stderr
+    assert "phase 2: resuming at epoch" in result.stderr
+    assert "record no data or settings" not in result.stderr
+    metrics, _ = finished_metrics(settings)
+    assert metrics[identity.KEY]["data_uri"] == settings["DATA_URI"]
+    assert metrics[identity.KEY]["data_files"] == 60
+    assert metrics[identity.KEY]["image_size"] == 48
+
+
+def test_a_complete_run_rerun_on_other_data_exits_2_and_is_left_as_it_was(resumed_run, tmp_path):
+    settings, _ = resumed_run
+    run_dir = Path(settings["OUTPUT_URI"], "tiny")
+    before = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")}
+    other = other_images(tmp_path)
+    started = time.monotonic()
+    result = run_job({**settings, "DATA_URI": str(other), "WEIGHTS": "none"})
+    print(f"refused in {time.monotonic() - started:.1f} s")
+    assert_one_line_exit(result, EXIT_BAD_INPUT, f"RUN_ID=tiny: its run at {run_dir}",
+                         f"this attempt has DATA_URI={other} (60 files", "WEIGHTS=none")
+    assert "already complete" not in result.stderr
+    assert {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")} == before
+
+
+@pytest.mark.parametrize("complete", [False, True], ids=["checkpointed", "complete"])
+@pytest.mark.parametrize("change", [{"BACKBONE": "mobilenet_v2"}, {"WEIGHTS": "none"},
+                                    {"IMAGE_SIZE": "64"}], ids=lambda change: next(iter(change)))
+def test_a_run_rerun_with_another_backbone_weights_or_image_size_is_refused_naming_it(
+        complete, change, interrupted_run, resumed_run):
+    """In-process, against the records of the real runs above: the refusal comes before anything
+    is read or built."""
+    settings = resumed_run[0] if complete else interrupted_run
+    name = next(iter(change))
+    with pytest.raises(ConfigError, match=f"{name}=.*; this attempt has {name}={change[name]}"):
+        identity.check_rerun(Config.from_env({**settings, **change}))
