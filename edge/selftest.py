@@ -84,10 +84,13 @@ def load(folder: Path) -> SelfTestSet:
         raise SelfTestError(f"{folder / SELFTEST_DIR}: unreadable self-test set ({error})") \
             from None
     count = len(images)
+    entries_ok = isinstance(files, dict) and all(
+        isinstance(entry, dict) and isinstance(entry.get("limits"), dict) for entry in files.values())
     if not (count and len(labels) == count == len(reference)) or images.ndim != 4 \
-            or images.dtype != np.uint8 or not isinstance(files, dict) or not 0 <= threshold <= 1:
+            or images.dtype != np.uint8 or not entries_ok or not 0 <= threshold <= 1:
         raise SelfTestError(f"{folder / SELFTEST_DIR}: inconsistent self-test set ({count} images, "
-                            f"{len(labels)} labels, {len(reference)} reference outputs)")
+                            f"{len(labels)} labels, {len(reference)} reference outputs, "
+                            f"files {list(files) if isinstance(files, dict) else files!r:.100})")
     return SelfTestSet(spec, images.astype(np.float32), labels, reference)
 
 
@@ -100,8 +103,6 @@ def check_file(test_set: SelfTestSet, path: Path, runtime: str, threads: int | N
         model = open_model(path, runtime, threads)
         outputs = np.concatenate([model.run(test_set.images[start:start + BATCH_SIZE])
                                   for start in range(0, len(test_set.images), BATCH_SIZE)])
-    except RuntimeUnavailable:
-        raise
     except Exception as error:  # onnxruntime and OpenVINO raise their own exception types
         return Result(path.name, False, problems=[
             f"cannot be run: {(str(error).splitlines() or [type(error).__name__])[0][:200]}"])
