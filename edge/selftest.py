@@ -128,7 +128,7 @@ def gate(figures: dict, limits: dict) -> list[str]:
         if name == "top1_agreement" and figures["top1_agreement"] < limit:
             problems.append(f"agreement {figures['top1_agreement']:.2%} < {limit:.1%}")
         elif name == "max_abs_diff" and not figures["max_abs_diff"] <= limit:
-            problems.append(f"max |diff| {figures['max_abs_diff']:.3g} > {limit:g}")
+            problems.append(f"max |diff| {figures['max_abs_diff']:.3g} > {limit:.3g}")
         elif name == "max_accuracy_difference" and \
                 abs(figures["accuracy_difference"]) > limit + 1e-12:
             problems.append(f"accuracy {figures['accuracy_difference'] * 100:+.2f} points from "
@@ -152,7 +152,7 @@ def line(result: Result, entry: dict | None) -> str:
     accuracy_text = f"accuracy {figures['accuracy_difference'] * 100:+.2f} points"
     if "max_accuracy_difference" in limits:
         accuracy_text += f" (limit {limits['max_accuracy_difference'] * 100:g})"
-    notes = [f"limit {limits['max_abs_diff']:g}"] if "max_abs_diff" in limits else []
+    notes = [f"limit {limits['max_abs_diff']:.3g}"] if "max_abs_diff" in limits else []
     if "max_abs_diff" in at_export:
         notes.append(f"export's CPU {at_export['max_abs_diff']:.3g}")
     difference = f"max |diff| {figures['max_abs_diff']:.3g}" + (f" ({'; '.join(notes)})"

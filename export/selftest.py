@@ -21,13 +21,14 @@ CPU's plus MAX_DIFF_MARGIN, so a change that moves outputs without flipping a cl
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
 from edge.runtime import cpu_description, predict_labels
 from edge.selftest import SELFTEST_ARRAYS, SELFTEST_DIR, SELFTEST_SPEC
 from export import measure
+from export.config import ExportConfig
+from export.formats import BuildContext, Format, Verdict
 from job.report import write_json
 
 log = logging.getLogger("export")
@@ -49,7 +50,8 @@ MAX_DIFF_MARGIN = 0.1
 PROBABILITY_FLOOR = 1e-7  # float32 sigmoid outputs reach 0 and 1: their logit is taken there
 
 
-def stage_selftest(context, formats, verdict, outputs: dict[str, np.ndarray]) -> dict | None:
+def stage_selftest(context: BuildContext, formats: tuple[Format, ...], verdict: Verdict,
+                   outputs: dict[str, np.ndarray]) -> dict | None:
     """Writes selftest/ into context.staging for the files that passed their gates; returns what
     it wrote for export_report.json (None when no file passed: nothing to test)."""
     passed = [row for row in formats if verdict.passed[row.file]]
@@ -84,7 +86,8 @@ def stage_selftest(context, formats, verdict, outputs: dict[str, np.ndarray]) ->
     return {"folder": SELFTEST_DIR, "images": len(chosen), "bytes": files}
 
 
-def file_entry(row, config, outputs: np.ndarray, reference: np.ndarray, threshold: float) -> dict:
+def file_entry(row: Format, config: ExportConfig, outputs: np.ndarray, reference: np.ndarray,
+               threshold: float) -> dict:
     """One file's entry: its format, the figures it had on the export's CPU, and the limits the
     device holds it to: its gate's, and where the gate sets no largest difference (int8), the
     export CPU's largest difference plus MAX_DIFF_MARGIN. That catches a file changed in a way
