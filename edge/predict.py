@@ -15,6 +15,10 @@ For two classes the label is the second class when its probability reaches the t
 
 Exit codes: 0 at least one image was predicted; 1 none could be (every file failed, or the folder
 holds no files); 2 bad arguments, a runtime that is not installed, or a model that cannot be loaded.
+
+`--self-test PATH` (a version or export folder, or one ONNX file beside its selftest/) instead runs
+each ONNX file on the self-test set the export stored with it and judges it by the export's gate
+(edge.selftest): exit 0 every file passed, 1 one failed, 2 no self-test set.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from edge.files import Finder, file_problem, relative
 from edge.images import ImageError, load_image
 from edge.runtime import (DEFAULT_RUNTIME, EXIT_BAD_INPUT, EXIT_OK, RUNTIMES,
                           RuntimeUnavailable, open_model, predict_labels)
+from edge.selftest import self_test
 
 EXIT_NOTHING_PREDICTED = 1
 BATCH_SIZE = 32
@@ -149,8 +154,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m edge.predict",
         description="Label images with an exported ONNX classifier (no TensorFlow needed).")
-    parser.add_argument("model", type=Path, help="model.onnx or model.int8.onnx")
-    parser.add_argument("input", type=Path, help="an image file or a folder of images")
+    parser.add_argument("model", type=Path, nargs="?", help="model.onnx or model.int8.onnx")
+    parser.add_argument("input", type=Path, nargs="?", help="an image file or a folder of images")
+    parser.add_argument("--self-test", type=Path, metavar="PATH",
+                        help="instead of predicting, test each ONNX file of PATH (a version or "
+                             "export folder, or one .onnx file) on the self-test set the export "
+                             "stored beside it; exit 1 if one fails")
     parser.add_argument("--top-k", type=int, default=1, help="classes to list per image (default 1)")
     parser.add_argument("--output", type=Path,
                         help="write the predictions to this .csv or .json file instead of stdout")
@@ -162,6 +171,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="CPU runtime that runs the model (default: %(default)s; openvino "
                              "needs `pip install -r requirements-openvino.txt`)")
     args = parser.parse_args(argv)
+    if args.self_test and args.model:
+        parser.error("--self-test takes no MODEL or INPUT")
+    if not args.self_test and not args.input:
+        parser.error("MODEL and INPUT are required (or --self-test PATH)")
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
@@ -180,6 +193,8 @@ def main(argv: list[str] | None = None, environ=os.environ) -> int:
     except logs.LogFormatError as error:
         return _error(str(error), EXIT_BAD_INPUT)
     args = parse_args(argv)
+    if args.self_test:
+        return self_test(args.self_test, args.runtime, args.threads)
     if not args.model.is_file():
         return _error(f"model {args.model}: no such file", EXIT_BAD_INPUT)
     if not args.input.exists():

@@ -67,6 +67,18 @@ def predict_labels(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndar
     return probabilities.argmax(axis=-1)
 
 
+def compare(candidate: np.ndarray, reference: np.ndarray, threshold: float) -> dict:
+    """How far a model's probabilities and labels are from a reference's on the same images: the
+    figures the export's gates and the device's self-test judge by."""
+    difference = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
+    return {
+        "max_abs_diff": float(difference.max()),
+        "mean_abs_diff": float(difference.mean()),
+        "top1_agreement": float(np.mean(predict_labels(candidate, threshold)
+                                        == predict_labels(reference, threshold))),
+    }
+
+
 class RuntimeUnavailable(Exception):
     """The runtime asked for cannot be imported; the message is one line that says how to install
     it (the predictor exits EXIT_BAD_INPUT)."""

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from edge.runtime import predict_labels
+from edge.runtime import compare, predict_labels  # noqa: F401 (compare: used as measure.compare)
 from export.convert import INPUT_NAME, OUTPUT_NAME
 from job.progress import Progress
 
@@ -62,17 +62,6 @@ def predict_all(predict: Predict, images: np.ndarray, step: str,
             outputs.append(predict(images[start:start + batch_size]))
             progress.advance(len(outputs[-1]))
     return np.concatenate(outputs).astype(np.float32)
-
-
-def compare(candidate: np.ndarray, reference: np.ndarray, threshold: float) -> dict:
-    """How far a model's probabilities and labels are from a reference's on the same images."""
-    difference = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
-    return {
-        "max_abs_diff": float(difference.max()),
-        "mean_abs_diff": float(difference.mean()),
-        "top1_agreement": float(np.mean(predict_labels(candidate, threshold)
-                                        == predict_labels(reference, threshold))),
-    }
 
 
 def accuracy(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> float:

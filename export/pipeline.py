@@ -33,6 +33,7 @@ from export.errors import BadInput, GateFailed
 from export.formats import (INT8_MODEL, REBUILD, SAVED_MODEL, BuildContext, Format, Verdict,
                             export_formats, judge)
 from export.report import build_report
+from export.selftest import stage_selftest
 from job import html_report
 from job.record import RecordError, RunRecord
 from job.report import sha256, write_json
@@ -83,6 +84,7 @@ def export_run(config: ExportConfig) -> dict:
             quantization=notes.get("int8"),
             seconds=seconds, versions=versions(), created_utc=utc_now())
         warn_if_int8_is_slower(report)
+        report["selftest"] = stage_selftest(context, formats, verdict, outputs)
         write_json(context.staging / REPORT, report)
         render_run_report(run_dir, context.staging, report, dataset.root)
         publish(context.staging, config.target_uri,
