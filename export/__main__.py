@@ -1,9 +1,10 @@
 """Entrypoint: `python -m export` converts one finished training run to ONNX and proves parity.
 
 Settings come from the environment (see export.config). Exit codes: 0 every gate passed;
-1 a parity gate failed (export_report.json says which, by how much) or storage/conversion failed;
-2 bad configuration or input (no such run, an incomplete run, its data missing), or a full disk
-(job/diskspace.py).
+1 a parity gate failed (export_report.json, or export_report.failed.json beside an earlier export,
+says which, by how much) or storage/conversion failed; 2 bad configuration or input (no such run,
+an incomplete or damaged run, its data missing, a target that belongs to another run), or a full
+disk (job/diskspace.py).
 """
 from __future__ import annotations
 

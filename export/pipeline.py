@@ -1,14 +1,16 @@
 """Pipeline: one export, from a finished run directory to gated ONNX models and export_report.json.
 
-export_run tells it in order: fetch the run and read its record; re-discover its data splits and
-sample the parity and calibration images; build each row of the format table
+export_run tells it in order: fetch the run, check every file against its MANIFEST.json and read
+its record; check the target (export.target: this run's or nobody's); re-discover its data splits
+and sample the parity and calibration images; build each row of the format table
 (export.formats: model.onnx, then model.int8.onnx from it) and count the operators onnxruntime
 runs in int8 in each; compare every model with TensorFlow on the run's test images and apply each
 format's gate; time every backend (and, where installed, OpenVINO on the same files: measured
 beside onnxruntime, not gated) and name the fastest passed file (warning where int8 is the
-slower); stamp the models that passed and publish them with the run's
-report.html rendered again with the export's figures, and last export_report.json (the export's
-completion marker, also written when a gate fails).
+slower); stamp the models that passed and publish them with the run's report page rendered
+again with the export's figures (export_report.html), and last export_report.json (the export's
+completion marker, also written when a gate fails; a failed export beside an earlier one
+replaces nothing: export.target).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import numpy as np
 from edge.runtime import (RuntimeUnavailable, available_cores, cpu_description, cpu_session,
                           open_model, require_runtime)
 from export import convert, measure
+from export import target as export_target
 from export.census import int8_census
 from export.config import ExportConfig
 from export.errors import BadInput, GateFailed
@@ -34,15 +37,16 @@ from export.formats import (INT8_MODEL, REBUILD, SAVED_MODEL, BuildContext, Form
                             export_formats, judge)
 from export.report import build_report
 from export.selftest import stage_selftest
+from export.target import PAGE, REPORT, Run
 from job import html_report
 from job.record import RecordError, RunRecord
-from job.report import sha256, write_json
+from job.report import MANIFEST, sha256, write_json
+from job.storage import join, name_problem
 
 log = logging.getLogger("export")
 
-REPORT = "export_report.json"
 OPTIONAL_RUNTIMES = ("openvino",)  # timed beside onnxruntime where installed (edge.runtime)
-RUN_FILES = ("MANIFEST.json", "metrics.json", "model.keras", "labels.txt", "saved_model")
+RUN_FILES = (MANIFEST, "metrics.json", "model.keras", "labels.txt", "saved_model")
 
 
 def export_run(config: ExportConfig) -> dict:
@@ -51,6 +55,8 @@ def export_run(config: ExportConfig) -> dict:
     started, seconds = time.perf_counter(), {}
     run_dir = fetch_run(config)
     record = read_run(run_dir, config.run_uri)
+    run = Run(sha256(run_dir / MANIFEST), record.run_id, config.run_uri)
+    target = inspect_target(config, run_dir, run)
     dataset = load_data(config, record)
     parity_split = sample(dataset.test, config.parity_images, seed=record.seed)
     calibration = sample(dataset.train, config.calibration_images, seed=record.seed + 1)
@@ -81,17 +87,19 @@ def export_run(config: ExportConfig) -> dict:
         report = build_report(
             config, record, verdict, opsets=opsets, files=files, run_sizes=run_sizes(run_dir),
             latency=latency, latency_settings=latency_settings, operators=operators,
-            quantization=notes.get("int8"),
+            quantization=notes.get("int8"), run_manifest_sha256=run.manifest_sha256,
             seconds=seconds, versions=versions(), created_utc=utc_now())
         warn_if_int8_is_slower(report)
         report["selftest"] = stage_selftest(context, formats, verdict, outputs)
         write_json(context.staging / REPORT, report)
         render_run_report(run_dir, context.staging, report, dataset.root)
-        publish(context.staging, config.target_uri,
-                withdrawn=[name for name, ok in verdict.passed.items() if not ok])
-    log.info("export %s: %s", report["status"], config.target_uri)
+        published_as = export_target.publish(
+            context.staging, [*files_passed(verdict), *selftest_files(report), "labels.txt", PAGE,
+                              REPORT], target, passed=not verdict.failures)
+    log.info("export %s: %s", report["status"], join(config.target_uri, published_as))
     if verdict.failures:
-        raise GateFailed("; ".join(verdict.failures) + f" (see {REPORT} at {config.target_uri})")
+        raise GateFailed("; ".join(verdict.failures)
+                         + f" (see {published_as} at {config.target_uri})")
     return report
 
 
@@ -113,13 +121,15 @@ def fetch_run(config: ExportConfig) -> Path:
 
 
 def read_run(run_dir: Path, run_uri: str) -> RunRecord:
-    """The record of a complete run; BadInput naming what is missing or unreadable otherwise."""
+    """The record of a complete run whose files match its MANIFEST.json; BadInput naming what is
+    missing, damaged or unreadable otherwise."""
     missing = [name for name in RUN_FILES if not (run_dir / name).exists()]
-    if "MANIFEST.json" in missing:
-        raise BadInput(f"RUN_URI={run_uri}: no MANIFEST.json, so the run is not complete "
+    if MANIFEST in missing:
+        raise BadInput(f"RUN_URI={run_uri}: no {MANIFEST}, so the run is not complete "
                        "(or this is not a run directory)")
     if missing:
         raise BadInput(f"RUN_URI={run_uri}: the run lacks {', '.join(missing)}")
+    verify_files(run_dir, run_uri)
     try:
         record = RunRecord.from_metrics(json.loads((run_dir / "metrics.json").read_text()))
     except (ValueError, RecordError) as error:  # not JSON, or no complete record
@@ -128,6 +138,59 @@ def read_run(run_dir: Path, run_uri: str) -> RunRecord:
     if [line for line in labels if line] != record.classes:
         raise BadInput(f"{run_dir}: labels.txt and metrics.json disagree on the classes")
     return record
+
+
+def verify_files(run_dir: Path, run_uri: str) -> None:
+    """Checks every file MANIFEST.json lists, by size and SHA-256, before anything is read of the
+    run: a truncated or altered file is BadInput naming it, not a traceback from the reader
+    that trips over it."""
+    try:
+        listed = json.loads((run_dir / MANIFEST).read_text())["files"]
+        expected = {name: (int(file["bytes"]), str(file["sha256"])) for name, file in listed.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise BadInput(f"RUN_URI={run_uri}: {MANIFEST} is unreadable "
+                       f"({error.__class__.__name__}: {error})") from None
+    for name, (size, checksum) in sorted(expected.items()):
+        path = run_dir / name
+        if name_problem(name):
+            problem = f"is not a name under the run ({name_problem(name)})"
+        elif not path.is_file():
+            problem = f"is missing ({MANIFEST} lists it)"
+        elif path.stat().st_size != size:
+            problem = f"has {path.stat().st_size} bytes, {MANIFEST} lists {size}"
+        elif sha256(path) != checksum:
+            problem = f"does not match its SHA-256 in {MANIFEST}"
+        else:
+            continue
+        if name == html_report.REPORT and exported_before_the_manifest_rule(run_dir):
+            log.warning("%s differs from its checksum in %s: an export made before the run's "
+                        "files were kept rewrote it (its page is %s now)", html_report.REPORT,
+                        MANIFEST, PAGE)
+            continue
+        raise BadInput(f"RUN_URI={run_uri}: {name} {problem}: the run is damaged or was changed "
+                       "after it completed; export a complete copy of it")
+
+
+def exported_before_the_manifest_rule(run_dir: Path) -> bool:
+    """Whether the run directory holds an export made before exports kept the run's files (its
+    report has no run_manifest_sha256): those rewrote report.html there, nothing else."""
+    try:
+        report = json.loads((run_dir / REPORT).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "run_manifest_sha256" not in report
+
+
+def inspect_target(config: ExportConfig, run_dir: Path, run: Run) -> export_target.Target:
+    """The export's target, made if need be and checked to be this run's or nobody's."""
+    from job import storage
+
+    setting = "EXPORT_URI" if config.export_uri else "RUN_URI"
+    try:
+        storage.check_writable(config.target_uri)
+    except storage.Unusable as error:
+        raise BadInput(f"{setting}: {error}") from None
+    return export_target.inspect(config.target_uri, setting, run_dir, run)
 
 
 def load_data(config: ExportConfig, record: RunRecord):
@@ -154,15 +217,14 @@ def load_data(config: ExportConfig, record: RunRecord):
 
 
 def render_run_report(run_dir: Path, staging: Path, report: dict, data_root: Path) -> None:
-    """Stages the run's report.html again, its export section filled in, to be published beside
-    export_report.json. It is drawn from metrics.json and test_predictions.json (written by the
-    training for this), not from the export's own parity sample, so it shows the same run; the
-    thumbnails come from data_root, where load_data found the run's data. Published into the run directory (the
-    default target), it replaces the training's report.html: the one file of a complete run the
-    export changes, so MANIFEST.json's checksum of it then describes the training's version."""
+    """Stages the run's report page again, its export section filled in, as export_report.html
+    beside export_report.json: under its own name, so the run's report.html (which MANIFEST.json
+    lists) stays the training's. It is drawn from metrics.json and test_predictions.json
+    (written by the training for this), not from the export's own parity sample, so it shows
+    the same run; the thumbnails come from data_root, where load_data found the run's data."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     predictions = html_report.read_predictions(run_dir / html_report.PREDICTIONS, data_root)
-    html_report.write_report(staging / html_report.REPORT, metrics, predictions, report)
+    html_report.write_report(staging / PAGE, metrics, predictions, report)
 
 
 def sample(split, count: int, seed: int):
@@ -297,19 +359,15 @@ def stamp_passed(formats: tuple[Format, ...], staging: Path, verdict: Verdict) -
                        "sha256": sha256(staging / row.file)} for row in formats}
 
 
-def publish(staging: Path, target_uri: str, withdrawn: list[str]) -> None:
-    """Copies the staged files to target_uri, the report last, without the withdrawn models
-    (those that failed); a local target loses its stale copies of them too (a gs:// target
-    keeps them: its export_report.json is authoritative)."""
-    from job import storage
+def files_passed(verdict: Verdict) -> list[str]:
+    """The model files that passed their gates: the only ones published."""
+    return [name for name, passed in verdict.passed.items() if passed]
 
-    for name in withdrawn:
-        (staging / name).unlink()
-    if not storage.is_remote(target_uri):
-        Path(target_uri).mkdir(parents=True, exist_ok=True)
-        for name in withdrawn:
-            Path(target_uri, name).unlink(missing_ok=True)
-    storage.publish_tree(staging, target_uri, last=REPORT)
+
+def selftest_files(report: dict) -> list[str]:
+    """The staged self-test set's files (export/selftest.py), as names under the target."""
+    selftest = report.get("selftest") or {}
+    return [f"{selftest['folder']}/{name}" for name in selftest.get("bytes", {})]
 
 
 def run_sizes(run_dir: Path) -> dict[str, int]:

@@ -251,7 +251,8 @@ def most_confident_mistakes(labels: np.ndarray, probabilities: np.ndarray,
 
 def export_section(export_report: dict | None) -> str:
     if not export_report:
-        return _note("Not exported yet: `python -m export` (RUN_URI=this run) adds its report here.")
+        return _note("Not exported yet: `python -m export` (RUN_URI=this run) writes this page "
+                     "again with its report here, as export_report.html.")
     status = export_report.get("status", "?")
     body = f'<p>Status: <span class="{"passed" if status == "passed" else "wrong"}">' \
            f"{_text(status)}</span></p>"

@@ -406,3 +406,53 @@ def small_tmpfs(tmp_path) -> Path:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
     yield folder
     subprocess.run(["umount", "--lazy", str(folder)], capture_output=True)
+
+
+# --- Export targets: copies of the exported MobileNetV2 run, to re-export or damage. ---
+EXPORT_FILES = ("model.onnx", "model.int8.onnx", "labels.txt", "export_report.json",
+                "export_report.html")
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under folder, by path relative to it."""
+    from job.report import sha256
+
+    return {path.relative_to(folder).as_posix(): sha256(path)
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def manifest_mismatches(run_dir: Path) -> list[str]:
+    """The files run_dir's MANIFEST.json lists that are missing or differ from its checksums."""
+    from job.report import sha256
+
+    listed = json.loads((run_dir / "MANIFEST.json").read_text())["files"]
+    return [name for name, file in listed.items()
+            if not (run_dir / name).is_file() or sha256(run_dir / name) != file["sha256"]]
+
+
+def export_in_process(run_dir: Path, cache_dir: Path, **env) -> int:
+    """The exit code of the export's entrypoint run in this process (no TensorFlow start-up)."""
+    from export import __main__ as entrypoint
+
+    return entrypoint.main({"RUN_URI": str(run_dir), "CACHE_DIR": str(cache_dir),
+                            "LOG_FORMAT": "text", **EXPORT_SETTINGS, **env})
+
+
+@pytest.fixture
+def exported_run_copy(mobilenet_export, mobilenet_run, tmp_path) -> Path:
+    """A copy of the MobileNetV2 run holding its passed export, for a test to re-export or damage."""
+    assert mobilenet_export[0] == 0, mobilenet_export[2][-2000:]
+    copy = tmp_path / "run"
+    shutil.copytree(mobilenet_run, copy)
+    return copy
+
+
+@pytest.fixture
+def int8_gate_that_fails(monkeypatch):
+    """The int8 gate failing whatever the CPU: INT8_MIN_AGREEMENT=1.0 alone passes where int8
+    happens to flip no label of the 300."""
+    from export import measure
+
+    gate = measure.int8_gate
+    monkeypatch.setattr(measure, "int8_gate", lambda *args: gate(*args) or
+                        "int8: top-1 agreement below 100% (made to fail by the test)")

@@ -15,6 +15,7 @@ from export.errors import BadInput
 from export.formats import FLOAT32_MODEL, INT8_MODEL, REBUILD, Verdict, export_formats, judge
 from export.pipeline import RUN_FILES, read_run, warn_if_int8_is_slower
 from export.report import build_report
+from job.report import write_manifest
 from tests.conftest import gate_outputs, run_record
 
 SETTINGS = ExportConfig(run_uri="/runs/run", export_uri="/exports/run")
@@ -128,7 +129,7 @@ def report_of(verdict: Verdict, settings: ExportConfig = SETTINGS, latency: dict
         run_sizes={"saved_model": 9000, "model.keras": 5000},
         latency=latency or {"tensorflow": {"batch1_p50_ms": 1.0}}, latency_settings={"threads": 2},
         operators={INT8_MODEL: {"int8_mac_share": 1.0}},
-        quantization={"method": "static"}, seconds={"total": 1.0},
+        quantization={"method": "static"}, run_manifest_sha256="ab" * 32, seconds={"total": 1.0},
         versions={"onnx": "1"}, created_utc="2026-01-01T00:00:00+00:00")
 
 
@@ -139,7 +140,7 @@ INT8_FAILED = Verdict({"reference": "tensorflow"}, ["int8: top-1 agreement 90.00
 
 def test_report_has_the_keys_of_export_report_json():
     assert list(report_of(PASSED)) == [
-        "status", "failed_gates", "run_id", "run_uri", "export_uri", "created_utc", "opsets",
+        "status", "failed_gates", "run_id", "run_uri", "run_manifest_sha256", "export_uri", "created_utc", "opsets",
         "classes", "image_size", "decision_threshold", "training_precision_policy", "parity",
         "gates", "sizes_bytes", "latency", "latency_settings", "fastest", "operators", "quantization",
         "files", "seconds", "versions"]
@@ -230,19 +231,23 @@ OLD_METRICS = {  # a metrics.json written before the record existed
 
 @pytest.fixture
 def run_dir(tmp_path):
-    """A complete run directory whose files are placeholders, but for labels.txt."""
+    """A complete run directory whose files are placeholders, but for labels.txt, listed in its
+    MANIFEST.json."""
     run = tmp_path / "run"
     (run / "saved_model").mkdir(parents=True)
     for name in RUN_FILES:
         if name != "saved_model":
             (run / name).write_text("{}")
     (run / "labels.txt").write_text("NORMAL\nPNEUMONIA\n")
+    write_manifest(run)
     return run
 
 
 def with_metrics(run_dir, metrics) -> None:
+    """Completes the run with this metrics.json (and a MANIFEST.json that lists it)."""
     text = metrics if isinstance(metrics, str) else json.dumps(metrics)
     (run_dir / "metrics.json").write_text(text)
+    write_manifest(run_dir)
 
 
 def test_read_run_returns_the_runs_record(run_dir):
@@ -285,3 +290,42 @@ def test_read_run_names_the_files_an_incomplete_run_lacks(run_dir):
     (run_dir / "model.keras").unlink()
     with pytest.raises(BadInput, match="RUN_URI=uri: the run lacks model.keras"):
         read_run(run_dir, "uri")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda run: (run / "model.keras").write_text("[]"), "does not match its SHA-256"),
+    (lambda run: (run / "model.keras").write_text("{"), "has 1 bytes, MANIFEST.json lists 2"),
+    (lambda run: (run / "saved_model" / "saved_model.pb").unlink(), "is missing"),
+], ids=["altered", "truncated", "missing"])
+def test_read_run_names_the_file_that_does_not_match_manifest_json(run_dir, damage, problem):
+    (run_dir / "saved_model" / "saved_model.pb").write_text("{}")
+    with_metrics(run_dir, {"record": RECORD, "classes": RECORD["classes"]})
+    damage(run_dir)
+    with pytest.raises(BadInput) as raised:
+        read_run(run_dir, "uri")
+    assert str(raised.value).startswith("RUN_URI=uri: ") and problem in str(raised.value)
+    assert ("model.keras" in str(raised.value)) != ("saved_model.pb" in str(raised.value))
+
+
+def test_read_run_refuses_an_unreadable_manifest_json(run_dir):
+    (run_dir / "MANIFEST.json").write_text("{not json")
+    with pytest.raises(BadInput, match="RUN_URI=uri: MANIFEST.json is unreadable"):
+        read_run(run_dir, "uri")
+
+
+@pytest.mark.parametrize("report, accepted", [({"status": "passed"}, True),
+                                              ({"run_manifest_sha256": "ab" * 32}, False)],
+                         ids=["export-from-before", "export-of-now"])
+def test_read_run_accepts_a_report_html_rewritten_only_by_an_export_from_before(
+        run_dir, report, accepted):
+    """Exports before export_report.html rewrote report.html in the run directory; any other
+    file, and report.html beside an export that keeps the run's files, must match."""
+    (run_dir / "report.html").write_text("<html>training</html>")
+    with_metrics(run_dir, {"record": RECORD, "classes": RECORD["classes"]})
+    (run_dir / "report.html").write_text("<html>exported</html>")  # same size
+    (run_dir / "export_report.json").write_text(json.dumps(report))
+    if accepted:
+        assert read_run(run_dir, "uri") == run_record()
+    else:
+        with pytest.raises(BadInput, match="report.html does not match its SHA-256"):
+            read_run(run_dir, "uri")
