@@ -1,11 +1,13 @@
 """Entrypoint: `python -m job` reads its settings from the environment and runs one training job.
 
 Exit codes: 0 done (or the run was already complete), 1 unexpected or storage failure,
-2 bad configuration or bad input (retrying cannot help), 75 stopped by SIGTERM with a checkpoint
+2 bad configuration or bad input, or another process writing the same run (retrying cannot help), 75 stopped by SIGTERM with a checkpoint
 saved (run again with the same RUN_ID to resume).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -45,9 +47,10 @@ def main(environ=os.environ) -> int:
     try:
         context = RunContext.create(config)  # the strategy: before any other TensorFlow op
         train.validate(config, context)
-        metrics = train.run(config, context, stop)
-        if export_config and metrics.get("status") != train.ALREADY_COMPLETE:
-            export_run(export_config)  # ONNX float32/int8 beside the SavedModel, gated
+        with claimed(config, context) as context:  # one writer per run, released however it ends
+            metrics = train.run(config, context, stop)
+            if export_config and metrics.get("status") != train.ALREADY_COMPLETE:
+                export_run(export_config)  # ONNX float32/int8 beside the SavedModel, gated
     except Preempted as error:
         return _fail(f"preempted: {error}; exit {EXIT_PREEMPTED}, rerun with RUN_ID={config.run_id} "
                      "to resume", EXIT_PREEMPTED)
@@ -60,6 +63,18 @@ def main(environ=os.environ) -> int:
     except ExportError as error:  # EXPORT_ONNX=1: the run is complete, its export is not
         return _fail(f"ONNX export: {error.__class__.__name__}: {error}", error.exit_code)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def claimed(config, context):
+    """The context, holding the chief's claim on the run while the block runs (job/writer.py)."""
+    from job import writer
+
+    if not context.chief:  # the others write nothing of the run
+        yield context
+        return
+    with writer.claimed(config.run_uri, retry_deadline=config.storage_deadline) as claim:
+        yield dataclasses.replace(context, claim=claim)
 
 
 def _export_config(config, environ):
