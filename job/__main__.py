@@ -49,8 +49,8 @@ def main(environ=os.environ) -> int:
         train.validate(config, context)
         with claimed(config, context) as context:  # one writer per run, released however it ends
             metrics = train.run(config, context, stop)
-            if export_config and metrics.get("status") != train.ALREADY_COMPLETE:
-                export_run(export_config)  # ONNX float32/int8 beside the SavedModel, gated
+        if export_config and metrics.get("status") != train.ALREADY_COMPLETE:
+            export_run(export_config)  # ONNX float32/int8 beside the SavedModel, gated
     except Preempted as error:
         return _fail(f"preempted: {error}; exit {EXIT_PREEMPTED}, rerun with RUN_ID={config.run_id} "
                      "to resume", EXIT_PREEMPTED)

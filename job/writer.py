@@ -74,8 +74,8 @@ def claimed(run_uri: str, *, wait_s: float = WAIT_S, stale_after_s: float = STAL
 def publish(claim: "Claim | None", local_dir: Path, run_uri: str, *,
             retry_deadline: float = storage.DEFAULT_RETRY_DEADLINE_S) -> storage.TransferStats:
     """Publishes the run written in local_dir to run_uri, MANIFEST.json last, if this process
-    still holds its claim (None: a worker's test without one); raises WrittenElsewhere or
-    storage.Conflict rather than write over another writer's run."""
+    still holds its claim (None: there is none to check, the uploads' conditions alone guard);
+    raises WrittenElsewhere or storage.Conflict rather than write over another writer's run."""
     if claim is not None:
         claim.verify()
     stats = storage.publish_tree(local_dir, run_uri, last=report.MANIFEST,

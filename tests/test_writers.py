@@ -251,3 +251,67 @@ def test_two_writers_of_one_run_publish_it_once_and_it_matches_its_manifest(
     assert_matches_its_manifest(files)
     assert all(content.startswith(f"{publishers[0]} ".encode()) for content in files.values()
                if b" saved_model/" in content[:40] or content.startswith((b"first ", b"second ")))
+
+
+def test_every_attempt_stages_its_run_in_an_empty_folder(tmp_path):
+    """A killed attempt's half-written files stay behind in the staging folder; the next attempt
+    starts from nothing, so they can reach neither its MANIFEST.json nor the published run."""
+    leftover = tmp_path / "staging" / "saved_model" / "saved_model.pb.tmp6f1c2d3e4b5a"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"truncated")
+    assert list(writer.fresh_staging(tmp_path / "staging").iterdir()) == []
+
+
+# --- the job itself ---
+
+def test_a_rerun_of_a_complete_run_clears_its_checkpoints_and_leftover_claim(
+        gcs_bucket, gcs_client, gcs_endpoint, tmp_path):
+    """The first attempt was stopped after its MANIFEST.json landed, before it cleared its
+    checkpoints and released its claim; the rerun says "already complete" and clears exactly
+    what this RUN_ID recorded writing there."""
+    bucket = gcs_client.bucket(gcs_bucket)
+    run = {"MANIFEST.json": b'{"files": {}}', "metrics.json": b"{}",
+           "checkpoints/notes.txt": b"not the job's: not in WRITTEN.json"}
+    checkpoints = [f"phase2-backup/chief/{n}" for n in ("a", "b", "c")] + \
+        ["state.json", "phase1.weights.h5"]
+    for name in checkpoints:
+        bucket.blob(f"runs/r1/checkpoints/{name}").upload_from_string(b"checkpoint")
+    bucket.blob("runs/r1/checkpoints/WRITTEN.json").upload_from_string(
+        json.dumps({"owner": "r1", "names": checkpoints}))
+    for name, content in run.items():
+        bucket.blob(f"runs/r1/{name}").upload_from_string(content)
+    bucket.blob(f"runs/r1/{writer.CLAIM}").upload_from_string(
+        json.dumps({"writer": "gone/1/x", "host": "gone", "pid": 1, "at": 0}))
+    started = time.monotonic()
+    result = run_job({"DATA_URI": str(tmp_path / "never-read"), "OUTPUT_URI":
+                      f"gs://{gcs_bucket}/runs", "RUN_ID": "r1", "WEIGHTS": "none",
+                      "CACHE_DIR": str(tmp_path / "cache"), "STORAGE_EMULATOR_HOST": gcs_endpoint},
+                     timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already complete" in result.stderr and time.monotonic() - started < 60
+    assert {blob.name: blob.download_as_bytes() for blob in gcs_client.list_blobs(gcs_bucket)} \
+        == {f"runs/r1/{name}": content for name, content in run.items()}
+
+
+def test_a_second_job_of_a_local_run_never_rewrites_it(tmp_path):
+    """Two `python -m job` of one RUN_ID and OUTPUT_URI, separate caches, the second started while
+    the first trains: the second waits for the first's claim and finds the run complete; the run
+    is published once and matches its MANIFEST.json."""
+    images = write_class_images(tmp_path / "images", ["a", "b"], per_class=10, size=32)
+    logs = {name: tmp_path / f"{name}.log" for name in ("first", "second")}
+    settings = {name: tiny_vgg16_settings(images, tmp_path / "out", tmp_path / f"cache-{name}")
+                for name in logs}
+    started = time.monotonic()
+    first = start_job(settings["first"], logs["first"])
+    while "strategy:" not in logs["first"].read_text():  # it has claimed the run by then
+        assert first.poll() is None and time.monotonic() - started < 300, \
+            logs["first"].read_text()[-3000:]
+        time.sleep(0.2)
+    second = start_job(settings["second"], logs["second"])
+    codes = {"first": first.wait(timeout=600), "second": second.wait(timeout=600)}
+    texts = {name: path.read_text() for name, path in logs.items()}
+    assert codes == {"first": 0, "second": 0}, texts["second"][-3000:]
+    assert [name for name, text in texts.items() if "run complete:" in text] == ["first"]
+    assert "already complete" in texts["second"] and "being written by pid" in texts["second"]
+    assert_matches_its_manifest(published(str(tmp_path / "out" / "tiny")))
+    print(f"two local jobs: {time.monotonic() - started:.1f} s")
