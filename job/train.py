@@ -241,7 +241,8 @@ def run_metrics(config: Config, precision: str, whole: WholeData,
 
 def publish_run(config: Config, context: RunContext, checkpoints: Checkpoints) -> None:
     """The chief's last step: the run to its URI (MANIFEST.json last), the SavedModel also to
-    AIP_MODEL_DIR when set, then what the run no longer needs: its checkpoints and scratch."""
+    AIP_MODEL_DIR when set, then what the run no longer needs: its checkpoints, scratch and
+    staging folder."""
     deadline = config.storage_deadline
     writer.publish(context.claim, context.run_dir, config.run_uri, retry_deadline=deadline)
     if config.model_uri != storage.join(config.run_uri, "saved_model"):
