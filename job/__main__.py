@@ -1,11 +1,14 @@
 """Entrypoint: `python -m job` reads its settings from the environment and runs one training job.
 
 Exit codes: 0 done (or the run was already complete), 1 unexpected or storage failure,
-2 bad configuration or bad input, or a full disk (retrying cannot help: job/diskspace.py), 75
-stopped by SIGTERM with a checkpoint saved (run again with the same RUN_ID to resume).
+2 bad configuration or bad input, a full disk (job/diskspace.py) or another process writing the
+same run (job/writer.py): retrying cannot help; 75 stopped by SIGTERM with a checkpoint saved (run
+again with the same RUN_ID to resume).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -46,7 +49,8 @@ def main(environ=os.environ) -> int:
     try:
         context = RunContext.create(config)  # the strategy: before any other TensorFlow op
         train.validate(config, context)
-        metrics = train.run(config, context, stop)
+        with claimed(config, context) as context:  # one writer per run, released however it ends
+            metrics = train.run(config, context, stop)
         if export_config and metrics.get("status") != train.ALREADY_COMPLETE:
             export_run(export_config)  # ONNX float32/int8 beside the SavedModel, gated
     except Preempted as error:
@@ -67,6 +71,18 @@ def main(environ=os.environ) -> int:
             return _fail(f"ONNX export: {error.__class__.__name__}: {error}", error.exit_code)
         raise  # unexpected: the traceback
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def claimed(config, context):
+    """The context, holding the chief's claim on the run while the block runs (job/writer.py)."""
+    from job import writer
+
+    if not context.chief:  # the others write nothing of the run
+        yield context
+        return
+    with writer.claimed(config.run_uri, retry_deadline=config.storage_deadline) as claim:
+        yield dataclasses.replace(context, claim=claim)
 
 
 def _export_config(config, environ):

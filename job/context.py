@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from job import distribute, storage
+from job import distribute
 from job.config import Config
 from job.shard import EVERYTHING, Shard
 
@@ -21,10 +21,11 @@ from job.shard import EVERYTHING, Shard
 class RunContext:
     strategy: object  # a tf.distribute.Strategy
     chief: bool
-    run_dir: Path  # the run's files, written here and then published to Config.run_uri
+    run_dir: Path  # the run's files, staged here (emptied each attempt), then published to run_uri
     checkpoint_dir: Path  # the checkpoints, mirrored to Config.checkpoint_uri
     scratch_dir: Path  # decoded images and cached features, kept until the run is complete
     shard: Shard = EVERYTHING  # the part of the data this process pulls and runs (job/shard.py)
+    claim: object = None  # the chief's claim on the run (job/writer.py), once it holds one
 
     @classmethod
     def create(cls, config: Config) -> "RunContext":
@@ -33,8 +34,9 @@ class RunContext:
         cache, run_id = config.cache_dir, config.run_id
         return cls(
             strategy=strategy, chief=chief,
-            run_dir=distribute.write_dir(
-                storage.local_dir_for(config.run_uri, cache / "runs" / run_id), chief),
+            # Staged in the cache even for a local OUTPUT_URI: written in place, a second
+            # process rewrote a complete run there, and a killed attempt's partial files stayed.
+            run_dir=distribute.write_dir(cache / "staging" / run_id, chief),
             checkpoint_dir=distribute.write_dir(cache / "checkpoints" / run_id, chief),
             scratch_dir=distribute.write_dir(cache / "scratch" / run_id, chief),
             shard=config.cluster.shard if config.cluster else EVERYTHING)

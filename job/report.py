@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,9 @@ from sklearn import metrics as skm
 from edge.runtime import predict_labels
 
 MANIFEST = "MANIFEST.json"
+# Names of files being written: write_text's "x.tmp", TensorFlow's atomic writes
+# ("saved_model.pb.tmp" and a hex id), the storage module's "x.partial".
+TEMPORARY = re.compile(r"\.(tmp[0-9a-f]*|partial)$")
 
 
 SCORED_SPLITS = ("validation", "test")
@@ -245,11 +249,14 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_manifest(run_dir: Path) -> dict:
-    """Lists every file of the run with its size and SHA-256; written last, it marks completion."""
+    """Lists every file of the run with its size and SHA-256; written last, it marks completion.
+
+    Never a temporary or partial file (see TEMPORARY): each attempt writes into an empty folder,
+    so there should be none, but a writer killed mid-file must never have its half listed."""
     files = {}
     for path in sorted(p for p in Path(run_dir).rglob("*") if p.is_file() and p.name != MANIFEST):
         relative = str(path.relative_to(run_dir))
-        if relative.startswith("checkpoints/"):
+        if relative.startswith("checkpoints/") or TEMPORARY.search(path.name):
             continue
         files[relative] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
     manifest = {"files": files}

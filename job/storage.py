@@ -20,6 +20,12 @@ through `sync_owned`, which records every name it writes under the prefix in the
 WRITTEN.json and deletes only recorded names; a prefix holding anything else without that record
 is refused (`claim_owned`). Local mirrors of remote data are pruned only inside CACHE_DIR, which
 carries the job's marker file (`claim_cache`).
+
+What another writer wrote is never overwritten: `publish_tree` uploads each object on condition
+that its generation is still the one listed before the upload began (absent: none), and its
+completion marker only if there is none yet (locally: created exclusively), raising Conflict
+otherwise. The single-object calls (`read_object`, `write_object_if`, `delete_object_if`) are the
+conditional writes job/writer.py builds a run's claim from.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ import os
 import queue
 import re
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -74,6 +81,11 @@ class StorageError(Exception):
 class Unusable(StorageError):
     """A URI that cannot be used as it is set: missing, of the wrong kind, not writable, or
     holding what the job did not write. Retrying cannot help."""
+
+
+class Conflict(Unusable):
+    """Another writer changed what this one was about to write (a complete run, an object since
+    it was listed): nothing of its is overwritten. Retrying cannot help."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,7 +388,11 @@ def publish_tree(local_dir: Path, uri: str, last: str | None = None, *,
     """Copies local_dir to uri, the file named `last` (the completion marker) after every other one
     has been written, so a reader never takes a half-written run for a complete one.
 
-    Raises StorageError when uri already holds `last`: a completed run is never overwritten.
+    Nothing another writer wrote is overwritten, whatever the timing: on gs:// the prefix is
+    listed first, and each object is uploaded only if its generation is still the listed one (or
+    there is still none), the marker only if there is none; locally the marker is created
+    exclusively. Raises Conflict when uri already holds `last` (a completed run is never
+    overwritten) or another writer got there first.
     """
     local_dir = Path(local_dir)
     marker = local_dir / last if last else None
@@ -384,13 +400,14 @@ def publish_tree(local_dir: Path, uri: str, last: str | None = None, *,
         raise StorageError(f"{marker}: completion marker missing, nothing published to {uri}")
     if not is_remote(uri) and Path(uri).resolve() == local_dir.resolve():
         return TransferStats()
-    if last and exists(join(uri, last), retry_deadline=retry_deadline):
-        raise StorageError(f"{uri}: already holds a completed run ({last}); refusing to overwrite it")
     start = time.monotonic()
     files = (path for path in _files_under(local_dir) if path != marker)
     if not is_remote(uri):
-        copied = [_copy_file(path, Path(uri, path.relative_to(local_dir)))
-                  for path in [*files, *([marker] if marker else [])]]
+        if last and Path(uri, last).exists():
+            raise _completed(uri, last)
+        copied = [_copy_file(path, Path(uri, path.relative_to(local_dir))) for path in files]
+        if marker is not None:
+            copied.append(_create_exclusively(marker, Path(uri, last), uri))
         stats = TransferStats(len(copied), sum(copied), seconds=time.monotonic() - start)
         _log("published", local_dir, uri, stats)
         return stats
@@ -398,21 +415,91 @@ def publish_tree(local_dir: Path, uri: str, last: str | None = None, *,
     objects = size = 0
     with _remote(uri, retry_deadline, max_workers) as remote:
         bucket = remote.client.bucket(bucket_name)
-        for batch in _batches(files, DEFAULT_BATCH_SIZE):
-            size += remote.upload([(path, bucket.blob(_object_name(key, path, local_dir)))
-                                   for path in batch])
-            objects += len(batch)
-        if marker is not None:
-            try:
-                size += remote.upload([(marker, bucket.blob(_object_name(key, marker, local_dir)))],
-                                      if_generation_match=0)
-            except api_exceptions.PreconditionFailed:
-                raise StorageError(f"{uri}: another writer completed this run first ({last}); "
-                                   "refusing to overwrite it") from None
-            objects += 1
+        listed = {blob.name: blob.generation for blob in remote.client.list_blobs(
+            bucket_name, prefix=_as_prefix(key), retry=remote.retry)}
+        if marker is not None and _object_name(key, marker, local_dir) in listed:
+            raise _completed(uri, last)
+        try:
+            for batch in [*_batches(files, DEFAULT_BATCH_SIZE), *([[marker]] if marker else [])]:
+                size += remote.upload(_blobs(bucket, key, batch, local_dir), listed)
+                objects += len(batch)
+        except api_exceptions.PreconditionFailed:
+            raise Conflict(f"{uri}: another writer wrote {'this run' if last else 'here'} "
+                           f"since this one listed it; refusing to overwrite it") from None
     stats = TransferStats(objects, size, seconds=time.monotonic() - start)
     _log("published", local_dir, uri, stats)
     return stats
+
+
+def _blobs(bucket: gcs.Bucket, key: str, paths: list[Path],
+           local_dir: Path) -> list[tuple[Path, gcs.Blob]]:
+    return [(path, bucket.blob(_object_name(key, path, local_dir))) for path in paths]
+
+
+def _completed(uri: str, last: str) -> Conflict:
+    return Conflict(f"{uri}: already holds a completed run ({last}); refusing to overwrite it")
+
+
+def _create_exclusively(source: Path, target: Path, uri: str) -> int:
+    """Copies source to target only if target does not exist, atomically (a hard link of a
+    complete temporary copy: never half-written, never over another writer's)."""
+    descriptor, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX,
+                                           dir=target.parent)
+    os.close(descriptor)
+    try:
+        shutil.copy2(source, partial)
+        os.link(partial, target)
+    except FileExistsError:
+        raise _completed(uri, target.name) from None
+    finally:
+        os.unlink(partial)
+    return target.stat().st_size
+
+
+# --- Single objects written on condition (a run's claim, job/writer.py) ---
+
+def read_object(uri: str, *,
+                retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> tuple[bytes, int] | None:
+    """The bytes and generation of the live object at a gs:// uri; None when there is none."""
+    bucket_name, key = _split(uri)
+    with _remote(uri, retry_deadline) as remote:
+        blob = remote.client.bucket(bucket_name).get_blob(key, retry=remote.retry)
+        if blob is None:
+            return None
+        generation = blob.generation
+        try:  # the download names the generation read: replaced since, it is not found
+            return blob.download_as_bytes(retry=remote.retry), generation
+        except api_exceptions.NotFound:
+            return None
+
+
+def write_object_if(uri: str, content: bytes, generation: int, *,
+                    retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> int | None:
+    """Writes content to the gs:// uri only if the live generation there is `generation` (0:
+    there is no object); returns the new generation, or None when that did not hold."""
+    bucket_name, key = _split(uri)
+    with _remote(uri, retry_deadline) as remote:
+        blob = remote.client.bucket(bucket_name).blob(key)
+        try:
+            blob.upload_from_string(content, if_generation_match=generation, retry=remote.retry,
+                                    timeout=REQUEST_TIMEOUT_S)
+        except api_exceptions.PreconditionFailed:
+            return None
+        return blob.generation
+
+
+def delete_object_if(uri: str, generation: int, *,
+                     retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> bool:
+    """Deletes the gs:// object at uri only if its live generation is `generation`; says whether
+    it did."""
+    bucket_name, key = _split(uri)
+    with _remote(uri, retry_deadline) as remote:
+        try:
+            remote.client.bucket(bucket_name).blob(key).delete(
+                if_generation_match=generation, retry=remote.retry, timeout=REQUEST_TIMEOUT_S)
+        except (api_exceptions.PreconditionFailed, api_exceptions.NotFound):
+            return False
+        return True
 
 
 # --- Owned prefixes (checkpoints): the job deletes only names it recorded writing there. ---
@@ -542,8 +629,9 @@ class _Prefix:
             return sum(_copy_file(path, Path(self.uri, name)) for path, name in files_and_names)
         bucket_name, key = _split(self.uri)
         bucket = self.remote.client.bucket(bucket_name)
+        generations = {blob.name: blob.generation for blob in self.present.values()}
         return self.remote.upload([(path, bucket.blob(_as_prefix(key) + name))
-                                   for path, name in files_and_names])
+                                   for path, name in files_and_names], generations)
 
     def get(self, names_and_targets: list[tuple[str, Path]]) -> int:
         if not self.remote:
@@ -637,11 +725,15 @@ class _Remote:
         self._parallel("downloading", [functools.partial(download, blob, target)
                                        for blob, target in blobs_and_targets])
 
-    def upload(self, files_and_blobs: list[tuple[Path, gcs.Blob]], **upload_kwargs) -> int:
-        """Uploads in parallel and returns the bytes sent; the first failure raises."""
+    def upload(self, files_and_blobs: list[tuple[Path, gcs.Blob]],
+               generations: dict[str, int]) -> int:
+        """Uploads in parallel, each object only if its live generation is the one in generations
+        (absent: only if there is none), and returns the bytes sent; the first failure raises
+        (PreconditionFailed where another writer got there first)."""
         self._parallel("uploading", [
             functools.partial(blob.upload_from_filename, str(path), retry=self.retry,
-                              timeout=REQUEST_TIMEOUT_S, **upload_kwargs)
+                              timeout=REQUEST_TIMEOUT_S,
+                              if_generation_match=generations.get(blob.name, 0))
             for path, blob in files_and_blobs])
         return sum(path.stat().st_size for path, _ in files_and_blobs)
 

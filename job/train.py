@@ -27,7 +27,7 @@ import tensorflow as tf
 from edge import logs as edge_logs
 from edge.runtime import cpu_description
 from job import (budget, data, diskspace, distribute, html_report, identity, model, probe, report,
-                 storage)
+                 storage, writer)
 from job.checkpoint import Checkpoints, StopSignal, phase_key
 from job.config import Config, ConfigError
 from job.context import RunContext
@@ -88,6 +88,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
     if storage.exists(storage.join(config.run_uri, report.MANIFEST),
                       retry_deadline=config.storage_deadline):
         log.info("run %s is already complete at %s; nothing to do", config.run_id, config.run_uri)
+        tidy_complete(config, context)
         return {"status": ALREADY_COMPLETE, "run_uri": config.run_uri}
     precision = set_up_keras(config, context)
     dataset, pulled = load_data(config, context)
@@ -113,7 +114,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
     metrics["workers"] = worker_records(context, dataset, pulled, records)
     metrics[identity.KEY] = attempt
     log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
-    context.run_dir.mkdir(parents=True, exist_ok=True)
+    writer.fresh_staging(context.run_dir)  # nothing an earlier attempt left is published
     write_run(context.run_dir, config, parts.classifier, dataset.class_names, metrics, summaries,
               final_test_predictions(dataset.root, trainer, phases(config)[-1]))
     if not context.chief:
@@ -245,16 +246,29 @@ def run_metrics(config: Config, precision: str, whole: WholeData,
 
 def publish_run(config: Config, context: RunContext, checkpoints: Checkpoints) -> None:
     """The chief's last step: the run to its URI (MANIFEST.json last), the SavedModel also to
-    AIP_MODEL_DIR when set, then what the run no longer needs: its checkpoints and scratch."""
+    AIP_MODEL_DIR when set, then what the run no longer needs: its checkpoints, scratch and
+    staging folder."""
     deadline = config.storage_deadline
-    storage.publish_tree(context.run_dir, config.run_uri, last=report.MANIFEST,
-                         retry_deadline=deadline)
+    writer.publish(context.claim, context.run_dir, config.run_uri, retry_deadline=deadline)
     if config.model_uri != storage.join(config.run_uri, "saved_model"):
         storage.publish_tree(context.run_dir / "saved_model", config.model_uri,
                              retry_deadline=deadline)
     log.info("run complete: %s", config.run_uri)
     checkpoints.clear()
     shutil.rmtree(context.scratch_dir, ignore_errors=True)
+    shutil.rmtree(context.run_dir, ignore_errors=True)
+
+
+def tidy_complete(config: Config, context: RunContext) -> None:
+    """What an attempt killed after completing the run left (the chief's): the checkpoints this
+    RUN_ID recorded writing (storage.clear_owned), its claim, and its folders in the cache."""
+    if not context.chief:
+        return
+    storage.clear_owned(config.checkpoint_uri, config.run_id,
+                        retry_deadline=config.storage_deadline)
+    writer.remove_leftover_claim(config.run_uri, retry_deadline=config.storage_deadline)
+    for folder in (context.checkpoint_dir, context.scratch_dir, context.run_dir):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def choose_precision(mode: str) -> str:

@@ -34,6 +34,8 @@ around:
   downloads, patches and deletes, with 412 when one does not hold and nothing changed (the
   emulator ignored them all, so two writers that relied on them both "won"). Reads answer 412
   for the NotMatch conditions too, where GCS answers 304 Not Modified; nothing here relies on it.
+  A download says which generation it served (`x-goog-generation`, `x-goog-metageneration`), as
+  GCS does: the client sets the blob's generation from them, and the emulator's left it None.
 
 Run as a script to serve in the foreground: python tests/gcs_emulator.py PORT [LATENCY_MS]
 """
@@ -293,8 +295,14 @@ def _hold_generations_and_preconditions(objects, handlers) -> None:
     def by_object_id(handler):
         @functools.wraps(handler)
         def checked(request, response, storage, *args, **kwargs):
-            if not refused(request, response, storage, request.params.get("object_id")):
-                handler(request, response, storage, *args, **kwargs)
+            name = request.params.get("object_id")
+            if refused(request, response, storage, name):
+                return
+            live = live_object(storage, request.params["bucket_name"], name)
+            if live and handler.__name__ == "download":  # GCS says what it served
+                response["x-goog-generation"] = live["generation"]
+                response["x-goog-metageneration"] = live["metageneration"]
+            handler(request, response, storage, *args, **kwargs)
         return checked
 
     def upload_name(request) -> str | None:
@@ -376,11 +384,14 @@ def serve(port: int, latency_ms: float) -> None:
 
 class FaultyProxy:
     """An HTTP proxy on loopback in front of `upstream` that answers chosen requests with an error
-    status instead of forwarding them, counting those in `injected`."""
+    status instead of forwarding them, counting those in `injected`, and forwards the requests
+    `delay_s` seconds late (a slow link to the bucket), listing them in `answered`."""
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, delay_s: float = 0.0):
         self.upstream = urlparse(upstream)
         self.injected = 0
+        self.delay_s = delay_s
+        self.answered: list[str] = []  # the request lines forwarded and answered, in order
         self._faults: list[list] = []  # [times left, status, bytes to match]
         self._lock = threading.Lock()
         self._server = server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -416,6 +427,7 @@ class FaultyProxy:
             handler.send_header("Content-Length", "0")
             handler.end_headers()
             return
+        time.sleep(self.delay_s)
         upstream = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
         try:
             upstream.request(handler.command, handler.path, body, dict(handler.headers))
@@ -430,6 +442,7 @@ class FaultyProxy:
         handler.send_header("Content-Length", str(len(content)))
         handler.end_headers()
         handler.wfile.write(content)
+        self.answered.append(handler.requestline)
 
     def _handler_class(self) -> type:
         proxy = self

@@ -303,3 +303,11 @@ def test_a_download_gets_the_generation_it_asks_for_or_not_found(gcs_client, gcs
     newest = bucket.get_blob("run/metrics.json")
     assert bucket.blob("run/metrics.json", generation=newest.generation).download_as_bytes() \
         == b"second"
+
+
+def test_a_download_says_which_generation_it_served(gcs_client, gcs_bucket):
+    bucket = gcs_client.bucket(gcs_bucket)
+    uploaded = upload(bucket, "run/WRITER.json", b"claim")
+    read = bucket.get_blob("run/WRITER.json")
+    read.download_as_bytes()
+    assert read.generation == uploaded.generation and read.metageneration == 1

@@ -55,6 +55,7 @@ def test_sigterm_in_phase_2_saves_and_the_restart_resumes_there(slow_run, tmp_pa
     assert time.monotonic() - sent < 30  # inside Kubernetes' default grace period
     first = log_path.read_text()
     assert "preempted: SIGTERM during epoch" in first and "rerun with RUN_ID=tiny" in first
+    assert not (tmp_path / "out" / "tiny" / "WRITER.json").exists()  # its claim released
 
     second = run_job(slow_run)
     assert second.returncode == 0, second.stderr[-3000:]
