@@ -27,10 +27,7 @@ def main(environ=os.environ) -> int:
         return _fail(f"configuration error: {error}", EXIT_BAD_INPUT)
     logs.set_context(run_id=config.run_id)
 
-    with quiet_native_startup(os.environ):  # TensorFlow reads the process's own environment
-        import tensorflow as tf
-
-        tf.config.list_physical_devices("GPU")  # where the CUDA libraries announce themselves
+    start_tensorflow()
     from job import train
     from job.checkpoint import EXIT_PREEMPTED, Preempted, StopSignal
     from job.data import DataError
@@ -60,6 +57,15 @@ def main(environ=os.environ) -> int:
     except ExportError as error:  # EXPORT_ONNX=1: the run is complete, its export is not
         return _fail(f"ONNX export: {error.__class__.__name__}: {error}", error.exit_code)
     return EXIT_OK
+
+
+def start_tensorflow() -> None:
+    """Imports TensorFlow and lets it look for GPUs, its C++ start-up lines held back
+    (job.logs.quiet_native_startup); a no-op once it has run."""
+    with quiet_native_startup(os.environ):  # TensorFlow reads the process's own environment
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")  # where the CUDA libraries announce themselves
 
 
 def _export_config(config, environ):
