@@ -151,6 +151,7 @@ print(json.dumps({"counts": dataset.counts()["train"], "skipped": dataset.skippe
 """
 
 
+@pytest.mark.slow  # a process that imports TensorFlow and decodes 1.2 gigapixels
 def test_small_files_that_decode_huge_are_used_in_bounded_memory(tmp_path):
     """Eight 140 KB PNGs of 12000x12000 pixels (144 MB each decoded) took the job to 7.5 GB."""
     root = write_class_images(tmp_path / "bucket", ["cats", "dogs"], per_class=4)

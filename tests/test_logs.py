@@ -56,8 +56,8 @@ def test_auto_writes_text_on_a_terminal_and_json_where_a_collector_reads_stderr(
     assert choose_format({"LOG_FORMAT": "text", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}) == "text"
 
 
-def test_a_bad_log_format_is_one_line_naming_the_setting(tmp_path):
-    result = run_job({"LOG_FORMAT": "xml", "DATA_URI": str(tmp_path)})
+def test_a_bad_log_format_is_one_line_naming_the_setting(tmp_path, main_in_process):
+    result = main_in_process("job", {"LOG_FORMAT": "xml", "DATA_URI": str(tmp_path)})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "LOG_FORMAT='xml' is not valid: expected one of auto, json, text" in result.stderr
