@@ -401,9 +401,10 @@ def mixed_precision_run(tmp_path_factory, xray_small) -> Path:
 
 # A test is slow when it, or a fixture it uses however indirectly, calls one of these (they
 # start `python -m job` or `python -m export`, or train) or uses the environment made for a
-# TensorFlow worker process: new tests are marked without a decorator.
+# TensorFlow worker process, or a module that takes long to build: new tests are marked without a
+# decorator.
 SLOW_HELPERS = {"run_job", "run_module", "start_job", "train_run", "export_run", "job_environment"}
-SLOW_FIXTURES = {"cpu_subprocess_env"}
+SLOW_FIXTURES = {"cpu_subprocess_env", "hub_feature_vector"}
 
 
 def _calls_slow_helper(function) -> bool:
