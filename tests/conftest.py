@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from bench.datasets import link_slice
+from edge.logs import OWN_LOGGERS
 from tests import gcs_emulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -436,6 +437,8 @@ def main_in_process(monkeypatch, capsys):
     log lines; the root logger is put back afterwards."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    for name in OWN_LOGGERS:
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # logging.captureWarnings
 
     def run(module: str, env: dict[str, str]) -> subprocess.CompletedProcess:
