@@ -1,10 +1,12 @@
-# The two commands a new user needs: `make setup`, then `make demo`. `make test` is what CI runs.
+# The two commands a new user needs: `make setup`, then `make demo`. `make test` is what CI runs;
+# `make test-fast` the tests that train nothing and start no job (pytest's `slow` marker, which
+# tests/conftest.py sets), for the edit-test loop.
 # `make browser` installs Debian's chromium for the test that renders report.html headless.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test browser
+.PHONY: setup demo test test-fast browser
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +18,9 @@ demo:
 
 test:
 	$(PY) -m pytest
+
+test-fast:
+	$(PY) -m pytest -m "not slow"
 
 # Debian's chromium, through apt (sudo unless root); a machine without apt-get is told so and the
 # test that needs it skips, saying why.

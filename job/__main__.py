@@ -30,10 +30,7 @@ def main(environ=os.environ) -> int:
         return _fail(f"configuration error: {error}", EXIT_BAD_INPUT)
     logs.set_context(run_id=config.run_id)
 
-    with quiet_native_startup(os.environ):  # TensorFlow reads the process's own environment
-        import tensorflow as tf
-
-        tf.config.list_physical_devices("GPU")  # where the CUDA libraries announce themselves
+    start_tensorflow()
     from job import train
     from job.checkpoint import EXIT_PREEMPTED, Preempted, StopSignal
     from job.data import DataError
@@ -83,6 +80,15 @@ def claimed(config, context):
         return
     with writer.claimed(config.run_uri, retry_deadline=config.storage_deadline) as claim:
         yield dataclasses.replace(context, claim=claim)
+
+
+def start_tensorflow() -> None:
+    """Imports TensorFlow and lets it look for GPUs, its C++ start-up lines held back
+    (job.logs.quiet_native_startup); a no-op once it has run."""
+    with quiet_native_startup(os.environ):  # TensorFlow reads the process's own environment
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")  # where the CUDA libraries announce themselves
 
 
 def _export_config(config, environ):

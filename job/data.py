@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import random
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -161,8 +161,8 @@ def image_dataset(split: Split, image_size: int, batch_size: int, shuffle: bool 
                   seed: int = 0, cache_file: str | None = None) -> tf.data.Dataset:
     """Batches of (float32 RGB 0-255 images, labels), decoded in parallel by the shared decoder.
 
-    With cache_file the decoded uint8 images are written to disk during the first epoch and read
-    back afterwards; memory stays flat whatever the size of the data set.
+    With cache_file the decoded uint8 images are written to that file once and read back from it
+    afterwards; memory stays flat whatever the size of the data set.
     """
     def decode(path):
         image = tf.numpy_function(lambda p: load_image(p.decode(), image_size), [path], tf.uint8)
@@ -171,36 +171,64 @@ def image_dataset(split: Split, image_size: int, batch_size: int, shuffle: bool 
 
     images = tf.data.Dataset.from_tensor_slices(split.paths).map(
         decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if cache_file:
-        images = cached(images, cache_file, f"decoding {Path(cache_file).name} images")
     labels = tf.data.Dataset.from_tensor_slices(np.asarray(split.labels, dtype=np.int32))
     dataset = tf.data.Dataset.zip((images, labels))
+    if cache_file:
+        dataset = cached(dataset, Path(cache_file), f"decoding {Path(cache_file).name} images")
     if shuffle:
         dataset = dataset.shuffle(min(len(split), 2048), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def cached(examples: tf.data.Dataset, cache_file: str, step: str) -> tf.data.Dataset:
-    """The data set cached in a file, filled now by one full pass that logs its progress as step.
+def cached(examples: tf.data.Dataset, path: Path, step: str) -> tf.data.Dataset:
+    """The examples read back from a file that one full pass fills now, logging its progress as
+    step, unless a complete one is there already (an earlier attempt's).
 
-    Keras stops at the known number of batches without reading the end of the data, and tf.data
-    throws away a cache that was not read to the end, so the cache is filled here instead. The
-    "calling iterator did not fully read the dataset being cached" warning TensorFlow 2.21 logs
-    at the end of this pass is a false positive of its own (the writer's destructor looks for a
-    temporary index that a completed cache has already renamed; tensorflow/tensorflow#122904,
-    fixed after 2.21): the cache is complete, and reading it logs nothing.
-    """
-    if not Path(f"{cache_file}.index").exists():
-        for partial in Path(cache_file).parent.glob(f"{Path(cache_file).name}*"):
-            partial.unlink()  # left by a process killed while filling it
-        # Batched only to count them: the pass runs in tf.data, Python sees one count per batch.
-        counts = examples.cache(cache_file).batch(FILL_BATCH).map(
-            lambda *example: tf.shape(tf.nest.flatten(example)[0])[0])
-        with Progress(step, max(0, int(examples.cardinality())), "examples", log) as progress:
-            for count in counts.as_numpy_iterator():
-                progress.advance(int(count))
-    return examples.cache(cache_file)
+    Not tf.data's own file cache: Keras stops at the known number of batches without reading the
+    end of the data, and tf.data throws away a cache that was not read to the end; and TF 2.21's
+    cache writer logs "the calling iterator did not fully read the dataset being cached" even
+    after a complete pass (its destructor looks for the per-shard index that the completed cache
+    has just merged away)."""
+    count = int(examples.cardinality())
+    if not path.exists():
+        write_records(path, examples.batch(FILL_BATCH), count, step)
+    return read_records(path, examples.element_spec, count)
+
+
+# A small file format for examples computed once, by tf.data or by a model on the main thread:
+# one TFRecord per batch, each component of the batch a serialized tensor under its position.
+
+def write_records(path: Path, batches: Iterable[tuple[tf.Tensor, ...]], count: int,
+                  step: str) -> None:
+    """Writes each batch (a tuple of tensors of one batch size) to path as one record, logging
+    progress as step; a file killed half-written is left under a temporary name that the next
+    write overwrites, so path only ever names a complete file."""
+    partial = path.with_name(f"{path.name}.partial")
+    with tf.io.TFRecordWriter(str(partial)) as writer, \
+            Progress(step, count, "examples", log) as progress:
+        for batch in batches:
+            writer.write(tf.train.Example(features=tf.train.Features(feature={
+                str(position): tf.train.Feature(bytes_list=tf.train.BytesList(
+                    value=[tf.io.serialize_tensor(tensor).numpy()]))
+                for position, tensor in enumerate(batch)})).SerializeToString())
+            progress.advance(int(batch[0].shape[0]))
+    partial.replace(path)
+
+
+def read_records(path: Path, specs: tuple[tf.TensorSpec, ...], count: int) -> tf.data.Dataset:
+    """The count examples, one by one, of a file write_records wrote; specs: each component's
+    shape (of one example) and dtype."""
+    schema = {str(position): tf.io.FixedLenFeature([], tf.string) for position in range(len(specs))}
+
+    def parse(record):
+        batch = tf.io.parse_single_example(record, schema)
+        return tuple(tf.ensure_shape(tf.io.parse_tensor(batch[str(position)], spec.dtype),
+                                     [None, *spec.shape]) for position, spec in enumerate(specs))
+
+    examples = tf.data.TFRecordDataset(str(path)).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
+                                                     deterministic=True).unbatch()
+    return examples.apply(tf.data.experimental.assert_cardinality(count))
 
 
 def shuffle_buffer(examples: tf.data.Dataset, max_bytes: int = 256 * 2**20) -> int:

@@ -26,7 +26,6 @@ import tensorflow as tf
 from keras import ops
 
 from job import budget, data, diskspace, model
-from job.progress import Progress
 from job.report import SCORED_SPLITS
 from job.config import Config
 
@@ -266,45 +265,17 @@ def _arrays(examples: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
 
 
 # The frozen layers run on the main thread, fed by tf.data, and their outputs are written batch by
-# batch to a TFRecord file, rather than run inside a tf.data map in front of tf.data's own cache:
+# batch to a file (data.write_records), rather than run inside a tf.data map in front of a cache:
 # the same traced call runs 1.6x as fast outside the pipeline (78 to 88 images/s against 48 to 53
 # inside its map, MobileNetV2 0.5 at 224, 2 AVX2 cores), as fast as the SavedModel serves (the
-# whole pass, augmentation included, is in README's Benchmarks). tf.data has no cache a computed tensor can be written to from outside a
-# pipeline, hence this small format: one record per batch, outputs and labels as serialized
-# tensors.
-_OUTPUTS, _LABELS = "outputs", "labels"
-
+# whole pass, augmentation included, is in README's Benchmarks).
 
 def _fill(path: Path, run: Callable, batches: tf.data.Dataset, count: int, step: str) -> None:
-    """Writes run's output and the labels of every batch to path, logging progress as step; a
-    file killed half-written is left under a temporary name that the next fill overwrites."""
-    partial = path.with_name(f"{path.name}.partial")
-    with tf.io.TFRecordWriter(str(partial)) as writer, \
-            Progress(step, count, "examples", data.log) as progress:
-        for images, labels in batches.with_options(_AUGMENTATION_IN_PIPELINE).prefetch(
-                tf.data.AUTOTUNE):
-            outputs = run(images)
-            writer.write(tf.train.Example(features=tf.train.Features(feature={
-                _OUTPUTS: _bytes_feature(tf.io.serialize_tensor(outputs)),
-                _LABELS: _bytes_feature(tf.io.serialize_tensor(labels))})).SerializeToString())
-            progress.advance(int(labels.shape[0]))
-    partial.replace(path)  # complete: only now under the name a later pass reuses
-
-
-def _bytes_feature(tensor: tf.Tensor) -> tf.train.Feature:
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[tensor.numpy()]))
+    """Writes run's output and the labels of every batch to path, logging progress as step."""
+    batches = batches.with_options(_AUGMENTATION_IN_PIPELINE).prefetch(tf.data.AUTOTUNE)
+    data.write_records(path, ((run(images), labels) for images, labels in batches), count, step)
 
 
 def _read(path: Path, spec: tf.TensorSpec, label_dtype: tf.DType, count: int) -> tf.data.Dataset:
     """(output, label) per example of a file _fill wrote."""
-    schema = {key: tf.io.FixedLenFeature([], tf.string) for key in (_OUTPUTS, _LABELS)}
-
-    def parse(record):
-        batch = tf.io.parse_single_example(record, schema)
-        outputs = tf.io.parse_tensor(batch[_OUTPUTS], spec.dtype)
-        labels = tf.io.parse_tensor(batch[_LABELS], label_dtype)
-        return tf.ensure_shape(outputs, [None, *spec.shape]), tf.ensure_shape(labels, [None])
-
-    examples = tf.data.TFRecordDataset(str(path)).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
-                                                     deterministic=True).unbatch()
-    return examples.apply(tf.data.experimental.assert_cardinality(count))
+    return data.read_records(path, (spec, tf.TensorSpec((), label_dtype)), count)

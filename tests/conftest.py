@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ import pytest
 from PIL import Image
 
 from bench.datasets import link_slice
+from edge.logs import OWN_LOGGERS
 from tests import gcs_emulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -456,3 +460,63 @@ def int8_gate_that_fails(monkeypatch):
     gate = measure.int8_gate
     monkeypatch.setattr(measure, "int8_gate", lambda *args: gate(*args) or
                         "int8: top-1 agreement below 100% (made to fail by the test)")
+
+
+# --- `make test-fast` (-m "not slow"): the tests that train nothing and start no job ---
+
+# A test is slow when it, or a fixture it uses however indirectly, calls one of these (they
+# start `python -m job` or `python -m export`, or train) or uses the environment made for a
+# TensorFlow worker process, or a module that takes long to build: new tests are marked without a
+# decorator.
+SLOW_HELPERS = {"run_job", "run_module", "start_job", "train_run", "export_run", "job_environment"}
+SLOW_FIXTURES = {"cpu_subprocess_env", "hub_feature_vector"}
+
+
+def _calls_slow_helper(function) -> bool:
+    code = getattr(function, "__code__", None)
+    return code is not None and bool(SLOW_HELPERS & set(code.co_names))
+
+
+def _is_slow(item) -> bool:
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    fixtures = getattr(item, "_fixtureinfo", None)  # the fixtures it uses, however indirectly
+    definitions = fixtures.name2fixturedefs.values() if fixtures else ()
+    functions = [getattr(item, "function", None), *(d.func for group in definitions for d in group)]
+    return any(_calls_slow_helper(function) for function in functions)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def main_in_process(monkeypatch, capsys):
+    """run(module, env): `module.__main__.main(env)` ("job" or "export") in this process, for the
+    errors an entrypoint reports before it starts TensorFlow, in a fraction of a second where
+    `python -m` takes ten or more. Reaching the block where the entrypoint starts TensorFlow
+    (quiet_native_startup) fails the test. Returns what run_module returns, stderr holding the
+    log lines; the root logger is put back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    for name in OWN_LOGGERS:
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # logging.captureWarnings
+
+    def run(module: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+        entrypoint = importlib.import_module(f"{module}.__main__")
+        monkeypatch.setattr(entrypoint, "quiet_native_startup", _no_tensorflow_here)
+        capsys.readouterr()
+        code = entrypoint.main(dict(env))
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(["python", "-m", module], code, captured.out, captured.err)
+
+    yield run
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _no_tensorflow_here(environ):
+    raise AssertionError("the entrypoint went on to start TensorFlow instead of exiting first")

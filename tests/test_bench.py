@@ -106,6 +106,7 @@ def output(bench_runs, name: str) -> dict:
     return json.loads(stdout.read_text())
 
 
+@pytest.mark.slow
 def test_speed(bench_runs):
     result = output(bench_runs, "speed")
     assert {"machine", "backbone", "image_size", "images", "tensorflow"} <= set(result)
@@ -126,6 +127,7 @@ def test_speed(bench_runs):
     assert all(isinstance(row["images_per_s"], float) for row in steps if not row["xla"])
 
 
+@pytest.mark.slow
 def test_inference(bench_runs):
     result = output(bench_runs, "inference")
     assert set(result) == {"cpus", "load_average", "vgg16_150"}
@@ -159,6 +161,7 @@ def test_inference_refuses_a_run_that_is_not_finished(tmp_path):
     assert f"--run {tmp_path}: not a finished run (no MANIFEST.json)" in result.stderr
 
 
+@pytest.mark.slow
 def test_memory(bench_runs):
     result = output(bench_runs, "memory")
     assert result["backbone"] == "vgg16" and result["image_size"] == 32
@@ -167,6 +170,7 @@ def test_memory(bench_runs):
     assert result["rss_ratio_4x_data"] > 0
 
 
+@pytest.mark.slow
 def test_quality(bench_runs, bench_root):
     result = output(bench_runs, "quality")
     assert {"backbone", "alpha", "subset_per_class", "settings", "c_grid", "rows"} <= set(result)
@@ -192,6 +196,7 @@ def test_quality(bench_runs, bench_root):
     assert metrics["config"]["seed"] == 7  # --seeds reaches the job as SEED
 
 
+@pytest.mark.slow
 def test_storage_pull(bench_runs):
     result = output(bench_runs, "storage_pull")
     assert result["objects"] == 20 and result["repeats"] == 1
@@ -199,6 +204,7 @@ def test_storage_pull(bench_runs):
     assert result["speedup"] > 0
 
 
+@pytest.mark.slow
 def test_scaling(bench_runs):
     result = output(bench_runs, "scaling")
     table = result["table"]
@@ -217,6 +223,7 @@ def test_scaling(bench_runs):
     assert check["measured_objects_per_worker"] == [10, 10] and check["largest_deviation"] == 0
 
 
+@pytest.mark.slow
 def test_onnx_float32(bench_runs):
     result = output(bench_runs, "onnx_float32")
     assert result["backbone"] == "vgg16" and result["image_size"] == 32

@@ -168,8 +168,8 @@ def test_a_cache_dir_that_is_a_uri_is_refused_as_not_a_local_folder(read, value,
     assert list(tmp_path.iterdir()) == []  # no ./gs:/b/cache
 
 
-def test_bad_value_exits_2_with_one_line_before_any_work(tmp_path):
-    result = run_job({"DATA_URI": str(tmp_path / "absent"), "HEAD_EPOCHS": "-1"}, timeout=120)
+def test_bad_value_exits_2_with_one_line_before_any_work(tmp_path, main_in_process):
+    result = main_in_process("job", {"DATA_URI": str(tmp_path / "absent"), "HEAD_EPOCHS": "-1"})
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if " ERROR job: " in line]
     assert len(errors) == 1 and "HEAD_EPOCHS='-1' is not valid" in errors[0]
@@ -202,9 +202,9 @@ def test_every_variable_an_entrypoint_reads_is_documented_in_the_readme(entrypoi
     assert [name for name in sorted(environment.read) if f"`{name}`" not in readme] == []
 
 
-def test_a_bad_export_setting_with_export_onnx_exits_2_before_training(tmp_path):
-    result = run_job({"DATA_URI": str(tmp_path / "absent"), "EXPORT_ONNX": "1", "OPSET": "99"},
-                     timeout=120)
+def test_a_bad_export_setting_with_export_onnx_exits_2_before_training(tmp_path, main_in_process):
+    result = main_in_process("job", {"DATA_URI": str(tmp_path / "absent"), "EXPORT_ONNX": "1",
+                                     "OPSET": "99"})
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if " ERROR job: " in line]
     assert len(errors) == 1 and "OPSET=99 is not valid" in errors[0]

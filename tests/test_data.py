@@ -176,7 +176,7 @@ def test_pipeline_yields_float_batches_of_the_decoded_images(tmp_path):
     assert images.shape == (10, 32, 32, 3) and images.dtype == np.float32
     assert labels.tolist() == dataset.train.labels
     np.testing.assert_array_equal(images[0], load_image(dataset.train.paths[0], 32))
-    assert (tmp_path / "cache.index").exists()
+    assert (tmp_path / "cache").exists()
 
 
 def test_class_weights_balance_the_classes():

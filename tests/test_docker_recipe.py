@@ -28,6 +28,8 @@ CUDA_LAYER = "--no-deps -r /tmp/requirements/requirements-gpu.txt"
 # Written into the image by the Dockerfile's ENV but, in a container, also paths on its own file
 # system: the replay points them into its temporary root instead.
 CONTAINER_PATHS = ("CACHE_DIR", "KERAS_HOME", "MPLCONFIGDIR", "OUTPUT_URI")
+# Every test here installs a virtual environment or resolves the lock with pip: minutes.
+pytestmark = pytest.mark.slow
 
 
 def replay(stage: str, root: Path, not_yet: tuple[str, ...] = ()) -> tuple[Path, dict[str, str], Path]:
@@ -101,9 +103,15 @@ def test_training_image_recipe_trains_a_tiny_run_to_a_manifest(tmp_path, tiny_im
     assert versions["tensorflow"] == pins["tensorflow"] and versions["keras"] == pins["keras"]
 
 
+@pytest.fixture(scope="session")
+def edge_image(tmp_path_factory) -> tuple[Path, dict[str, str], Path]:
+    """The edge stage replayed once for the tests that read it: (WORKDIR, environment, venv)."""
+    return replay("edge", tmp_path_factory.mktemp("edge-image"))
+
+
 @pytest.mark.timeout(300)
-def test_edge_image_recipe_installs_its_lock_and_imports_without_tensorflow(tmp_path):
-    workdir, env, venv = replay("edge", tmp_path)
+def test_edge_image_recipe_installs_its_lock_and_imports_without_tensorflow(edge_image):
+    workdir, env, venv = edge_image
     installed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=json"],
                                env=env, capture_output=True, text=True, check=True).stdout
     names = {p["name"].lower().replace("_", "-") for p in json.loads(installed)}
@@ -118,8 +126,8 @@ def test_edge_image_recipe_installs_its_lock_and_imports_without_tensorflow(tmp_
 
 
 @pytest.mark.timeout(300)
-def test_edge_image_entrypoint_starts_without_tensorflow(tmp_path):
-    workdir, env, venv = replay("edge", tmp_path)
+def test_edge_image_entrypoint_starts_without_tensorflow(edge_image):
+    workdir, env, venv = edge_image
     entrypoint = recipe.entrypoint(recipe.chain("edge"))
     assert entrypoint == ["python", "-m", "edge.predict"]
     result = subprocess.run([*entrypoint, "--help"], cwd=workdir, env=env, capture_output=True,

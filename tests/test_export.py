@@ -424,7 +424,7 @@ def test_incomplete_run_exits_2_naming_it(vgg16_exported_by_job, tmp_path):
     ({"RUN_URI": "/nonexistent/run", "INT8": "maybe"}, "INT8"),
     ({}, "RUN_URI"),
 ])
-def test_bad_setting_exits_2_naming_the_variable(env, variable, tmp_path):
-    result = run_module("export", {"RUN_URI": "", "CACHE_DIR": str(tmp_path), **env}, timeout=120)
+def test_bad_setting_exits_2_naming_the_variable(env, variable, tmp_path, main_in_process):
+    result = main_in_process("export", {"RUN_URI": "", "CACHE_DIR": str(tmp_path), **env})
     assert result.returncode == 2
     assert variable in result.stderr.strip().splitlines()[-1]

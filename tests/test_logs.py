@@ -12,7 +12,7 @@ import pytest
 from edge import logs as edge_logs
 from edge.logs import OWN_LOGGERS, JsonFormatter, choose_format, configure, fields, set_context
 from job.logs import NATIVE_LINE, quiet_native_startup
-from tests.conftest import run_job, tiny_vgg16_settings, write_class_images
+from tests.conftest import run_job
 
 NATIVE = [b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
           b"I0000 00:00:1796164467.705782   24057 port.cc:153] oneDNN custom operations are on.\n",
@@ -56,8 +56,8 @@ def test_auto_writes_text_on_a_terminal_and_json_where_a_collector_reads_stderr(
     assert choose_format({"LOG_FORMAT": "text", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}) == "text"
 
 
-def test_a_bad_log_format_is_one_line_naming_the_setting(tmp_path):
-    result = run_job({"LOG_FORMAT": "xml", "DATA_URI": str(tmp_path)})
+def test_a_bad_log_format_is_one_line_naming_the_setting(tmp_path, main_in_process):
+    result = main_in_process("job", {"LOG_FORMAT": "xml", "DATA_URI": str(tmp_path)})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "LOG_FORMAT='xml' is not valid: expected one of auto, json, text" in result.stderr
@@ -74,13 +74,11 @@ def test_a_json_line_holds_severity_time_logger_context_and_fields():
     assert entry["time"].endswith("Z")
 
 
-def test_every_line_of_a_json_run_parses_and_epochs_carry_their_metrics(tmp_path):
-    images = write_class_images(tmp_path / "images", ["cat", "dog"], per_class=10)
-    result = run_job(tiny_vgg16_settings(images, tmp_path / "out", tmp_path / "cache",
-                                         LOG_FORMAT="json", HEAD_EPOCHS="1", FINE_TUNE_EPOCHS="1"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    entries = [json.loads(line) for line in result.stderr.splitlines()]
-    assert entries and all(entry["run_id"] == "tiny" for entry in entries)
+def test_every_line_of_a_json_run_parses_and_epochs_carry_their_metrics(vgg16_exported_by_job):
+    # The shared VGG16 run (tests/conftest.py) logs JSON, its export too: the job's lines here.
+    lines = (vgg16_exported_by_job.parent / "stderr.log").read_text().splitlines()
+    entries = [entry for entry in map(json.loads, lines) if entry["logger"].split(".")[0] == "job"]
+    assert entries and all(entry["run_id"] == "vgg16" for entry in entries)
     assert {entry["severity"] for entry in entries} <= {"INFO", "WARNING"}
     epochs = [entry for entry in entries if "epoch" in entry]
     assert [(entry["phase"], entry["epoch"]) for entry in epochs] == [("phase 2", 1)]

@@ -146,6 +146,7 @@ def test_multiclass_loss_survives_a_save_and_load(tmp_path):
     assert loaded.loss.get_config()["label_smoothing"] == 0.1
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("from_scratch", [True, False])
 def test_batch_normalization_learns_statistics_from_scratch_and_keeps_them_when_fine_tuned(
         from_scratch):

@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "mw_worker.py"
+pytestmark = pytest.mark.slow  # every test here trains on worker processes
 
 
 def worker_tf_configs(ports: list[int]) -> list[str]:

@@ -18,6 +18,7 @@ from tests.conftest import random_vgg16_weights
 from tests.test_multiworker import run_workers, worker_tf_configs
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test here trains on worker processes
 
 
 @pytest.mark.timeout(170)

@@ -50,11 +50,11 @@ def completed_runs(gcs_client, gcs_bucket):
 # --- 1-3: the job deletes only what it can prove it wrote ---
 
 def test_checkpoint_uri_equal_to_output_uri_is_refused_and_the_bucket_kept(
-        completed_runs, gcs_client, gcs_endpoint, tmp_path):
+        completed_runs, gcs_client, gcs_endpoint, tmp_path, main_in_process):
     bucket, before = completed_runs
-    result = run_job({"DATA_URI": str(tmp_path), "OUTPUT_URI": f"gs://{bucket}/runs",
-                      "CHECKPOINT_URI": f"gs://{bucket}/runs", "RUN_ID": "nightly-3",
-                      "STORAGE_EMULATOR_HOST": gcs_endpoint}, timeout=120)
+    result = main_in_process("job", {"DATA_URI": str(tmp_path), "OUTPUT_URI": f"gs://{bucket}/runs",
+                                     "CHECKPOINT_URI": f"gs://{bucket}/runs", "RUN_ID": "nightly-3",
+                                     "STORAGE_EMULATOR_HOST": gcs_endpoint})
     assert_one_line_exit(result, EXIT_BAD_INPUT, "OUTPUT_URI/RUN_ID", "CHECKPOINT_URI/RUN_ID",
                          "overlap")
     assert object_contents(gcs_client, bucket) == before
@@ -86,13 +86,14 @@ def test_a_completed_run_leaves_an_existing_local_checkpoint_folder_as_it_was(tm
 
 
 @pytest.mark.parametrize("variable", ["CHECKPOINT_URI", "DATA_URI", "OUTPUT_URI"])
-def test_dot_dot_in_a_gs_uri_is_refused_and_nothing_outside_the_cache_is_touched(variable, tmp_path):
+def test_dot_dot_in_a_gs_uri_is_refused_and_nothing_outside_the_cache_is_touched(variable, tmp_path,
+                                                                                  main_in_process):
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "precious.txt").write_text("keep me")
     uri = "gs://b/x/" + "../" * 8 + str(victim).lstrip("/")
     settings = {"DATA_URI": "gs://b/data", "CACHE_DIR": str(tmp_path / "cache"), variable: uri}
-    result = run_job(settings, timeout=120)
+    result = main_in_process("job", settings)
     assert_one_line_exit(result, EXIT_BAD_INPUT, f"{variable}=", "'..' component")
     assert tree_contents(victim) == {"precious.txt": b"keep me"}
 
@@ -101,8 +102,8 @@ def test_dot_dot_in_a_gs_uri_is_refused_and_nothing_outside_the_cache_is_touched
     {"DATA_URI": "/srv/images", "OUTPUT_URI": "/srv/images"},
     {"DATA_URI": "/srv/images", "CACHE_DIR": "/srv"},
 ])
-def test_local_places_that_overlap_are_refused_with_exit_2(settings):
-    result = run_job(settings, timeout=120)
+def test_local_places_that_overlap_are_refused_with_exit_2(settings, main_in_process):
+    result = main_in_process("job", settings)
     assert_one_line_exit(result, EXIT_BAD_INPUT, "overlap", "DATA_URI")
 
 

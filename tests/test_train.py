@@ -53,6 +53,7 @@ def phases(tmp_path_factory):
             "pooled": pooled, "root": root, "dataset": dataset}
 
 
+@pytest.mark.slow  # trains in-process (the phases fixture)
 def test_phase1_trains_the_head_and_leaves_the_base_unchanged(phases):
     snapshots = phases["snapshots"]
     assert changed(snapshots["start"], snapshots["phase1"]) == []
@@ -60,6 +61,7 @@ def test_phase1_trains_the_head_and_leaves_the_base_unchanged(phases):
     assert any(not np.array_equal(b, a) for b, a in zip(before, after))
 
 
+@pytest.mark.slow  # trains in-process (the phases fixture)
 def test_phase1_of_the_default_head_is_the_linear_probe_of_the_unaugmented_features(phases):
     """The default head (DENSE_UNITS=0) is linear, and phase 1 leaves it computing what the
     logistic regression solved on the training images' pooled features computes."""
@@ -71,12 +73,14 @@ def test_phase1_of_the_default_head_is_the_linear_probe_of_the_unaugmented_featu
                                atol=1e-6)
 
 
+@pytest.mark.slow  # trains in-process (the phases fixture)
 def test_phase2_changes_only_the_layers_from_fine_tune_from_up(phases):
     snapshots = phases["snapshots"]
     assert changed(snapshots["phase1"], snapshots["phase2"]) == \
         ["block5_conv1", "block5_conv2", "block5_conv3"]
 
 
+@pytest.mark.slow  # trains in-process (the phases fixture)
 def test_saved_model_predicts_what_the_in_memory_model_predicts(phases, tmp_path):
     classifier = phases["parts"].classifier
     images = next(iter(data.image_dataset(phases["dataset"].train, 32, 8)))[0].numpy()
