@@ -35,7 +35,7 @@ def main(environ=os.environ) -> int:
     from job.checkpoint import EXIT_PREEMPTED, Preempted, StopSignal
     from job.data import DataError
     from job.storage import StorageError, Unusable
-    from export.errors import ExportError
+    from export.errors import ExportError, GateFailed
     from export.pipeline import export_run
 
     from job.context import RunContext
@@ -46,8 +46,18 @@ def main(environ=os.environ) -> int:
         context = RunContext.create(config)  # the strategy: before any other TensorFlow op
         train.validate(config, context)
         metrics = train.run(config, context, stop)
+        gate_failure = None
         if export_config and metrics.get("status") != train.ALREADY_COMPLETE:
-            export_run(export_config)  # ONNX float32/int8 beside the SavedModel, gated
+            try:
+                export_run(export_config)  # ONNX float32/int8 beside the SavedModel, gated
+            except GateFailed as error:  # promotion decides what a failed gate holds back
+                if not config.promote_uri:
+                    raise
+                gate_failure = error
+        if config.promote_uri and context.chief:
+            record = promote_after_run(config, context, export_config)
+            if gate_failure and record.get("onnx_float32") != "passed":  # held back, and failed
+                raise gate_failure
     except Preempted as error:
         return _fail(f"preempted: {error}; exit {EXIT_PREEMPTED}, rerun with RUN_ID={config.run_id} "
                      "to resume", EXIT_PREEMPTED)
@@ -70,6 +80,21 @@ def _export_config(config, environ):
 
     return ExportConfig.from_env({**{k: v for k, v in environ.items() if k != "DATA_URI"},
                                   "RUN_URI": config.run_uri, "CACHE_DIR": str(config.cache_dir)})
+
+
+def promote_after_run(config, context, export_config) -> dict:
+    """PROMOTE_URI: this run against the production model (job/promote.py), unless a rerun finds
+    the verdict already recorded; then the decoded test images it read are removed."""
+    import shutil
+
+    from job import promote
+
+    if promote.already_recorded(config):
+        return {}
+    record = promote.promote_run(config, context.scratch_dir,
+                                 export_config.target_uri if export_config else None)
+    shutil.rmtree(context.scratch_dir, ignore_errors=True)
+    return record
 
 
 def _fail(message: str, code: int) -> int:

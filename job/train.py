@@ -249,7 +249,8 @@ def publish_run(config: Config, context: RunContext, checkpoints: Checkpoints) -
                              retry_deadline=deadline)
     log.info("run complete: %s", config.run_uri)
     checkpoints.clear()
-    shutil.rmtree(context.scratch_dir, ignore_errors=True)
+    if not config.promote_uri:  # promotion reads the decoded test images, then removes them
+        shutil.rmtree(context.scratch_dir, ignore_errors=True)
 
 
 def choose_precision(mode: str) -> str:

@@ -1,0 +1,168 @@
+"""Promotion (job/promote.py, job/versions.py): a run replaces the production model only when it
+is no worse, on real X-rays (the `promotion_runs` fixture: three real runs promoted in turn)."""
+import json
+import shutil
+
+import pytest
+
+from job import report, versions
+
+
+def record(run_dir):
+    return json.loads((run_dir / "promotion.json").read_text())
+
+
+def test_the_first_run_is_promoted_with_no_champion(promotion_runs):
+    verdict = record(promotion_runs["first"])
+    assert verdict["promoted"] and verdict["champion"] is None
+    assert "first run is promoted" in verdict["reason"]
+    current = promotion_runs["current"]["first"]
+    assert current["run_id"] == "first" and current["history"] == []
+
+
+def test_a_good_second_run_is_promoted_after_a_paired_comparison(promotion_runs):
+    verdict = record(promotion_runs["second"])
+    assert verdict["promoted"], verdict["reason"]
+    assert verdict["champion"]["run_id"] == "first"
+    comparison = verdict["comparison"]
+    assert comparison["images"] == 300
+    assert 0 <= comparison["p_value"] <= 1
+    current = promotion_runs["current"]["second"]
+    assert current["run_id"] == "second" and current["history"][0]["run_id"] == "first"
+
+
+def test_a_run_trained_on_swapped_labels_is_held_back_with_its_figures(promotion_runs):
+    verdict = record(promotion_runs["swapped"])
+    assert not verdict["promoted"] and verdict["status"] == "held_back"
+    comparison = verdict["comparison"]
+    assert comparison["difference"]["accuracy"] < -0.2
+    assert comparison["p_value"] < 0.001
+    assert comparison["only_champion_right"] > comparison["only_challenger_right"]
+    assert comparison["interval"]["accuracy"][1] < 0
+    assert set(verdict["per_class_recall"]["champion"]) == {"NORMAL", "PNEUMONIA"}
+    assert "PROMOTE_MAX_DROP" in verdict["reason"]
+    # CURRENT.json still names the second run, and the run is complete with its verdict listed.
+    assert promotion_runs["current"]["swapped"]["run_id"] == "second"
+    manifest = json.loads((promotion_runs["swapped"] / report.MANIFEST).read_text())["files"]
+    assert manifest["promotion.json"]["sha256"] == report.sha256(
+        promotion_runs["swapped"] / "promotion.json")
+    assert "held back" in (promotion_runs["swapped"] / "report.html").read_text()
+
+
+def test_a_promoted_version_is_complete_and_matches_its_pointer(promotion_runs):
+    current = promotion_runs["current"]["second"]
+    version = promotion_runs["promote_uri"] / "versions" / "second"
+    for name, entry in current["files"].items():
+        assert report.sha256(version / name) == entry["sha256"], name
+    assert (version / "saved_model" / "saved_model.pb").is_file()
+    assert not (promotion_runs["promote_uri"] / "versions" / "swapped").exists()
+
+
+# --- In-process: copies of the real runs promoted again, into copies or new PROMOTE_URIs. ---
+
+
+def run_copy(promotion_runs, name, tmp_path, promote_uri, **settings):
+    """A Config for promoting a copy of one of the runs (its verdict removed) into promote_uri."""
+    from job.config import Config
+
+    output = tmp_path / f"runs-{name}"
+    shutil.copytree(promotion_runs[name], output / name, symlinks=True)
+    (output / name / "promotion.json").unlink()
+    (tmp_path / f"scratch-{name}").mkdir()
+    return Config(data_uri=str(promotion_runs["data"][name]), output_uri=str(output), run_id=name,
+                  cache_dir=tmp_path / f"cache-{name}", promote_uri=str(promote_uri),
+                  **settings)
+
+
+def copied_production(promotion_runs, tmp_path):
+    production = tmp_path / "production"
+    shutil.copytree(promotion_runs["promote_uri"], production)
+    return production
+
+
+def test_a_run_with_an_added_class_is_judged_by_the_floors_alone(promotion_runs, tmp_path):
+    import dataclasses
+
+    from job import promote
+
+    production = copied_production(promotion_runs, tmp_path)
+    config = run_copy(promotion_runs, "first", tmp_path, production)
+    challenger = promote.load_challenger(config, None)
+    added = dataclasses.replace(challenger, metrics={
+        **challenger.metrics, "classes": [*challenger.classes, "COVID"]})
+    current, _ = versions.read_current(str(production), 60)
+    verdict = promote.judge(config, added, current, tmp_path / "scratch-first")
+    assert verdict["promoted"] and "comparison" not in verdict
+    assert "added ['COVID']" in verdict["reason"] and "only the floors" in verdict["reason"]
+    strict = dataclasses.replace(config, promote_min_accuracy=0.99)
+    verdict = promote.judge(strict, added, current, tmp_path / "scratch-first")
+    assert not verdict["promoted"] and "PROMOTE_MIN_ACCURACY" in verdict["reason"]
+
+
+def test_a_corrupted_champion_is_neither_trusted_nor_lost(promotion_runs, tmp_path):
+    from job import promote
+
+    production = copied_production(promotion_runs, tmp_path)
+    weights = production / "versions" / "second" / "saved_model" / "variables" / \
+        "variables.data-00000-of-00001"
+    tampered = bytearray(weights.read_bytes())
+    tampered[-1] ^= 0xFF
+    weights.write_bytes(bytes(tampered))
+    pointer_before = (production / "CURRENT.json").read_bytes()
+    config = run_copy(promotion_runs, "first", tmp_path, production)
+    verdict = promote.promote_run(config, tmp_path / "scratch-first", None)
+    assert not verdict["promoted"]
+    assert "fails its SHA-256" in verdict["reason"] and "roll back" in verdict["reason"]
+    assert (production / "CURRENT.json").read_bytes() == pointer_before
+    assert weights.read_bytes() == bytes(tampered)  # kept as found, for whoever repairs it
+    assert sorted(path.name for path in (production / "versions").iterdir()) == ["first", "second"]
+
+
+def test_rollback_restores_the_previous_pointer(promotion_runs, tmp_path):
+    production = copied_production(promotion_runs, tmp_path)
+    assert versions.main(["rollback", str(production), "--cache-dir", str(tmp_path / "c")]) == 0
+    current = json.loads((production / "CURRENT.json").read_text())
+    assert current["run_id"] == "first" and current["history"] == []
+    assert current["rolled_back_from"]["run_id"] == "second"
+    assert current["files"] == promotion_runs["current"]["first"]["files"]
+    assert (production / "versions" / "second" / "MANIFEST.json").is_file()  # never deleted
+    assert versions.main(["rollback", str(production), "--cache-dir", str(tmp_path / "c")]) == 2
+
+
+def test_two_promotions_racing_on_gcs_leave_one_consistent_pointer(promotion_runs, tmp_path,
+                                                                  gcs_bucket, gcs_client):
+    import threading
+
+    from job import promote
+
+    promote_uri = f"gs://{gcs_bucket}/production"
+    configs = {name: run_copy(promotion_runs, name, tmp_path, promote_uri)
+               for name in ("first", "second")}
+    verdicts, start = {}, threading.Barrier(2)
+
+    def promote_one(name):
+        start.wait()
+        verdicts[name] = promote.promote_run(configs[name], tmp_path / f"scratch-{name}", None)
+
+    threads = [threading.Thread(target=promote_one, args=(name,)) for name in configs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    bucket = gcs_client.bucket(gcs_bucket)
+    current = json.loads(bucket.blob("production/CURRENT.json").download_as_bytes())
+    # Exactly one run switched the empty pointer; the other compared again, with it.
+    first_promoted = [name for name, verdict in verdicts.items() if verdict.get("champion") is None
+                      and verdict["promoted"]]
+    assert len(first_promoted) == 1
+    other = ({"first", "second"} - set(first_promoted)).pop()
+    assert verdicts[other]["champion"]["run_id"] == first_promoted[0]
+    expected = other if verdicts[other]["promoted"] else first_promoted[0]
+    assert current["run_id"] == expected
+    if verdicts[other]["promoted"]:
+        assert [entry["run_id"] for entry in current["history"]] == first_promoted
+    manifest = json.loads(bucket.blob(f"production/versions/{expected}/MANIFEST.json")
+                          .download_as_bytes())
+    assert {name: entry["sha256"] for name, entry in current["files"].items()
+            if name != "MANIFEST.json"} == {name: entry["sha256"]
+                                            for name, entry in manifest["files"].items()}
