@@ -2,18 +2,22 @@
 
 Exit codes: 0 done (or the run was already complete), 1 unexpected or storage failure,
 2 bad configuration or bad input (retrying cannot help), 75 stopped by SIGTERM with a checkpoint
-saved (run again with the same RUN_ID to resume).
+saved (run again with the same RUN_ID to resume). With PROMOTE_URI, a run held back by the
+promotion rule exits 0: its verdict is OUTPUT_URI/RUN_ID/promotion.json (docs/promotion.md).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 from edge import logs
 from job.logs import quiet_native_startup
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+TERMINATION_LOG = Path("/dev/termination-log")  # Kubernetes' terminationMessagePath default
 
 
 def main(environ=os.environ) -> int:
@@ -35,8 +39,7 @@ def main(environ=os.environ) -> int:
     from job.checkpoint import EXIT_PREEMPTED, Preempted, StopSignal
     from job.data import DataError
     from job.storage import StorageError, Unusable
-    from export.errors import ExportError, GateFailed
-    from export.pipeline import export_run
+    from export.errors import ExportError
 
     from job.context import RunContext
 
@@ -48,12 +51,7 @@ def main(environ=os.environ) -> int:
         metrics = train.run(config, context, stop)
         gate_failure = None
         if export_config and metrics.get("status") != train.ALREADY_COMPLETE:
-            try:
-                export_run(export_config)  # ONNX float32/int8 beside the SavedModel, gated
-            except GateFailed as error:  # promotion decides what a failed gate holds back
-                if not config.promote_uri:
-                    raise
-                gate_failure = error
+            gate_failure = export_after_run(export_config, promoting=bool(config.promote_uri))
         if config.promote_uri and context.chief:
             record = promote_after_run(config, context, export_config)
             if gate_failure and record.get("onnx_float32") != "passed":  # held back, and failed
@@ -82,6 +80,21 @@ def _export_config(config, environ):
                                   "RUN_URI": config.run_uri, "CACHE_DIR": str(config.cache_dir)})
 
 
+def export_after_run(export_config, promoting: bool):
+    """The ONNX export beside the SavedModel, gated. When promoting, a failed gate is returned
+    rather than raised: promotion decides what it holds back (docs/promotion.md)."""
+    from export.errors import GateFailed
+    from export.pipeline import export_run
+
+    try:
+        export_run(export_config)
+    except GateFailed as error:
+        if not promoting:
+            raise
+        return error
+    return None
+
+
 def promote_after_run(config, context, export_config) -> dict:
     """PROMOTE_URI: this run against the production model (job/promote.py), unless a rerun finds
     the verdict already recorded; then the decoded test images it read are removed."""
@@ -94,6 +107,9 @@ def promote_after_run(config, context, export_config) -> dict:
     record = promote.promote_run(config, context.scratch_dir,
                                  export_config.target_uri if export_config else None)
     shutil.rmtree(context.scratch_dir, ignore_errors=True)
+    if TERMINATION_LOG.exists():  # the verdict as the pod's termination message (infra/README)
+        with contextlib.suppress(OSError):
+            TERMINATION_LOG.write_text(f"{record['status']}: {record['reason']}"[:4096])
     return record
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from edge import logs as edge_logs
 from edge.runtime import predict_labels
-from job import data, html_report, paired, pointer, report, storage, versions
+from job import html_report, paired, pointer, report, storage, versions
 from job.config import Config
 
 log = logging.getLogger("job")
@@ -84,7 +84,7 @@ def promote_run(config: Config, scratch_dir: Path, export_uri: str | None) -> di
         except versions.ChampionUnusable as error:
             verdict = held_back(f"the champion cannot be used ({error}); CURRENT.json is left in "
                                 "force: repair it or roll back (docs/promotion.md)")
-        if not verdict["promoted"]:
+        if not verdict["promoted"] or verdict.get("already_current"):
             break
         staged = staged or stage_version(config, challenger)
         if switch(config, staged, current, token):
@@ -110,6 +110,9 @@ def held_back(reason: str, **figures) -> dict:
 def judge(config: Config, challenger: Challenger, current: dict | None,
           scratch_dir: Path) -> dict:
     """The verdict on this run against the champion `current` names (None: no champion yet)."""
+    if current is not None and current.get("run_id") == challenger.metrics.get("run_id"):
+        return {"promoted": True, "status": "promoted", "already_current": True,
+                "reason": "CURRENT.json already names this run: an earlier attempt switched it"}
     if challenger.float32 == "failed its gate":
         return held_back("the ONNX float32 file failed its gate: the edge would have no model")
     if challenger.predicted is None:
@@ -223,11 +226,14 @@ def score_champion(champion_dir: Path, current: dict, challenger: Challenger, sc
     antialiasing as Pillow's resize of the originals has, and rounded to 8 bits as decoding does."""
     import tensorflow as tf
 
+    from job import data  # (TensorFlow: loaded only where a champion is scored)
+
     try:
         serve = tf.saved_model.load(str(champion_dir / "saved_model")).signatures["serving_default"]
     except Exception as error:  # a SavedModel that passed its checksums yet does not load
         raise versions.ChampionUnusable(f"its SavedModel does not load ({error})") from None
     input_name = next(iter(serve.structured_input_signature[1]))
+    scratch_dir.mkdir(parents=True, exist_ok=True)  # a rerun's, its first run's removed
     size, own_size = int(current["image_size"]), int(challenger.metrics["record"]["image_size"])
     images = data.image_dataset(data.Split(challenger.paths, challenger.labels.tolist()),
                                 own_size, batch_size, cache_file=str(scratch_dir / "test"))

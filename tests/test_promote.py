@@ -3,8 +3,6 @@ is no worse, on real X-rays (the `promotion_runs` fixture: three real runs promo
 import json
 import shutil
 
-import pytest
-
 from job import report, versions
 
 
@@ -166,3 +164,58 @@ def test_two_promotions_racing_on_gcs_leave_one_consistent_pointer(promotion_run
     assert {name: entry["sha256"] for name, entry in current["files"].items()
             if name != "MANIFEST.json"} == {name: entry["sha256"]
                                             for name, entry in manifest["files"].items()}
+
+
+def test_the_champion_is_scored_on_the_runs_decoded_images_without_decoding_them_again(
+        promotion_runs, tmp_path):
+    from job import data, promote
+
+    production = copied_production(promotion_runs, tmp_path)
+    config = run_copy(promotion_runs, "swapped", tmp_path, production)
+    challenger = promote.load_challenger(config, None)
+    copies = tmp_path / "images"
+    copies.mkdir()
+    paths = []
+    for index, path in enumerate(challenger.paths):  # the run's images, as its cache decoded them
+        paths.append(str(copies / f"{index}.png"))
+        shutil.copy(path, paths[-1])
+    scratch = tmp_path / "scratch-swapped"
+    data.image_dataset(data.Split(paths, challenger.labels.tolist()), 96, 32,
+                       cache_file=str(scratch / "test"))  # filled, as the run fills it
+    shutil.rmtree(copies)  # a second decode would fail now
+    current, _ = versions.read_current(str(production), 60)
+    champion_dir = production / current["version"]
+    cached = promote.score_champion(champion_dir, current,
+                                    dataclasses_replace(challenger, paths=paths), scratch, 32)
+    fresh = promote.score_champion(champion_dir, current, challenger, tmp_path / "fresh", 32)
+    assert len(cached) == 300
+    assert (cached == fresh).all()
+
+
+def dataclasses_replace(instance, **changes):
+    import dataclasses
+
+    return dataclasses.replace(instance, **changes)
+
+
+def test_an_int8_file_that_failed_its_gate_is_held_back_and_float32_promoted(promotion_runs,
+                                                                            tmp_path):
+    from job import promote
+
+    config = run_copy(promotion_runs, "first", tmp_path, tmp_path / "production")
+    run_dir = tmp_path / "runs-first" / "first"
+    (run_dir / "model.onnx").write_bytes(b"float32 model")
+    (run_dir / "model.int8.onnx").write_bytes(b"stale int8 model from an earlier export")
+    (run_dir / "selftest").mkdir()
+    (run_dir / "selftest" / "inputs.npy").write_bytes(b"self-test inputs")
+    (run_dir / "export_report.json").write_text(json.dumps({
+        "status": "failed", "failed_gates": ["onnx_int8: top-1 agreement 0.95 < 0.99"],
+        "files": {"model.onnx": {"bytes": 13}}}))
+    verdict = promote.promote_run(config, tmp_path / "scratch-first", str(run_dir))
+    assert verdict["promoted"] and verdict["onnx_float32"] == "passed"
+    assert verdict["int8"] == "held back: onnx_int8: top-1 agreement 0.95 < 0.99"
+    version = tmp_path / "production" / "versions" / "first"
+    assert (version / "model.onnx").is_file() and (version / "selftest" / "inputs.npy").is_file()
+    assert not (version / "model.int8.onnx").exists()
+    current = json.loads((tmp_path / "production" / "CURRENT.json").read_text())
+    assert "model.onnx" in current["files"] and "selftest/inputs.npy" in current["files"]
