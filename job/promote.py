@@ -89,9 +89,11 @@ def promote_run(config: Config, scratch_dir: Path, export_uri: str | None) -> di
         staged = staged or stage_version(config, challenger)
         if switch(config, staged, current, token):
             break
-        log.warning("promotion: CURRENT.json changed while this run compared with it; comparing "
-                    "again (attempt %d of %d)", attempt + 1, ATTEMPTS)
-        verdict = held_back(f"CURRENT.json changed {ATTEMPTS} times during the comparison")
+        verdict = held_back(f"CURRENT.json changed {attempt} times while this run compared "
+                            "with it (other runs promoted meanwhile)")
+        if attempt < ATTEMPTS:
+            log.warning("promotion: CURRENT.json changed while this run compared with it; "
+                        "comparing again with the new champion")
     record = {**verdict, "run_id": config.run_id, "promote_uri": config.promote_uri,
               "onnx_float32": challenger.float32, "int8": challenger.int8,
               "created_utc": versions.utc_now(),

@@ -3,6 +3,8 @@ is no worse, on real X-rays (the `promotion_runs` fixture: three real runs promo
 import json
 import shutil
 
+import pytest
+
 from job import report, versions
 
 
@@ -219,3 +221,28 @@ def test_an_int8_file_that_failed_its_gate_is_held_back_and_float32_promoted(pro
     assert not (version / "model.int8.onnx").exists()
     current = json.loads((tmp_path / "production" / "CURRENT.json").read_text())
     assert "model.onnx" in current["files"] and "selftest/inputs.npy" in current["files"]
+
+
+def test_a_promotion_stopped_before_its_switch_leaves_the_old_pointer_and_a_rerun_finishes_it(
+        promotion_runs, tmp_path, monkeypatch):
+    from job import pointer, promote
+
+    production = copied_production(promotion_runs, tmp_path)
+    shutil.rmtree(production / "versions" / "first")  # as if never promoted: written anew
+    pointer_before = (production / "CURRENT.json").read_bytes()
+    config = run_copy(promotion_runs, "first", tmp_path, production)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # the process stops where the switch would begin
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pointer, "replace", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            promote.promote_run(config, tmp_path / "scratch-first", None)
+    assert (production / "CURRENT.json").read_bytes() == pointer_before
+    assert (production / "versions" / "first" / "MANIFEST.json").is_file()  # written whole first
+    verdict = promote.promote_run(config, tmp_path / "scratch-first", None)
+    assert verdict["promoted"], verdict["reason"]
+    current = json.loads((production / "CURRENT.json").read_text())
+    assert current["run_id"] == "first"
+    assert [entry["run_id"] for entry in current["history"]] == ["second", "first"]
