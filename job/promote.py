@@ -267,8 +267,7 @@ def switch(config: Config, staged: Path, current: dict | None, token: str) -> bo
 
 def write_record(config: Config, challenger: Challenger, record: dict) -> None:
     """promotion.json and report.html (its Promotion section filled in) into the run directory,
-    and promotion.json into its MANIFEST.json (switched as CURRENT.json is: conditioned on the
-    manifest read, so nothing another writer added is lost)."""
+    and promotion.json into its MANIFEST.json."""
     run_dir = challenger.run_dir
     report.write_json(run_dir / RECORD, record)
     export_report = None
@@ -285,15 +284,30 @@ def write_record(config: Config, challenger: Challenger, record: dict) -> None:
             _, token = pointer.read(uri, retry_deadline=config.storage_deadline)
             pointer.replace(uri, (run_dir / name).read_bytes(), token,
                             retry_deadline=config.storage_deadline)
+    add_to_manifest(config, run_dir / RECORD)
+
+
+def add_to_manifest(config: Config, path: Path) -> None:
+    """The file's entry added to the run's MANIFEST.json. On gs:// the manifest is replaced as
+    CURRENT.json is, conditioned on the version read, so nothing another writer added is lost;
+    a local run directory is written by this run alone (a rename, as every file of it)."""
+    entry = {"bytes": path.stat().st_size, "sha256": report.sha256(path)}
+    if not storage.is_remote(config.run_uri):
+        manifest_path = Path(config.run_uri, report.MANIFEST)
+        manifest = json.loads(manifest_path.read_text())
+        manifest["files"][path.name] = entry
+        report.write_json(manifest_path, manifest)
+        return
     manifest_uri = storage.join(config.run_uri, report.MANIFEST)
     for _ in range(ATTEMPTS):
         data, token = pointer.read(manifest_uri, retry_deadline=config.storage_deadline)
         manifest = json.loads(data)
-        manifest["files"][RECORD] = {"bytes": (run_dir / RECORD).stat().st_size,
-                                     "sha256": report.sha256(run_dir / RECORD)}
+        manifest["files"][path.name] = entry
         if pointer.replace(manifest_uri, versions.json_bytes(manifest), token,
                            retry_deadline=config.storage_deadline):
             return
+    raise storage.StorageError(f"{manifest_uri}: changed {ATTEMPTS} times while promotion.json "
+                               "was being added to it")
 
 
 def announce(record: dict) -> None:

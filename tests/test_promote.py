@@ -1,5 +1,6 @@
 """Promotion (job/promote.py, job/versions.py): a run replaces the production model only when it
 is no worse, on real X-rays (the `promotion_runs` fixture: three real runs promoted in turn)."""
+import hashlib
 import json
 import shutil
 
@@ -246,3 +247,24 @@ def test_a_promotion_stopped_before_its_switch_leaves_the_old_pointer_and_a_reru
     current = json.loads((production / "CURRENT.json").read_text())
     assert current["run_id"] == "first"
     assert [entry["run_id"] for entry in current["history"]] == ["second", "first"]
+
+
+def test_a_run_on_gcs_gets_its_verdict_beside_it_and_in_its_manifest(promotion_runs, tmp_path,
+                                                                    gcs_bucket, gcs_client):
+    import dataclasses
+
+    from job import promote, storage
+
+    config = run_copy(promotion_runs, "first", tmp_path, f"gs://{gcs_bucket}/production")
+    storage.publish_tree(tmp_path / "runs-first" / "first", f"gs://{gcs_bucket}/runs/first",
+                         last=report.MANIFEST)
+    config = dataclasses.replace(config, output_uri=f"gs://{gcs_bucket}/runs")
+    verdict = promote.promote_run(config, tmp_path / "scratch-first", None)
+    assert verdict["promoted"] and verdict["champion"] is None
+    bucket = gcs_client.bucket(gcs_bucket)
+    stored = bucket.blob("runs/first/promotion.json").download_as_bytes()
+    assert json.loads(stored)["status"] == "promoted"
+    manifest = json.loads(bucket.blob("runs/first/MANIFEST.json").download_as_bytes())
+    assert manifest["files"]["promotion.json"]["sha256"] == hashlib.sha256(stored).hexdigest()
+    assert "Promotion" in bucket.blob("runs/first/report.html").download_as_text()
+    assert bucket.blob("production/versions/first/MANIFEST.json").exists()
