@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -94,6 +95,8 @@ def promote_run(config: Config, scratch_dir: Path, export_uri: str | None) -> di
         if attempt < ATTEMPTS:
             log.warning("promotion: CURRENT.json changed while this run compared with it; "
                         "comparing again with the new champion")
+    if staged is not None:  # published, or held back after all: the cache's copy is done
+        shutil.rmtree(staged, ignore_errors=True)
     record = {**verdict, "run_id": config.run_id, "promote_uri": config.promote_uri,
               "onnx_float32": challenger.float32, "int8": challenger.int8,
               "created_utc": versions.utc_now(),
