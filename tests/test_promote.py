@@ -268,3 +268,38 @@ def test_a_run_on_gcs_gets_its_verdict_beside_it_and_in_its_manifest(promotion_r
     assert manifest["files"]["promotion.json"]["sha256"] == hashlib.sha256(stored).hexdigest()
     assert "Promotion" in bucket.blob("runs/first/report.html").download_as_text()
     assert bucket.blob("production/versions/first/MANIFEST.json").exists()
+
+
+@pytest.mark.parametrize("failed, code", [("onnx_int8", 0), ("onnx_float32", 1)])
+def test_with_export_onnx_a_failed_int8_gate_exits_0_promoted_and_a_failed_float32_gate_1_held_back(
+        promotion_runs, tmp_path, monkeypatch, failed, code):
+    """The job's own flow (python -m job's main) after a run whose export failed one gate."""
+    import export.pipeline
+    from export.errors import GateFailed
+    from job import __main__ as entrypoint, train
+
+    config = run_copy(promotion_runs, "first", tmp_path, tmp_path / "production")
+    run_dir = tmp_path / "runs-first" / "first"
+
+    def export_failing(export_config):
+        passed = {"onnx_int8": "model.onnx", "onnx_float32": "model.int8.onnx"}[failed]
+        (run_dir / passed).write_bytes(b"a model that passed")
+        (run_dir / "export_report.json").write_text(json.dumps({
+            "status": "failed", "failed_gates": [f"{failed}: agreement 0.9 < 0.99"],
+            "files": {passed: {"bytes": 19}}}))
+        raise GateFailed(f"{failed}: agreement 0.9 < 0.99")
+
+    monkeypatch.setattr(train, "validate", lambda config, context: None)
+    monkeypatch.setattr(train, "run", lambda config, context, stop: {"status": "trained"})
+    monkeypatch.setattr(export.pipeline, "export_run", export_failing)
+    environ = {"DATA_URI": config.data_uri, "OUTPUT_URI": config.output_uri, "RUN_ID": "first",
+               "CACHE_DIR": str(config.cache_dir), "PROMOTE_URI": config.promote_uri,
+               "EXPORT_ONNX": "1", "LOG_FORMAT": "text"}
+    assert entrypoint.main(environ) == code
+    verdict = record(run_dir)
+    assert verdict["promoted"] == (code == 0)
+    if code == 0:
+        assert verdict["int8"].startswith("held back: onnx_int8")
+    else:
+        assert "float32 file failed its gate" in verdict["reason"]
+        assert not (tmp_path / "production" / "CURRENT.json").exists()
