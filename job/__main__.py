@@ -3,7 +3,8 @@
 Exit codes: 0 done (or the run was already complete), 1 unexpected or storage failure,
 2 bad configuration or bad input, a full disk (job/diskspace.py) or another process writing the
 same run (job/writer.py): retrying cannot help; 75 stopped by SIGTERM with a checkpoint saved (run
-again with the same RUN_ID to resume).
+again with the same RUN_ID to resume). With PROMOTE_URI, a run held back by the promotion rule
+exits 0: its verdict is OUTPUT_URI/RUN_ID/promotion.json (docs/promotion.md).
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import dataclasses
 import logging
 import os
 import sys
+from pathlib import Path
 
 from edge import logs
 from job.logs import quiet_native_startup
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+TERMINATION_LOG = Path("/dev/termination-log")  # Kubernetes' terminationMessagePath default
 
 
 def main(environ=os.environ) -> int:
@@ -36,7 +39,6 @@ def main(environ=os.environ) -> int:
     from job.data import DataError
     from job.storage import StorageError, Unusable
     from export.errors import ExportError
-    from export.pipeline import export_run
 
     from job import diskspace
     from job.context import RunContext
@@ -48,8 +50,13 @@ def main(environ=os.environ) -> int:
         train.validate(config, context)
         with claimed(config, context) as context:  # one writer per run, released however it ends
             metrics = train.run(config, context, stop)
+        gate_failure = None
         if export_config and metrics.get("status") != train.ALREADY_COMPLETE:
-            export_run(export_config)  # ONNX float32/int8 beside the SavedModel, gated
+            gate_failure = export_after_run(export_config, promoting=bool(config.promote_uri))
+        if config.promote_uri and context.chief:
+            record = promote_after_run(config, context, export_config)
+            if gate_failure and record.get("onnx_float32") != "passed":  # held back, and failed
+                raise gate_failure
     except Preempted as error:
         return _fail(f"preempted: {error}; exit {EXIT_PREEMPTED}, rerun with RUN_ID={config.run_id} "
                      "to resume", EXIT_PREEMPTED)
@@ -99,6 +106,39 @@ def _export_config(config, environ):
 
     return ExportConfig.from_env({**{k: v for k, v in environ.items() if k != "DATA_URI"},
                                   "RUN_URI": config.run_uri, "CACHE_DIR": str(config.cache_dir)})
+
+
+def export_after_run(export_config, promoting: bool):
+    """The ONNX export beside the SavedModel, gated. When promoting, a failed gate is returned
+    rather than raised: promotion decides what it holds back (docs/promotion.md)."""
+    from export.errors import GateFailed
+    from export.pipeline import export_run
+
+    try:
+        export_run(export_config)
+    except GateFailed as error:
+        if not promoting:
+            raise
+        return error
+    return None
+
+
+def promote_after_run(config, context, export_config) -> dict:
+    """PROMOTE_URI: this run against the production model (job/promote.py), unless a rerun finds
+    the verdict already recorded; then the decoded test images it read are removed."""
+    import shutil
+
+    from job import promote
+
+    if promote.already_recorded(config):
+        return {}
+    record = promote.promote_run(config, context.scratch_dir,
+                                 export_config.target_uri if export_config else None)
+    shutil.rmtree(context.scratch_dir, ignore_errors=True)
+    if TERMINATION_LOG.exists():  # the verdict as the pod's termination message (infra/README)
+        with contextlib.suppress(OSError):
+            TERMINATION_LOG.write_text(f"{record['status']}: {record['reason']}"[:4096])
+    return record
 
 
 def _fail(message: str, code: int) -> int:

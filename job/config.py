@@ -75,6 +75,15 @@ class Config:
     cluster_spec: str = ""
     cluster: distribute.Cluster | None = None  # the two above, parsed; None: one machine
     export_onnx: bool = False
+    # PROMOTE_URI: the production model as versions and CURRENT.json (job/promote.py,
+    # docs/promotion.md); unset, no promotion. A run is held back for a significant drop larger
+    # than PROMOTE_MAX_DROP in test accuracy or macro recall. 0.01 (one point): the int8 gate's
+    # tolerance, and twice the half-point differences that come and go between runs on the same
+    # data, while a drop of several points (a bad night's labels) never passes.
+    promote_uri: str = ""
+    promote_max_drop: float = 0.01
+    promote_min_accuracy: float = 0.0  # absolute floors: 0, none
+    promote_min_macro_recall: float = 0.0
     storage_deadline: float = storage.DEFAULT_RETRY_DEADLINE_S  # seconds without progress
 
     @property
@@ -151,6 +160,10 @@ class Config:
             cluster_spec=cluster_spec,
             cluster=cluster,
             export_onnx=env.flag("EXPORT_ONNX", False),
+            promote_uri=env.uri("PROMOTE_URI", ""),
+            promote_max_drop=env.fraction("PROMOTE_MAX_DROP", 0.01),
+            promote_min_accuracy=env.fraction("PROMOTE_MIN_ACCURACY", 0.0),
+            promote_min_macro_recall=env.fraction("PROMOTE_MIN_MACRO_RECALL", 0.0),
             storage_deadline=env.positive_float("STORAGE_DEADLINE",
                                                 storage.DEFAULT_RETRY_DEADLINE_S),
         )
@@ -176,6 +189,8 @@ def _refuse_overlaps(config: Config) -> None:
     places = {"DATA_URI": config.data_uri, "OUTPUT_URI/RUN_ID": config.run_uri,
               "CHECKPOINT_URI/RUN_ID": config.checkpoint_uri, "AIP_MODEL_DIR": config.model_uri,
               "CACHE_DIR": str(config.cache_dir)}
+    if config.promote_uri:
+        places["PROMOTE_URI"] = config.promote_uri
     if config.checkpoint_uri == _join(config.run_uri, DEFAULT_CHECKPOINT_FOLDER):
         del places["CHECKPOINT_URI/RUN_ID"]
     if config.model_uri == _join(config.run_uri, "saved_model"):

@@ -33,7 +33,8 @@ PREDICTIONS = "test_predictions.json"
 THUMBNAIL_PIXELS = 96
 MISTAKES_SHOWN = 24  # thumbnails on the contact sheet
 SKIPPED_SHOWN = 200  # rows of the skipped-files table; metrics.json lists them all
-SECTIONS = ("data", "curves", "confusion", "roc-pr", "per-class", "mistakes", "export")
+SECTIONS = ("data", "curves", "confusion", "roc-pr", "per-class", "mistakes", "export",
+            "promotion")
 
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;
@@ -87,13 +88,14 @@ def read_predictions(path: Path, root: Path | None) -> TestPredictions | None:
 
 
 def write_report(path: Path, metrics: dict, predictions: TestPredictions | None,
-                 export_report: dict | None = None) -> None:
+                 export_report: dict | None = None, promotion: dict | None = None) -> None:
     """Renders report.html to path (through a temporary file, so no reader sees half of it)."""
-    report.write_text(path, render(metrics, metrics["classes"], predictions, export_report))
+    report.write_text(path, render(metrics, metrics["classes"], predictions, export_report,
+                                   promotion))
 
 
 def render(metrics: dict, class_names: list[str], predictions: TestPredictions | None,
-           export_report: dict | None = None) -> str:
+           export_report: dict | None = None, promotion: dict | None = None) -> str:
     """The whole page, as one HTML string."""
     threshold = metrics.get("decision_threshold", 0.5)
     sections = [
@@ -107,6 +109,7 @@ def render(metrics: dict, class_names: list[str], predictions: TestPredictions |
         _section("mistakes", "Most confident mistakes (test)",
                  mistakes_section(class_names, predictions, threshold)),
         _section("export", "Export", export_section(export_report)),
+        _section("promotion", "Promotion", promotion_section(promotion)),
     ]
     title = f"Run {metrics.get('run_id', '')}"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -268,6 +271,38 @@ def export_section(export_report: dict | None) -> str:
               ("Latency per backend", export_report.get("latency") or {})]
     for caption, rows in tables:
         body += f"<h3>{_text(caption)}</h3>" + _dict_table(rows)
+    return body
+
+
+def promotion_section(promotion: dict | None) -> str:
+    """promotion.json's verdict and figures: both models on the same test images, the paired
+    test, and per-class recall side by side (docs/promotion.md)."""
+    if not promotion:
+        return _note("No promotion: PROMOTE_URI was not set for this run.")
+    status = "promoted" if promotion.get("promoted") else "held back"
+    body = (f'<p>Verdict: <span class="{"passed" if promotion.get("promoted") else "wrong"}">'
+            f"{status}</span>. {_text(promotion.get('reason', ''))}</p>"
+            f"<p>int8: {_text(promotion.get('int8', ''))}</p>")
+    champion = promotion.get("champion") or {}
+    comparison = promotion.get("comparison")
+    if not comparison:
+        return body + _note(f"Champion: {champion.get('run_id') or 'none'}; no paired comparison.")
+    body += _table(["", "this run", f"champion {champion.get('run_id', '')}", "difference",
+                    "95 % interval"],
+                   [[metric.replace("_", " "), comparison["challenger"][metric],
+                     comparison["champion"][metric], comparison["difference"][metric],
+                     " to ".join(f"{bound:.4f}" for bound in comparison["interval"][metric])]
+                    for metric in ("accuracy", "macro_recall")])
+    body += (f"<p>{comparison['images']:,} test images; right only by this run "
+             f"{comparison['only_challenger_right']:,}, only by the champion "
+             f"{comparison['only_champion_right']:,}; exact McNemar p = "
+             f"{comparison['p_value']:.4g}</p>")
+    recalls = promotion.get("per_class_recall") or {}
+    if recalls:
+        body += "<h3>Recall per class</h3>" + _table(
+            ["class", "this run", "champion"],
+            [[name, value, recalls["champion"].get(name)]
+             for name, value in recalls["challenger"].items()])
     return body
 
 

@@ -255,19 +255,22 @@ def publish_run(config: Config, context: RunContext, checkpoints: Checkpoints) -
                              retry_deadline=deadline)
     log.info("run complete: %s", config.run_uri)
     checkpoints.clear()
-    shutil.rmtree(context.scratch_dir, ignore_errors=True)
+    if not config.promote_uri:  # promotion reads the decoded test images, then removes them
+        shutil.rmtree(context.scratch_dir, ignore_errors=True)
     shutil.rmtree(context.run_dir, ignore_errors=True)
 
 
 def tidy_complete(config: Config, context: RunContext) -> None:
     """What an attempt killed after completing the run left (the chief's): the checkpoints this
-    RUN_ID recorded writing (storage.clear_owned), its claim, and its folders in the cache."""
+    RUN_ID recorded writing (storage.clear_owned), its claim, and its folders in the cache (the
+    decoded test images stay while a promotion may still need them: it removes them)."""
     if not context.chief:
         return
     storage.clear_owned(config.checkpoint_uri, config.run_id,
                         retry_deadline=config.storage_deadline)
     writer.remove_leftover_claim(config.run_uri, retry_deadline=config.storage_deadline)
-    for folder in (context.checkpoint_dir, context.scratch_dir, context.run_dir):
+    kept = {context.scratch_dir} if config.promote_uri else set()
+    for folder in {context.checkpoint_dir, context.scratch_dir, context.run_dir} - kept:
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -520,3 +520,42 @@ def main_in_process(monkeypatch, capsys):
 
 def _no_tensorflow_here(environ):
     raise AssertionError("the entrypoint went on to start TensorFlow instead of exiting first")
+
+
+# --- Promotion (job/promote.py): real runs promoted in turn into one PROMOTE_URI. ---
+
+
+def swapped_labels(data: Path, target: Path) -> Path:
+    """The same images as data (two classes) with the training folders' labels swapped, linked
+    crosswise; validation and test as they are, so only the training labels are wrong."""
+    first, second = sorted(p.name for p in (data / "train").iterdir())
+    (target / "train").mkdir(parents=True)
+    (target / "train" / first).symlink_to((data / "train" / second).resolve())
+    (target / "train" / second).symlink_to((data / "train" / first).resolve())
+    for split in ("validation", "test"):
+        (target / split).symlink_to((data / split).resolve())
+    return target
+
+
+@pytest.fixture(scope="session")
+def promotion_runs(tmp_path_factory, xray_dir, xray_small, mobilenet_v2_035_weights) -> dict:
+    """Three `python -m job` runs of MobileNetV2 0.35 (real ImageNet weights, the linear probe
+    alone) on real X-rays with the same validation and test images (xray_small's), promoted in
+    turn into one local PROMOTE_URI: "first" at 64 px on 40 training images per class (no
+    champion yet); "second" at 64 px on 120 (tonight's data grew); "swapped" at 96 px on
+    xray_small's training images with their labels swapped (compared with second, its decoded
+    images resized to second's 64 px). Returns their run directories, PROMOTE_URI, the data
+    folders and CURRENT.json after each run."""
+    promote_uri = tmp_path_factory.mktemp("production")
+    grown = link_slice(xray_dir, tmp_path_factory.mktemp("xray-grown"),
+                       {"train": 120, "validation": 30, "test": 150})
+    swapped = swapped_labels(xray_small, tmp_path_factory.mktemp("swapped") / "data")
+    settings = {"BACKBONE": "mobilenet_v2", "ALPHA": "0.35", "WEIGHTS": str(mobilenet_v2_035_weights),
+                "FINE_TUNE_EPOCHS": "0", "PROMOTE_URI": str(promote_uri)}
+    result: dict = {"promote_uri": promote_uri, "current": {},
+                    "data": {"first": xray_small, "second": grown, "swapped": swapped}}
+    for name, size in (("first", "64"), ("second", "64"), ("swapped", "96")):
+        result[name] = train_run(tmp_path_factory, result["data"][name], name, IMAGE_SIZE=size,
+                                 **settings)
+        result["current"][name] = json.loads((promote_uri / "CURRENT.json").read_text())
+    return result

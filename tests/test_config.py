@@ -208,3 +208,20 @@ def test_a_bad_export_setting_with_export_onnx_exits_2_before_training(tmp_path,
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if " ERROR job: " in line]
     assert len(errors) == 1 and "OPSET=99 is not valid" in errors[0]
+
+
+def test_promotion_is_off_unless_promote_uri_is_set_and_drops_one_point_by_default():
+    config = Config.from_env({"DATA_URI": "/data"})
+    assert config.promote_uri == "" and config.promote_max_drop == 0.01
+    config = Config.from_env({"DATA_URI": "/data", "PROMOTE_URI": "gs://b/production",
+                              "PROMOTE_MAX_DROP": "0.02", "PROMOTE_MIN_ACCURACY": "0.9"})
+    assert (config.promote_uri, config.promote_max_drop, config.promote_min_accuracy) == \
+        ("gs://b/production", 0.02, 0.9)
+    with pytest.raises(ConfigError, match="PROMOTE_MAX_DROP='2'"):
+        Config.from_env({"DATA_URI": "/data", "PROMOTE_MAX_DROP": "2"})
+
+
+def test_a_promote_uri_overlapping_the_runs_is_refused_naming_both():
+    with pytest.raises(ConfigError, match="OUTPUT_URI/RUN_ID .* and PROMOTE_URI"):
+        Config.from_env({"DATA_URI": "/data", "OUTPUT_URI": "gs://b/runs", "RUN_ID": "r1",
+                         "PROMOTE_URI": "gs://b/runs"})

@@ -209,3 +209,23 @@ def test_a_real_runs_report_renders_in_headless_chromium(vgg16_exported_by_job, 
     assert pixels.shape == (3000, 1200)
     assert pixels.std() > 20 and len(np.unique(pixels)) > 64, "the screenshot looks blank"
     assert (pixels[:1500] < 250).mean() > 0.02  # ink in the top half: headings, tables, plots
+
+
+def test_promotion_section_shows_the_verdict_figures_and_recall_per_class_side_by_side(binary_page):
+    assert "PROMOTE_URI was not set" in section(binary_page, "promotion")
+    promotion = {"promoted": False, "status": "held_back", "int8": "not exported",
+                 "reason": "test accuracy dropped 0.2733 (0.7733 to 0.5000)",
+                 "champion": {"run_id": "nightly-41", "version": "versions/nightly-41"},
+                 "comparison": {"images": 300, "challenger": {"accuracy": 0.5, "macro_recall": 0.5},
+                                "champion": {"accuracy": 0.7733, "macro_recall": 0.7733},
+                                "difference": {"accuracy": -0.2733, "macro_recall": -0.2733},
+                                "interval": {"accuracy": [-0.34, -0.21],
+                                             "macro_recall": [-0.34, -0.21]},
+                                "only_challenger_right": 60, "only_champion_right": 142,
+                                "p_value": 7.57e-09},
+                 "per_class_recall": {"challenger": {"NORMAL": 0.0, "PNEUMONIA": 1.0},
+                                      "champion": {"NORMAL": 0.61, "PNEUMONIA": 0.93}}}
+    text = html_report.promotion_section(promotion)
+    for figure in ("held back", "nightly-41", "0.7733", "-0.2733", "-0.3400 to -0.2100", "142",
+                   "7.57e-09", "NORMAL", "0.61", "0.93"):
+        assert figure in text, figure

@@ -422,3 +422,18 @@ def test_dockerfile_bakes_in_no_credentials():
     assert not re.search(r"GOOGLE_APPLICATION_CREDENTIALS|\.json\b|_KEY\b|SECRET|PASSWORD|TOKEN", text, re.I)
     copied = [a for stage in dockerfile_recipe.stages().values() for i, a in stage if i in ("COPY", "ADD")]
     assert all(not a.startswith(". ") and " . " not in a for a in copied), "copy only named paths"
+
+
+def test_scheduled_and_vertex_runs_promote_into_their_own_production_prefix():
+    """Every run the infra starts compares itself with the production model (docs/promotion.md),
+    kept apart from the runs: PROMOTE_URI never lies inside OUTPUT_URI."""
+    from job import storage
+
+    settings = [by_kind(render(INFRA / "overlays" / name), "ConfigMap")["data"]
+                for name in OVERLAYS]
+    for path in VERTEX_SPECS:
+        for pool in yaml.safe_load(path.read_text())["workerPoolSpecs"]:
+            settings.append({item["name"]: item["value"] for item in pool["containerSpec"]["env"]})
+    for data in settings:
+        assert data["PROMOTE_URI"].startswith("gs://")
+        assert not storage.overlaps(data["PROMOTE_URI"], data["OUTPUT_URI"])
