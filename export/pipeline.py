@@ -40,7 +40,7 @@ from export.selftest import stage_selftest
 from export.target import PAGE, REPORT, Run
 from job import html_report
 from job.record import RecordError, RunRecord
-from job.report import MANIFEST, sha256, write_json
+from job.report import MANIFEST, run_fingerprint, sha256, write_json
 from job.storage import join, name_problem
 
 log = logging.getLogger("export")
@@ -55,7 +55,8 @@ def export_run(config: ExportConfig) -> dict:
     started, seconds = time.perf_counter(), {}
     run_dir = fetch_run(config)
     record = read_run(run_dir, config.run_uri)
-    run = Run(sha256(run_dir / MANIFEST), record.run_id, config.run_uri)
+    run = Run(run_fingerprint(json.loads((run_dir / MANIFEST).read_text())), record.run_id,
+              config.run_uri)
     target = inspect_target(config, run_dir, run)
     dataset = load_data(config, record)
     parity_split = sample(dataset.test, config.parity_images, seed=record.seed)
@@ -87,7 +88,7 @@ def export_run(config: ExportConfig) -> dict:
         report = build_report(
             config, record, verdict, opsets=opsets, files=files, run_sizes=run_sizes(run_dir),
             latency=latency, latency_settings=latency_settings, operators=operators,
-            quantization=notes.get("int8"), run_manifest_sha256=run.manifest_sha256,
+            quantization=notes.get("int8"), run_fingerprint=run.fingerprint,
             seconds=seconds, versions=versions(), created_utc=utc_now())
         warn_if_int8_is_slower(report)
         report["selftest"] = stage_selftest(context, formats, verdict, outputs)
@@ -173,12 +174,12 @@ def verify_files(run_dir: Path, run_uri: str) -> None:
 
 def exported_before_the_manifest_rule(run_dir: Path) -> bool:
     """Whether the run directory holds an export made before exports kept the run's files (its
-    report has no run_manifest_sha256): those rewrote report.html there, nothing else."""
+    report has no run_fingerprint): those rewrote report.html there, nothing else."""
     try:
         report = json.loads((run_dir / REPORT).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(report, dict) and "run_manifest_sha256" not in report
+    return isinstance(report, dict) and "run_fingerprint" not in report
 
 
 def inspect_target(config: ExportConfig, run_dir: Path, run: Run) -> export_target.Target:

@@ -9,7 +9,7 @@ from job.record import RunRecord
 def build_report(config: ExportConfig, record: RunRecord, verdict: Verdict, *,
                  opsets: dict[str, int], files: dict[str, dict], run_sizes: dict[str, int],
                  latency: dict, latency_settings: dict, operators: dict[str, dict],
-                 quantization: dict | None, run_manifest_sha256: str,
+                 quantization: dict | None, run_fingerprint: str,
                  seconds: dict[str, float], versions: dict[str, str], created_utc: str) -> dict:
     """export_report.json. files: bytes and sha256 of every model built, of which it lists the
     passed ones (the others are not published); sizes_bytes has them all, with the run's own."""
@@ -19,7 +19,7 @@ def build_report(config: ExportConfig, record: RunRecord, verdict: Verdict, *,
         "run_id": record.run_id,
         "run_uri": config.run_uri,
         # The run's MANIFEST.json: which run this export is of (export.target), wherever it lies.
-        "run_manifest_sha256": run_manifest_sha256,
+        "run_fingerprint": run_fingerprint,
         "export_uri": config.target_uri,
         "created_utc": created_utc,
         "opsets": opsets,

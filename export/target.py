@@ -2,7 +2,7 @@
 
 An export writes only into a folder that holds no run, or the exported run itself (its
 MANIFEST.json, byte for byte: the run directory, the default target, or a copy of it), and only
-beside exports of that same run (their report's `run_manifest_sha256`); anything else is refused
+beside exports of that same run (their report's `run_fingerprint`: job.report); anything else is refused
 with BadInput naming the file, before any work. In the run's own folder it never writes a name
 MANIFEST.json lists.
 
@@ -36,17 +36,17 @@ METRICS = "metrics.json"
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """Who an export belongs to: the run's MANIFEST.json (its SHA-256), id and URI."""
+    """Who an export belongs to: the run's fingerprint (job.report.run_fingerprint), id and URI."""
 
-    manifest_sha256: str
+    fingerprint: str
     run_id: str
     run_uri: str
 
     def made(self, report: dict) -> bool:
-        """Whether an export report is of this run. Reports from before `run_manifest_sha256`
+        """Whether an export report is of this run. Reports from before `run_fingerprint`
         are judged by run id and URI."""
-        if "run_manifest_sha256" in report:
-            return report["run_manifest_sha256"] == self.manifest_sha256
+        if "run_fingerprint" in report:
+            return report["run_fingerprint"] == self.fingerprint
         return (report.get("run_id"), report.get("run_uri")) == (self.run_id, self.run_uri)
 
 

@@ -270,7 +270,8 @@ def switch(config: Config, staged: Path, current: dict | None, token: str) -> bo
 
 def write_record(config: Config, challenger: Challenger, record: dict) -> None:
     """promotion.json and report.html (its Promotion section filled in) into the run directory,
-    and promotion.json into its MANIFEST.json."""
+    and both into its MANIFEST.json (report.AMENDED_BY_PROMOTION: the one change to a complete
+    run, made by the process that published it)."""
     run_dir = challenger.run_dir
     report.write_json(run_dir / RECORD, record)
     export_report = None
@@ -287,30 +288,32 @@ def write_record(config: Config, challenger: Challenger, record: dict) -> None:
             _, token = pointer.read(uri, retry_deadline=config.storage_deadline)
             pointer.replace(uri, (run_dir / name).read_bytes(), token,
                             retry_deadline=config.storage_deadline)
-    add_to_manifest(config, run_dir / RECORD)
+    add_to_manifest(config, [run_dir / name for name in report.AMENDED_BY_PROMOTION])
 
 
-def add_to_manifest(config: Config, path: Path) -> None:
-    """The file's entry added to the run's MANIFEST.json. On gs:// the manifest is replaced as
-    CURRENT.json is, conditioned on the version read, so nothing another writer added is lost;
-    a local run directory is written by this run alone (a rename, as every file of it)."""
-    entry = {"bytes": path.stat().st_size, "sha256": report.sha256(path)}
+def add_to_manifest(config: Config, paths: list[Path]) -> None:
+    """The files' entries added to (or replaced in) the run's MANIFEST.json, so the run still
+    matches it. On gs:// the manifest is replaced as CURRENT.json is, conditioned on the version
+    read, so nothing another writer added is lost; a local run directory is written by this run
+    alone (a rename, as every file of it)."""
+    entries = {path.name: {"bytes": path.stat().st_size, "sha256": report.sha256(path)}
+               for path in paths}
     if not storage.is_remote(config.run_uri):
         manifest_path = Path(config.run_uri, report.MANIFEST)
         manifest = json.loads(manifest_path.read_text())
-        manifest["files"][path.name] = entry
+        manifest["files"].update(entries)
         report.write_json(manifest_path, manifest)
         return
     manifest_uri = storage.join(config.run_uri, report.MANIFEST)
     for _ in range(ATTEMPTS):
         data, token = pointer.read(manifest_uri, retry_deadline=config.storage_deadline)
         manifest = json.loads(data)
-        manifest["files"][path.name] = entry
+        manifest["files"].update(entries)
         if pointer.replace(manifest_uri, versions.json_bytes(manifest), token,
                            retry_deadline=config.storage_deadline):
             return
     raise storage.StorageError(f"{manifest_uri}: changed {ATTEMPTS} times while promotion.json "
-                               "was being added to it")
+                               "and report.html were being entered in it")
 
 
 def announce(record: dict) -> None:

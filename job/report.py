@@ -264,6 +264,20 @@ def write_manifest(run_dir: Path) -> dict:
     return manifest
 
 
+# The files of a complete run that promotion amends after it is published (job/promote.py): its
+# verdict, and report.html with its Promotion section, each with its MANIFEST.json entry. A run's
+# fingerprint leaves them out, so an export made before the promotion stays the run's own.
+AMENDED_BY_PROMOTION = ("promotion.json", "report.html")
+
+
+def run_fingerprint(manifest: dict) -> str:
+    """SHA-256 of what a run's MANIFEST.json lists (names, sizes, checksums), less the files
+    promotion amends: which run this is, to the export that records it."""
+    files = {name: entry for name, entry in manifest["files"].items()
+             if name not in AMENDED_BY_PROMOTION}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def sha256(path: Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()

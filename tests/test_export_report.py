@@ -129,7 +129,7 @@ def report_of(verdict: Verdict, settings: ExportConfig = SETTINGS, latency: dict
         run_sizes={"saved_model": 9000, "model.keras": 5000},
         latency=latency or {"tensorflow": {"batch1_p50_ms": 1.0}}, latency_settings={"threads": 2},
         operators={INT8_MODEL: {"int8_mac_share": 1.0}},
-        quantization={"method": "static"}, run_manifest_sha256="ab" * 32, seconds={"total": 1.0},
+        quantization={"method": "static"}, run_fingerprint="ab" * 32, seconds={"total": 1.0},
         versions={"onnx": "1"}, created_utc="2026-01-01T00:00:00+00:00")
 
 
@@ -140,7 +140,7 @@ INT8_FAILED = Verdict({"reference": "tensorflow"}, ["int8: top-1 agreement 90.00
 
 def test_report_has_the_keys_of_export_report_json():
     assert list(report_of(PASSED)) == [
-        "status", "failed_gates", "run_id", "run_uri", "run_manifest_sha256", "export_uri", "created_utc", "opsets",
+        "status", "failed_gates", "run_id", "run_uri", "run_fingerprint", "export_uri", "created_utc", "opsets",
         "classes", "image_size", "decision_threshold", "training_precision_policy", "parity",
         "gates", "sizes_bytes", "latency", "latency_settings", "fastest", "operators", "quantization",
         "files", "seconds", "versions"]
@@ -314,7 +314,7 @@ def test_read_run_refuses_an_unreadable_manifest_json(run_dir):
 
 
 @pytest.mark.parametrize("report, accepted", [({"status": "passed"}, True),
-                                              ({"run_manifest_sha256": "ab" * 32}, False)],
+                                              ({"run_fingerprint": "ab" * 32}, False)],
                          ids=["export-from-before", "export-of-now"])
 def test_read_run_accepts_a_report_html_rewritten_only_by_an_export_from_before(
         run_dir, report, accepted):

@@ -94,7 +94,7 @@ def others_export(run_dir, folder):
             shutil.copy2(run_dir / name, folder / name)
     report = json.loads((folder / "export_report.json").read_text())
     report.update(run_id="another-run", run_uri="/elsewhere/another-run",
-                  run_manifest_sha256="0" * 64)
+                  run_fingerprint="0" * 64)
     (folder / "export_report.json").write_text(json.dumps(report))
     return folder
 
@@ -174,7 +174,7 @@ def stage(folder, run, status: str, models: dict[str, str]) -> list[str]:
     (folder / "labels.txt").write_text("a\nb\n")
     (folder / export_target.PAGE).write_text(f"<html>{status}</html>")
     report = {"status": status, "run_id": run.run_id, "run_uri": run.run_uri,
-              "run_manifest_sha256": run.manifest_sha256,
+              "run_fingerprint": run.fingerprint,
               "files": {name: {"bytes": len(content), "sha256": sha256(folder / name)}
                         for name, content in models.items()}}
     (folder / export_target.REPORT).write_text(json.dumps(report))
