@@ -33,7 +33,8 @@ PREDICTIONS = "test_predictions.json"
 THUMBNAIL_PIXELS = 96
 MISTAKES_SHOWN = 24  # thumbnails on the contact sheet
 SKIPPED_SHOWN = 200  # rows of the skipped-files table; metrics.json lists them all
-SECTIONS = ("data", "curves", "confusion", "roc-pr", "per-class", "mistakes", "export")
+SECTIONS = ("data", "curves", "calibration", "confusion", "roc-pr", "per-class", "mistakes",
+            "export")
 
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;
@@ -99,6 +100,7 @@ def render(metrics: dict, class_names: list[str], predictions: TestPredictions |
     sections = [
         _section("data", "Data", data_section(metrics, class_names)),
         _section("curves", "Training curves", curves_section(metrics)),
+        _section("calibration", "Calibration", calibration_section(metrics)),
         _section("confusion", "Confusion matrix (test)", confusion_section(metrics, class_names)),
         _section("roc-pr", "ROC and precision-recall (test)",
                  roc_pr_section(class_names, predictions, threshold)),
@@ -170,6 +172,45 @@ def curves_section(metrics: dict) -> str:
         epochs = record.get("epochs_run")
         parts.append(_note(f"{epochs} epoch{'' if epochs == 1 else 's'}, {record.get('seconds')} s"))
     return "".join(parts)
+
+
+def calibration_section(metrics: dict) -> str:
+    """The temperature, ECE before and after, and the test split's reliability diagrams."""
+    block = metrics.get("calibration")
+    if not block:
+        return _note("Not calibrated (a run from before calibration).")
+    if block.get("skipped"):
+        return _note(f"Skipped, temperature 1: {block['skipped']}.")
+    splits = [name for name in report.SCORED_SPLITS if f"{name}_ece_before" in block]
+    body = _note(f"Temperature {block['temperature']:g}, fitted on validation by log loss and "
+                 f"folded into the output layer: every probability here and in the exported "
+                 f"models is calibrated. ECE: {block.get('ece_definition')}, "
+                 f"{block.get('ece_bins')} bins.")
+    body += _table(["split", "ECE before", "ECE after"],
+                   [[name, block[f"{name}_ece_before"], block[f"{name}_ece_after"]]
+                    for name in splits])
+    diagram = (block.get("reliability") or {}).get("test")
+    return body + (_reliability_plot(diagram) if diagram else "")
+
+
+def _reliability_plot(diagram: dict) -> str:
+    """Accuracy against confidence per bin, before and after calibration, side by side."""
+    pyplot = report.pyplot()
+    figure, axes = pyplot.subplots(1, 2, figsize=(10, 4.2))
+    for axis, when in zip(axes, ("before", "after")):
+        bins = diagram[when]
+        edges = np.linspace(0, 1, len(bins["images"]) + 1)
+        filled = np.asarray(bins["images"]) > 0
+        axis.bar(edges[:-1][filled], np.asarray(bins["accuracy"])[filled],
+                 width=edges[1] - edges[0], align="edge", edgecolor="black", alpha=0.7,
+                 label="accuracy")
+        axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+        axis.scatter(np.asarray(bins["confidence"])[filled], np.asarray(bins["accuracy"])[filled],
+                     color="tab:red", s=12, zorder=3, label="mean confidence")
+        axis.set(xlabel="confidence (top label)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+                 title=f"test, {when} calibration")
+        axis.legend(fontsize=8, loc="upper left")
+    return _figure_image(figure, "reliability diagrams before and after calibration")
 
 
 def confusion_section(metrics: dict, class_names: list[str]) -> str:

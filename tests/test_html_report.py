@@ -208,3 +208,20 @@ def test_a_real_runs_report_renders_in_headless_chromium(vgg16_exported_by_job, 
     assert pixels.shape == (3000, 1200)
     assert pixels.std() > 20 and len(np.unique(pixels)) > 64, "the screenshot looks blank"
     assert (pixels[:1500] < 250).mean() > 0.02  # ink in the top half: headings, tables, plots
+
+
+def test_the_calibration_section_shows_the_temperature_ece_and_reliability_diagrams(binary):
+    from job import calibration
+
+    labels, probabilities = binary[1].labels, binary[1].probabilities
+    bins = calibration.reliability(labels, probabilities)
+    block = {"temperature": 1.7, "ece_bins": 15, "ece_definition": "top-label, equal-width bins",
+             "test_ece_before": 0.21, "test_ece_after": 0.05,
+             "reliability": {"test": {"before": bins, "after": bins}}}
+    page = html_report.render({**binary[0], "calibration": block}, TWO, binary[1])
+    body = section(page, "calibration")
+    assert "Temperature 1.7" in body and "0.21" in body and "0.05" in body
+    assert 'alt="reliability diagrams before and after calibration"' in body
+    skipped = html_report.render({**binary[0], "calibration": {"temperature": 1.0,
+                                                               "skipped": "too few"}}, TWO, None)
+    assert "Skipped, temperature 1: too few" in section(skipped, "calibration")
