@@ -92,3 +92,12 @@ def test_too_few_validation_images_of_a_class_leave_the_temperature_at_one(caplo
     assert calibrated.temperature == 1.0 and calibrated.scores is None
     assert "'NORMAL'" in calibrated.record["skipped"]
     assert "calibration skipped (temperature 1)" in caplog.text
+
+
+def test_a_validation_split_without_mistakes_leaves_the_temperature_at_one(caplog):
+    labels = np.repeat([0, 1], 40)
+    probabilities = np.where(labels == 1, 0.8, 0.2)[:, None].astype(np.float32)  # all right
+    scored = calibration.Scored({"validation": labels}, {"validation": probabilities})
+    calibrated = calibration.calibrate(scored, TWO, output_layer=None, chief=True, strategy=None)
+    assert calibrated.temperature == 1.0 and "at its bound" in calibrated.record["skipped"]
+    assert "calibration skipped (temperature 1)" in caplog.text
