@@ -33,7 +33,7 @@ PREDICTIONS = "test_predictions.json"
 THUMBNAIL_PIXELS = 96
 MISTAKES_SHOWN = 24  # thumbnails on the contact sheet
 SKIPPED_SHOWN = 200  # rows of the skipped-files table; metrics.json lists them all
-SECTIONS = ("data", "curves", "calibration", "confusion", "roc-pr", "per-class", "mistakes",
+SECTIONS = ("data", "audit", "curves", "calibration", "confusion", "roc-pr", "per-class", "mistakes",
             "export")
 
 STYLE = """
@@ -99,6 +99,8 @@ def render(metrics: dict, class_names: list[str], predictions: TestPredictions |
     threshold = metrics.get("decision_threshold", 0.5)
     sections = [
         _section("data", "Data", data_section(metrics, class_names)),
+        _section("audit", "Data audit",
+                 audit_section(metrics, predictions.root if predictions else None)),
         _section("curves", "Training curves", curves_section(metrics)),
         _section("calibration", "Calibration", calibration_section(metrics)),
         _section("confusion", "Confusion matrix (test)", confusion_section(metrics, class_names)),
@@ -151,6 +153,44 @@ def data_section(metrics: dict, class_names: list[str]) -> str:
     if len(skipped) > SKIPPED_SHOWN:
         body += _note(f"and {len(skipped) - SKIPPED_SHOWN} more, listed in metrics.json")
     return body
+
+
+def audit_section(metrics: dict, root: Path | None) -> str:
+    """audit.json's counts and thumbnails of the leaks and the likeliest label issues (job.audit;
+    images under root, the data root, when at hand)."""
+    audited = metrics.get("data_audit")
+    if not audited:
+        return _note("No data audit recorded for this run.")
+    counts = audited["counts"]
+    body = _table(["finding", "count"], [[name.replace("_", " "), "not sought" if count is None
+                                          else count] for name, count in counts.items()])
+    body += "".join(_note(note) for note in audited.get("notes") or [])
+    image = (lambda path: Path(root, path)) if root else (lambda path: None)
+    leaks = [_pair_figure(image(pair["a"]), image(pair["b"]), pair)
+             for pair in audited["cross_split_duplicates"]]
+    if leaks:
+        body += (_note(f"Cross-split duplicates (leaks), most alike first: the first "
+                       f"{len(leaks)} of {counts['cross_split_duplicates']}; all in audit.json.")
+                 + f'<div class="sheet">{"".join(leaks)}</div>')
+    issues = [_thumbnail_figure(image(issue["path"]), issue["path"], issue["given_label"],
+                                issue["suggested_label"], issue["score"], ("filed", "likely"))
+              for issue in audited["label_issues"]]
+    if issues:
+        body += (_note(f"Likely label issues, most likely first (the folder's label, the label "
+                       f"suggested, and 1 - p(folder's label) out of fold): the first "
+                       f"{len(issues)} of {counts['label_issues']}.")
+                 + f'<div class="sheet">{"".join(issues)}</div>')
+    return body
+
+
+def _pair_figure(first: Path | None, second: Path | None, pair: dict) -> str:
+    images = "".join(f'<img src="data:image/jpeg;base64,{base64.b64encode(data).decode()}" alt="'
+                     f'{_text(name)}">' if data else '<p class="note">(image not available)</p>'
+                     for data, name in ((_thumbnail(first), pair["a"]),
+                                        (_thumbnail(second), pair["b"])))
+    return (f"<figure>{images}<figcaption>{_text(pair['kind'])}, similarity "
+            f"{pair['similarity']:.3f}<br>{_text(pair['a_split'])}: {_text(pair['a'])}<br>"
+            f"{_text(pair['b_split'])}: {_text(pair['b'])}</figcaption></figure>")
 
 
 def curves_section(metrics: dict) -> str:
@@ -353,11 +393,11 @@ def _roc_pr_plot(labels: np.ndarray, scores: np.ndarray, threshold: float, posit
 
 
 def _thumbnail_figure(path: Path | None, name: str, truth: str, guess: str,
-                      confidence: float) -> str:
+                      confidence: float, words: tuple[str, str] = ("true", "predicted")) -> str:
     data = _thumbnail(path)
     image = (f'<img src="data:image/jpeg;base64,{base64.b64encode(data).decode()}" alt="'
              f'{_text(name)}">' if data else '<p class="note">(image not available)</p>')
-    return (f"<figure>{image}<figcaption>true <b>{_text(truth)}</b>, predicted "
+    return (f"<figure>{image}<figcaption>{words[0]} <b>{_text(truth)}</b>, {words[1]} "
             f'<span class="wrong">{_text(guess)}</span> ({confidence:.3f})<br>'
             f'<span class="note">{_text(name)}</span></figcaption></figure>')
 

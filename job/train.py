@@ -26,8 +26,8 @@ import tensorflow as tf
 
 from edge import logs as edge_logs
 from edge.runtime import cpu_description
-from job import (budget, calibration, data, diskspace, distribute, html_report, identity, model,
-                 probe, report, storage)
+from job import (audit, budget, calibration, data, diskspace, distribute, html_report, identity,
+                 model, probe, report, storage)
 from job.checkpoint import Checkpoints, StopSignal, phase_key
 from job.config import Config, ConfigError
 from job.context import RunContext
@@ -117,10 +117,16 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
 
     metrics = run_metrics(config, precision, whole, pulled, trainer, records, summaries)
     calibration.apply(metrics, calibrated, RECORD_KEY)
+    audited = audit.audit_run(dataset, trainer.features.pooled_features() if config.solves_probe
+                              else None, (records["phase1"].get("probe") or {}).get("C"),
+                              trainer.class_weights is not None, config.seed, whole.counts,
+                              whole.skipped, context.strategy)
+    metrics[audit.KEY] = audit.summary(audited)
     metrics["workers"] = worker_records(context, dataset, pulled, records)
     metrics[identity.KEY] = attempt
     log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
     context.run_dir.mkdir(parents=True, exist_ok=True)
+    report.write_json(context.run_dir / audit.FILE, audited)
     write_run(context.run_dir, config, parts.classifier, dataset.class_names, metrics, summaries,
               final_test_predictions(dataset.root, trainer, phases(config)[-1]))
     if not context.chief:
