@@ -3,10 +3,14 @@ by confident learning on out-of-fold probe predictions; and audit.json of a real
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
+import pytest
+from PIL import Image
 
 from job import audit
+from tests.test_html_report import screenshot
 
 CLASSES = ["cat", "dog"]
 
@@ -88,3 +92,21 @@ def test_a_real_run_is_calibrated_and_its_ece_measured(audited_run):
         assert 0 <= block[key] <= 1
     assert block["validation_ece_after"] <= block["validation_ece_before"] + 0.02
     assert metrics["record"]["decision_threshold"] == metrics["decision_threshold"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium is not on PATH: `make browser` installs Debian's chromium")
+def test_a_real_runs_data_audit_renders_in_headless_chromium(audited_run, tmp_path):
+    page_path = audited_run["run_dir"] / "report.html"
+    # The page cut to its Data audit section, so that the screenshot shows it.
+    page = page_path.read_text()
+    head, rest = page.split("<section", 1)
+    audit_only = tmp_path / "audit.html"
+    audit_only.write_text(head + '<section id="audit">' +
+                          rest.split('<section id="audit">')[1].split("</section>")[0] +
+                          "</section></body></html>")
+    png = tmp_path / "audit.png"
+    result = screenshot(audit_only, png, tmp_path)
+    assert result.returncode == 0 and png.exists(), result.stderr[-2000:]
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=np.float64)
+    assert pixels.std() > 20 and len(np.unique(pixels)) > 64, "the screenshot looks blank"
