@@ -170,9 +170,12 @@ def audit_run(dataset, pooled: dict[str, tuple[np.ndarray, np.ndarray]] | None,
               strategy) -> dict:
     """The run's audit (collect, then audit), timed whole and logged in one line."""
     started = time.perf_counter()
-    audited = audit(collect(dataset, pooled, strategy), dataset.class_names,
-                    probe_c if pooled else None, balanced, seed, counts, skipped)
+    images = collect(dataset, pooled, strategy)
+    collected = time.perf_counter() - started
+    audited = audit(images, dataset.class_names, probe_c if pooled else None, balanced, seed,
+                    counts, skipped)
     audited["seconds"] = round(time.perf_counter() - started, 2)
+    audited["seconds_by_step"]["hashing_and_gathering"] = round(collected, 2)
     log_line(audited)
     return audited
 
@@ -181,8 +184,10 @@ def audit(images: Images, class_names: list[str], probe_c: float | None, balance
           seed: int, counts: dict, skipped: dict) -> dict:
     """audit.json's content (see the module docstring); probe_c None: no features, no label
     issues nor near duplicates."""
+    started = time.perf_counter()
     pairs = [{**pair, "a_label": class_names[pair["a_label"]],
               "b_label": class_names[pair["b_label"]]} for pair in duplicate_pairs(images)]
+    paired = time.perf_counter()
     train = np.flatnonzero(np.asarray(images.splits) == "train")
     issues = None
     if images.features is not None and probe_c is not None:
@@ -203,6 +208,8 @@ def audit(images: Images, class_names: list[str], probe_c: float | None, balance
         "class_counts": counts,
         "skipped_files": skipped,
         "seconds": None,  # audit_run's, hashing included
+        "seconds_by_step": {"duplicates": round(paired - started, 2),
+                            "label_issues": round(time.perf_counter() - paired, 2)},
     }
 
 
