@@ -226,6 +226,14 @@ class Features:
                                       for name in PROBE_SPLITS}, "probe")
         return {name: _arrays(outputs[name]) for name in PROBE_SPLITS}
 
+    def pooled_features(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """probe_data, and the test split's pooled features where the head's cache holds them
+        (CACHE_FEATURES on): what the data audit uses, with no further pass of the frozen base."""
+        pooled = self.probe_data()
+        if self.plan.cached.get("phase1") and len(self.dataset.test):
+            pooled["test"] = _arrays(self.frozen_outputs(head=True)["test"])
+        return pooled
+
     def _run_once(self, extractor: keras.Model, inputs: dict[str, tuple[tf.data.Dataset, int]],
                   tag: str) -> dict[str, tf.data.Dataset]:
         """(output, label) per example of each input, from a file of the scratch directory that

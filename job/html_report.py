@@ -33,8 +33,8 @@ PREDICTIONS = "test_predictions.json"
 THUMBNAIL_PIXELS = 96
 MISTAKES_SHOWN = 24  # thumbnails on the contact sheet
 SKIPPED_SHOWN = 200  # rows of the skipped-files table; metrics.json lists them all
-SECTIONS = ("data", "curves", "confusion", "roc-pr", "per-class", "mistakes", "export",
-            "promotion")
+SECTIONS = ("data", "audit", "curves", "calibration", "confusion", "roc-pr", "per-class", "mistakes",
+            "export", "promotion")
 
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;
@@ -100,7 +100,10 @@ def render(metrics: dict, class_names: list[str], predictions: TestPredictions |
     threshold = metrics.get("decision_threshold", 0.5)
     sections = [
         _section("data", "Data", data_section(metrics, class_names)),
+        _section("audit", "Data audit",
+                 audit_section(metrics, predictions.root if predictions else None)),
         _section("curves", "Training curves", curves_section(metrics)),
+        _section("calibration", "Calibration", calibration_section(metrics)),
         _section("confusion", "Confusion matrix (test)", confusion_section(metrics, class_names)),
         _section("roc-pr", "ROC and precision-recall (test)",
                  roc_pr_section(class_names, predictions, threshold)),
@@ -154,6 +157,44 @@ def data_section(metrics: dict, class_names: list[str]) -> str:
     return body
 
 
+def audit_section(metrics: dict, root: Path | None) -> str:
+    """audit.json's counts and thumbnails of the leaks and the likeliest label issues (job.audit;
+    images under root, the data root, when at hand)."""
+    audited = metrics.get("data_audit")
+    if not audited:
+        return _note("No data audit recorded for this run.")
+    counts = audited["counts"]
+    body = _table(["finding", "count"], [[name.replace("_", " "), "not sought" if count is None
+                                          else count] for name, count in counts.items()])
+    body += "".join(_note(note) for note in audited.get("notes") or [])
+    image = (lambda path: Path(root, path)) if root else (lambda path: None)
+    leaks = [_pair_figure(image(pair["a"]), image(pair["b"]), pair)
+             for pair in audited["cross_split_duplicates"]]
+    if leaks:
+        body += (_note(f"Cross-split duplicates (leaks), most alike first: the first "
+                       f"{len(leaks)} of {counts['cross_split_duplicates']}; all in audit.json.")
+                 + f'<div class="sheet">{"".join(leaks)}</div>')
+    issues = [_thumbnail_figure(image(issue["path"]), issue["path"], issue["given_label"],
+                                issue["suggested_label"], issue["score"], ("filed", "likely"))
+              for issue in audited["label_issues"]]
+    if issues:
+        body += (_note(f"Likely label issues, most likely first (the folder's label, the label "
+                       f"suggested, and 1 - p(folder's label) out of fold): the first "
+                       f"{len(issues)} of {counts['label_issues']}.")
+                 + f'<div class="sheet">{"".join(issues)}</div>')
+    return body
+
+
+def _pair_figure(first: Path | None, second: Path | None, pair: dict) -> str:
+    images = "".join(f'<img src="data:image/jpeg;base64,{base64.b64encode(data).decode()}" alt="'
+                     f'{_text(name)}">' if data else '<p class="note">(image not available)</p>'
+                     for data, name in ((_thumbnail(first), pair["a"]),
+                                        (_thumbnail(second), pair["b"])))
+    return (f"<figure>{images}<figcaption>{_text(pair['kind'])}, similarity "
+            f"{pair['similarity']:.3f}<br>{_text(pair['a_split'])}: {_text(pair['a'])}<br>"
+            f"{_text(pair['b_split'])}: {_text(pair['b'])}</figcaption></figure>")
+
+
 def curves_section(metrics: dict) -> str:
     parts = []
     for phase in ("phase1", "phase2"):
@@ -173,6 +214,45 @@ def curves_section(metrics: dict) -> str:
         epochs = record.get("epochs_run")
         parts.append(_note(f"{epochs} epoch{'' if epochs == 1 else 's'}, {record.get('seconds')} s"))
     return "".join(parts)
+
+
+def calibration_section(metrics: dict) -> str:
+    """The temperature, ECE before and after, and the test split's reliability diagrams."""
+    block = metrics.get("calibration")
+    if not block:
+        return _note("Not calibrated (a run from before calibration).")
+    if block.get("skipped"):
+        return _note(f"Skipped, temperature 1: {block['skipped']}.")
+    splits = [name for name in report.SCORED_SPLITS if f"{name}_ece_before" in block]
+    body = _note(f"Temperature {block['temperature']:g}, fitted on validation by log loss and "
+                 f"folded into the output layer: every probability here and in the exported "
+                 f"models is calibrated. ECE: {block.get('ece_definition')}, "
+                 f"{block.get('ece_bins')} bins.")
+    body += _table(["split", "ECE before", "ECE after"],
+                   [[name, block[f"{name}_ece_before"], block[f"{name}_ece_after"]]
+                    for name in splits])
+    diagram = (block.get("reliability") or {}).get("test")
+    return body + (_reliability_plot(diagram) if diagram else "")
+
+
+def _reliability_plot(diagram: dict) -> str:
+    """Accuracy against confidence per bin, before and after calibration, side by side."""
+    pyplot = report.pyplot()
+    figure, axes = pyplot.subplots(1, 2, figsize=(10, 4.2))
+    for axis, when in zip(axes, ("before", "after")):
+        bins = diagram[when]
+        edges = np.linspace(0, 1, len(bins["images"]) + 1)
+        filled = np.asarray(bins["images"]) > 0
+        axis.bar(edges[:-1][filled], np.asarray(bins["accuracy"])[filled],
+                 width=edges[1] - edges[0], align="edge", edgecolor="black", alpha=0.7,
+                 label="accuracy")
+        axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+        axis.scatter(np.asarray(bins["confidence"])[filled], np.asarray(bins["accuracy"])[filled],
+                     color="tab:red", s=12, zorder=3, label="mean confidence")
+        axis.set(xlabel="confidence (top label)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+                 title=f"test, {when} calibration")
+        axis.legend(fontsize=8, loc="upper left")
+    return _figure_image(figure, "reliability diagrams before and after calibration")
 
 
 def confusion_section(metrics: dict, class_names: list[str]) -> str:
@@ -348,11 +428,11 @@ def _roc_pr_plot(labels: np.ndarray, scores: np.ndarray, threshold: float, posit
 
 
 def _thumbnail_figure(path: Path | None, name: str, truth: str, guess: str,
-                      confidence: float) -> str:
+                      confidence: float, words: tuple[str, str] = ("true", "predicted")) -> str:
     data = _thumbnail(path)
     image = (f'<img src="data:image/jpeg;base64,{base64.b64encode(data).decode()}" alt="'
              f'{_text(name)}">' if data else '<p class="note">(image not available)</p>')
-    return (f"<figure>{image}<figcaption>true <b>{_text(truth)}</b>, predicted "
+    return (f"<figure>{image}<figcaption>{words[0]} <b>{_text(truth)}</b>, {words[1]} "
             f'<span class="wrong">{_text(guess)}</span> ({confidence:.3f})<br>'
             f'<span class="note">{_text(name)}</span></figcaption></figure>')
 

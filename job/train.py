@@ -26,8 +26,8 @@ import tensorflow as tf
 
 from edge import logs as edge_logs
 from edge.runtime import cpu_description
-from job import (budget, data, diskspace, distribute, html_report, identity, model, probe, report,
-                 storage, writer)
+from job import (audit, budget, calibration, data, diskspace, distribute, html_report, identity,
+                 model, probe, report, storage, writer)
 from job.checkpoint import Checkpoints, StopSignal, phase_key
 from job.config import Config, ConfigError
 from job.context import RunContext
@@ -109,12 +109,25 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
         for phase in phases(config):
             records[phase.key] = trainer.fit(phase)
             summaries[phase.key] = _summary(parts.classifier)
+        final = phases(config)[-1].name
+        calibrated = calibration.calibrate(trainer.scored.get(final), dataset.class_names,
+                                           parts.head.get_layer("probabilities"), context.chief,
+                                           context.strategy)
+        if calibrated.test_probabilities is not None:
+            trainer.test_probabilities[final] = calibrated.test_probabilities
 
     metrics = run_metrics(config, precision, whole, pulled, trainer, records, summaries)
+    calibration.apply(metrics, calibrated, RECORD_KEY)
+    audited = audit.audit_run(dataset, trainer.features.pooled_features() if config.solves_probe
+                              else None, (records["phase1"].get("probe") or {}).get("C"),
+                              trainer.class_weights is not None, config.seed, whole.counts,
+                              whole.skipped, context.strategy)
+    metrics[audit.KEY] = audit.summary(audited)
     metrics["workers"] = worker_records(context, dataset, pulled, records)
     metrics[identity.KEY] = attempt
     log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
     writer.fresh_staging(context.run_dir)  # nothing an earlier attempt left is published
+    report.write_json(context.run_dir / audit.FILE, audited)
     write_run(context.run_dir, config, parts.classifier, dataset.class_names, metrics, summaries,
               final_test_predictions(dataset.root, trainer, phases(config)[-1]))
     if not context.chief:
@@ -389,6 +402,8 @@ class Trainer:
         # Per phase name: the test split's probabilities as scored, for report.html (in memory:
         # metrics.json keeps only the scores).
         self.test_probabilities: dict[str, np.ndarray] = {}
+        # Per phase name: its labels and probabilities as scored, which calibration refits.
+        self.scored: dict[str, calibration.Scored] = {}
 
     def fit(self, phase: Phase) -> dict:
         """Trains one phase and returns its record, or restores it when an earlier attempt of
@@ -540,6 +555,7 @@ class Trainer:
         probabilities = {name: predict(name, False) for name in names}
         flipped = {name: predict(name, True) for name in names} if self.config.tta else None
         result = report.score_phase(labels, probabilities, self.dataset.class_names, flipped)
+        self.scored[phase] = calibration.Scored(labels, probabilities, flipped)
         if "test" in probabilities:  # what score_phase scored: with TTA, the mean with the flip
             self.test_probabilities[phase] = probabilities["test"] if flipped is None else \
                 (probabilities["test"] + flipped["test"]) / 2

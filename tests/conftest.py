@@ -559,3 +559,43 @@ def promotion_runs(tmp_path_factory, xray_dir, xray_small, mobilenet_v2_035_weig
                                  **settings)
         result["current"][name] = json.loads((promote_uri / "CURRENT.json").read_text())
     return result
+
+
+# --- Data audit (job/audit.py): a real slice with known leaks and misfiled images. ---
+AUDIT_LEAKS = 3  # test images copied into train
+AUDIT_MISFILED = 4  # training NORMAL images filed under PNEUMONIA
+
+
+@pytest.fixture(scope="session")
+def xray_with_leaks_and_misfiled(xray_dir, tmp_path_factory) -> dict:
+    """150 training, 60 validation and 30 test X-rays per class (symlinks into ../shared), with
+    AUDIT_LEAKS test images copied into train and AUDIT_MISFILED training NORMAL images moved to
+    PNEUMONIA; the relative paths of both. 150 per class: the probe on MobileNetV2 0.35's
+    features at 96 px is then good enough for its out-of-fold predictions to see the misfiled (all
+    four, the last at a score of 0.92, 12th of 21 issues). 60 validation images per class: on 25
+    the probe got every one right, and calibration has nothing to fit (T at its bound)."""
+    root = link_slice(xray_dir, tmp_path_factory.mktemp("xray-audit"),
+                      {"train": 150, "validation": 60, "test": 30})
+    leaks = []
+    for index, image in enumerate(sorted((root / "test" / "PNEUMONIA").iterdir())[:AUDIT_LEAKS]):
+        copy = root / "train" / "PNEUMONIA" / f"leak{index}.jpeg"
+        shutil.copyfile(image.resolve(), copy)
+        leaks.append((f"train/PNEUMONIA/{copy.name}", f"test/PNEUMONIA/{image.name}"))
+    misfiled = []
+    for image in sorted((root / "train" / "NORMAL").iterdir())[-AUDIT_MISFILED:]:
+        image.rename(root / "train" / "PNEUMONIA" / image.name)
+        misfiled.append(f"train/PNEUMONIA/{image.name}")
+    return {"root": root, "leaks": leaks, "misfiled": misfiled}
+
+
+@pytest.fixture(scope="session")
+def audited_run(xray_with_leaks_and_misfiled, mobilenet_v2_035_weights, tmp_path_factory) -> dict:
+    """The cheapest real run with a linear probe: MobileNetV2 0.35 with its real weights at 96 px,
+    phase 1 only (the probe), on xray_with_leaks_and_misfiled."""
+    out = tmp_path_factory.mktemp("audited-run")
+    result = run_job({"DATA_URI": str(xray_with_leaks_and_misfiled["root"]),
+                      "OUTPUT_URI": str(out / "out"), "RUN_ID": "audit",
+                      "CACHE_DIR": str(out / "cache"), "BACKBONE": "mobilenet_v2", "ALPHA": "0.35",
+                      "WEIGHTS": str(mobilenet_v2_035_weights), "IMAGE_SIZE": "96",
+                      "FINE_TUNE_EPOCHS": "0"})
+    return {"result": result, "run_dir": out / "out" / "audit", **xray_with_leaks_and_misfiled}

@@ -229,3 +229,37 @@ def test_promotion_section_shows_the_verdict_figures_and_recall_per_class_side_b
     for figure in ("held back", "nightly-41", "0.7733", "-0.2733", "-0.3400 to -0.2100", "142",
                    "7.57e-09", "NORMAL", "0.61", "0.93"):
         assert figure in text, figure
+
+
+def test_the_calibration_section_shows_the_temperature_ece_and_reliability_diagrams(binary):
+    from job import calibration
+
+    labels, probabilities = binary[1].labels, binary[1].probabilities
+    bins = calibration.reliability(labels, probabilities)
+    block = {"temperature": 1.7, "ece_bins": 15, "ece_definition": "top-label, equal-width bins",
+             "test_ece_before": 0.21, "test_ece_after": 0.05,
+             "reliability": {"test": {"before": bins, "after": bins}}}
+    page = html_report.render({**binary[0], "calibration": block}, TWO, binary[1])
+    body = section(page, "calibration")
+    assert "Temperature 1.7" in body and "0.21" in body and "0.05" in body
+    assert 'alt="reliability diagrams before and after calibration"' in body
+    skipped = html_report.render({**binary[0], "calibration": {"temperature": 1.0,
+                                                               "skipped": "too few"}}, TWO, None)
+    assert "Skipped, temperature 1: too few" in section(skipped, "calibration")
+
+
+def test_the_audit_section_shows_counts_and_thumbnails_of_leaks_and_label_issues(binary):
+    metrics, predictions = binary
+    pair = {"kind": "exact", "similarity": 1.0, "a": "test/img00.png", "a_split": "test",
+            "a_label": "NORMAL", "b": "test/img01.png", "b_split": "train", "b_label": "NORMAL"}
+    issue = {"path": "test/img02.png", "given_label": "PNEUMONIA", "suggested_label": "NORMAL",
+             "score": 0.97}
+    audited = {"counts": {"cross_split_duplicates": 1, "within_split_duplicates": 0,
+                          "cross_class_duplicates": 0, "label_issues": 1},
+               "notes": [], "cross_split_duplicates": [pair], "label_issues": [issue]}
+    body = section(html_report.render({**metrics, "data_audit": audited}, TWO, predictions),
+                   "audit")
+    assert "cross split duplicates" in body and "test/img01.png" in body
+    assert "filed <b>PNEUMONIA</b>, likely" in body and "(0.970)" in body
+    assert body.count("data:image/jpeg;base64,") == 3  # both images of the pair, the issue's
+    assert "No data audit" in section(html_report.render(metrics, TWO, predictions), "audit")

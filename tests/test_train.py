@@ -114,7 +114,7 @@ def test_job_writes_every_output_and_the_manifest_lists_them(tiny_run):
     run_dir = tiny_run["run_dir"]
     expected = {"MANIFEST.json", "metrics.json", "labels.txt", "model.keras", "model_summary.txt",
                 "curves_phase2.png", "saved_model", "report.html",
-                "test_predictions.json"}
+                "test_predictions.json", "audit.json"}
     assert expected <= {p.name for p in run_dir.iterdir()}
     manifest = json.loads((run_dir / report.MANIFEST).read_text())["files"]
     assert "saved_model/saved_model.pb" in manifest and "metrics.json" in manifest
