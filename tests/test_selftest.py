@@ -98,6 +98,23 @@ def test_self_test_fails_the_int8_file_when_it_was_tampered_with(export_copy, ca
     assert "FAILED: model.int8.onnx" in err
 
 
+def test_self_test_passes_on_a_promoted_version_and_fails_there_once_its_int8_file_is_tampered(
+        mobilenet_export, mobilenet_run, tmp_path, capsys):
+    """The version folder promotion stages (job/versions.py) from the run and its export is
+    what a device fetches: its copy of the set proves its ONNX files on this CPU."""
+    from job import versions
+
+    assert mobilenet_export[0] == 0, mobilenet_export[2][-2000:]
+    version = versions.stage(tmp_path / "versions" / "mobilenet", mobilenet_run, mobilenet_run,
+                             list(ONNX_FILES))
+    code, lines, err = self_test(version, capsys)
+    assert code == 0, err
+    assert sorted(line.split("\t")[1] for line in lines) == ["PASS", "PASS"]
+    scale_output_layer(version / "model.int8.onnx", 0.0)
+    code, lines, err = self_test(version, capsys)
+    assert code == 1 and "FAILED: model.int8.onnx" in err, err
+
+
 def test_self_test_exits_2_without_a_selftest_set(export_copy, capsys):
     shutil.rmtree(export_copy / SELFTEST_DIR)
     code, lines, err = self_test(export_copy, capsys)
