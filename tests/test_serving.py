@@ -152,3 +152,60 @@ def test_labels_of_more_than_two_classes_are_the_most_probable(tmp_path):
     served = loaded.signatures[serving.BYTES_SIGNATURE](image_bytes=tf.stack(encoded))
     assert [label.decode() for label in served["label"].numpy()] == ["blue", "red", "green"]
 
+
+# The recipe in docs/vertex.md: what can be checked without a Vertex AI project.
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "vertex.md"
+BATCH_JOB = Path(__file__).resolve().parents[1] / "infra" / "vertex" / "batch-prediction.json"
+
+
+def test_the_request_the_docs_build_from_image_files_is_answered_with_labels(
+        loaded, xray_serving_model, xray_test_jpegs, tmp_path):
+    import subprocess
+    import sys
+
+    command = next(line.strip() for line in DOCS.read_text().splitlines()
+                   if line.strip().startswith("python3 -c"))
+    (tmp_path / "image1.jpeg").write_bytes(xray_test_jpegs[0].read_bytes())
+    converted([xray_test_jpegs[-1]], tmp_path / "png", "L", "PNG")[0].rename(tmp_path / "image2.png")
+    subprocess.run(command.replace("python3 ", f"{sys.executable} ", 1), shell=True, check=True,
+                   cwd=tmp_path)
+    predictions = tf_serving_predict(loaded, (tmp_path / "request.json").read_text())["predictions"]
+    from_bytes, _ = serve_both(loaded, [tmp_path / "image1.jpeg", tmp_path / "image2.png"],
+                               xray_serving_model["size"])
+    assert [p["label"] for p in predictions] == \
+        [label.decode() for label in from_bytes["label"].numpy()]
+
+
+def test_batch_file_list_instances_are_taken_as_the_single_image_bytes_input(
+        loaded, xray_test_jpegs):
+    """Vertex AI's file-list batch input sends each file as {"b64": ...}, no input name."""
+    paths = xray_test_jpegs[:2]
+    by_name = tf_serving_predict(loaded, json.dumps({"instances": [
+        {serving.BYTES_INPUT: {"b64": base64.b64encode(path.read_bytes()).decode()}}
+        for path in paths]}))
+    bare = tf_serving_predict(loaded, json.dumps({"instances": [
+        {"b64": base64.b64encode(path.read_bytes()).decode()} for path in paths]}))
+    assert bare == by_name
+
+
+def test_the_batch_prediction_job_reads_a_file_list_and_writes_json_lines():
+    job = json.loads(BATCH_JOB.read_text())
+    assert job["inputConfig"]["instancesFormat"] == "file-list"
+    assert all(uri.startswith("gs://") for uri in job["inputConfig"]["gcsSource"]["uris"])
+    assert job["outputConfig"]["predictionsFormat"] == "jsonl"
+    assert job["outputConfig"]["gcsDestination"]["outputUriPrefix"].startswith("gs://")
+    assert "/models/" in job["model"] and "batch-prediction.json" in DOCS.read_text()
+
+
+def test_the_docs_name_the_files_and_threshold_the_run_writes():
+    import dataclasses
+
+    from export.pipeline import RUN_FILES
+    from job.record import RunRecord
+
+    text = DOCS.read_text()
+    for name in ("saved_model", "labels.txt", "metrics.json"):
+        assert name in RUN_FILES and name in text
+    assert "--artifact-uri=gs://acme-ml-prod-models/image-classifier/RUN_ID/saved_model" in text
+    assert "decision_threshold" in {field.name for field in dataclasses.fields(RunRecord)}
+    assert "`decision_threshold`" in text
