@@ -6,7 +6,8 @@ BMP; grayscale, palette and RGBA too), so a request is TF Serving's image conven
 `{"instances": [{"image_bytes": {"b64": "..."}}]}` instead of a megabyte of JSON floats per image.
 It decodes and resizes inside the graph as training's decoder does (edge.images.load_image: 8-bit
 RGB, alpha dropped; a JPEG decoded by libjpeg at the reduced scale Pillow's draft picks; bilinear
-resizing that averages over the whole footprint, i.e. antialiased; rounded to 8 bits), and returns
+resizing over the whole footprint, i.e. antialiased, rows then columns, rounded to 8 bits after
+each pass as Pillow rounds), and returns
 `probabilities` (what the float32 signature returns) and `label` (the class name from labels.txt,
 decided at the run's validation-chosen threshold for two classes, the largest otherwise), so a
 client needs neither the job's decoder nor its threshold. Unlike load_image it does not apply EXIF
