@@ -56,8 +56,9 @@ def decode_image(encoded: tf.Tensor, size: int) -> tf.Tensor:
     otherwise = lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False)  # noqa: E731
     image = tf.cond(tf.io.is_jpeg(encoded), if_jpeg, otherwise)
     image.set_shape([None, None, 3])
-    # Pillow resizes rows first, then columns, rounding to 8 bits (half up) after each pass: so
-    # does this, which leaves 99.5 % of the pixels identical instead of 85 % (README).
+    # Pillow resizes rows first, then columns, rounding to 8 bits (half up) after each pass. So
+    # does this: at 96 px, 0.2 to 0.7 % of the X-rays' and intel_scenes' values then differ from
+    # load_image's (by 1), against 14 to 18 % resized in one pass (README).
     pixels = tf.cast(image, tf.float32)
     for height in (tf.shape(image)[0], size):
         pixels = tf.image.resize(pixels, (height, size), method="bilinear", antialias=True)
