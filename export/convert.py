@@ -86,7 +86,9 @@ def saved_model_as_float32(run_dir: Path, record: RunRecord):
                        "(train it with MIXED_PRECISION=off)")
     size = record.image_size
     images = keras.Input((size, size, 3), name=INPUT_NAME)
-    served = keras.layers.TFSMLayer(str(run_dir / "saved_model"), call_endpoint="serve",
+    from job.serving import PIXELS_SIGNATURE
+
+    served = keras.layers.TFSMLayer(str(run_dir / "saved_model"), call_endpoint=PIXELS_SIGNATURE,
                                     trainable=False, name="saved_model")
     return keras.Model(images, served(images), name="classifier")
 

@@ -31,11 +31,14 @@ def onnx_predictor(session) -> Predict:
 
 
 def saved_model_predictor(saved_model_dir: Path) -> Predict:
-    """The run's SavedModel through its `serving_default` signature, as deployed for serving."""
+    """The run's SavedModel through its float32 pixels signature (job/serving.py), the one the
+    ONNX models are converted from; `serving_default` takes encoded image bytes."""
     import tensorflow as tf
 
+    from job.serving import PIXELS_SIGNATURE
+
     loaded = tf.saved_model.load(str(saved_model_dir))
-    signature = loaded.signatures["serving_default"]
+    signature = loaded.signatures[PIXELS_SIGNATURE]
     input_name = next(iter(signature.structured_input_signature[1]))
     output_name = next(iter(signature.structured_outputs))
 

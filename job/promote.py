@@ -231,10 +231,11 @@ def score_champion(champion_dir: Path, current: dict, challenger: Challenger, sc
     antialiasing as Pillow's resize of the originals has, and rounded to 8 bits as decoding does."""
     import tensorflow as tf
 
-    from job import data  # (TensorFlow: loaded only where a champion is scored)
+    from job import data, serving  # (TensorFlow: loaded only where a champion is scored)
 
     try:
-        serve = tf.saved_model.load(str(champion_dir / "saved_model")).signatures["serving_default"]
+        serve = tf.saved_model.load(str(champion_dir / "saved_model")).signatures[
+            serving.PIXELS_SIGNATURE]  # float32 pixels: every run's SavedModel has it
     except Exception as error:  # a SavedModel that passed its checksums yet does not load
         raise versions.ChampionUnusable(f"its SavedModel does not load ({error})") from None
     input_name = next(iter(serve.structured_input_signature[1]))

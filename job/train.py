@@ -27,7 +27,7 @@ import tensorflow as tf
 from edge import logs as edge_logs
 from edge.runtime import cpu_description
 from job import (audit, budget, calibration, data, diskspace, distribute, html_report, identity,
-                 model, probe, report, storage, writer)
+                 model, probe, report, serving, storage, writer)
 from job.checkpoint import Checkpoints, StopSignal, phase_key
 from job.config import Config, ConfigError
 from job.context import RunContext
@@ -641,7 +641,8 @@ def write_run(work_dir: Path, config: Config, classifier: keras.Model, class_nam
     that the export can render it again; without them the page says they are missing."""
     diskspace.require(work_dir, diskspace.model_files_bytes(classifier),
                       "the run's saved_model/ and model.keras")
-    classifier.export(str(work_dir / "saved_model"), verbose=False)
+    serving.export(classifier, str(work_dir / "saved_model"), class_names,
+                   metrics["decision_threshold"])
     classifier.save(work_dir / "model.keras")
     (work_dir / "labels.txt").write_text("\n".join(class_names) + "\n")
     for phase in ("phase1", "phase2"):

@@ -599,3 +599,28 @@ def audited_run(xray_with_leaks_and_misfiled, mobilenet_v2_035_weights, tmp_path
                       "WEIGHTS": str(mobilenet_v2_035_weights), "IMAGE_SIZE": "96",
                       "FINE_TUNE_EPOCHS": "0"})
     return {"result": result, "run_dir": out / "out" / "audit", **xray_with_leaks_and_misfiled}
+
+
+@pytest.fixture(scope="session")
+def xray_serving_model(xray_dir, mobilenet_v2_035_weights, tmp_path_factory) -> dict:
+    """A real X-ray classifier built in-process in seconds, written by job.serving.export:
+    MobileNetV2 alpha 0.35 (ImageNet weights) at 96 px, its linear head the probe fitted on 40
+    training X-rays per class. The threshold is 0.4, not 0.5, so a label shows which it used."""
+    from edge.images import load_images
+    from job import model as job_model, probe, serving
+
+    classes, size = ["NORMAL", "PNEUMONIA"], 96
+    base, mode = job_model.build_base("mobilenet_v2", 0.35, str(mobilenet_v2_035_weights), size)
+    parts = job_model.build_classifier(base, mode, len(classes), size, dense_units=0, dropout=0.0)
+
+    def features(split: str, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+        paths = [sorted((xray_dir / split / name).iterdir())[:per_class] for name in classes]
+        images = load_images([str(path) for path in paths[0] + paths[1]], size)
+        return (parts.feature_extractor.predict(images, verbose=0),
+                np.repeat([0, 1], [len(paths[0]), len(paths[1])]))
+
+    fitted = probe.fit(features("train", 40), features("validation", 20), balanced=True)
+    parts.head.get_layer("probabilities").set_weights(fitted.dense_weights())
+    path = tmp_path_factory.mktemp("serving") / "saved_model"
+    serving.export(parts.classifier, str(path), classes, threshold=0.4)
+    return {"path": path, "classes": classes, "size": size, "threshold": 0.4}

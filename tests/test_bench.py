@@ -44,6 +44,7 @@ def script_arguments(trees: dict[str, Path], work: Path) -> dict[str, list[str]]
                          "--data", split],
         "scaling": ["bench/scaling.py", "--check", str(two_worker_metrics(work))],
         "onnx_float32": ["bench/onnx_float32.py", "--image-size", "32", "--repeats", "1"],
+        "serving_decode": ["bench/serving_decode.py", "--data", split, "--size", "16"],
     }
 
 
@@ -234,6 +235,12 @@ def test_onnx_float32(bench_runs):
     assert all(rate > 0 for rate in result["images_per_s"].values())
     # every layout and runtime computes the same function: float32 rounding apart
     assert max(result["max_abs_diff_vs_tensorflow"].values()) < 1e-4
+
+
+def test_serving_decode(bench_runs):
+    (figures,) = output(bench_runs, "serving_decode")["pixels"].values()
+    assert figures["images"] == 6 and figures["size"] == 16
+    assert 0 <= figures["mean_abs_diff"] <= figures["max_abs_diff"] <= 1
 
 
 def test_link_slice(tmp_path):

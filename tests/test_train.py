@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from job import data, model, probe, report, train
+from job import data, model, probe, report, serving, train
 from job.checkpoint import Checkpoints, StopSignal
 from job.config import Config
 from job.features import Features
@@ -84,9 +84,10 @@ def test_phase2_changes_only_the_layers_from_fine_tune_from_up(phases):
 def test_saved_model_predicts_what_the_in_memory_model_predicts(phases, tmp_path):
     classifier = phases["parts"].classifier
     images = next(iter(data.image_dataset(phases["dataset"].train, 32, 8)))[0].numpy()
-    classifier.export(str(tmp_path / "saved_model"), verbose=False)
+    serving.export(classifier, str(tmp_path / "saved_model"), phases["dataset"].class_names, 0.5)
     reloaded = tf.saved_model.load(str(tmp_path / "saved_model"))
-    served = reloaded.signatures["serving_default"](image=tf.constant(images))["output_0"].numpy()
+    served = reloaded.signatures[serving.PIXELS_SIGNATURE](image=tf.constant(images))["output_0"]
+    served = served.numpy()
     np.testing.assert_allclose(served, classifier.predict(images, verbose=0), atol=1e-5)
 
 
@@ -126,6 +127,19 @@ def test_job_writes_every_output_and_the_manifest_lists_them(tiny_run):
 
 def test_labels_are_the_sorted_class_names(tiny_run):
     assert (tiny_run["run_dir"] / "labels.txt").read_text().split() == ["cat", "dog", "fox"]
+
+
+def test_the_runs_saved_model_serves_image_bytes_by_default_and_pixels_as_serve(tiny_run):
+    """job/serving.py: what Vertex AI's TF Serving calls takes encoded images and names the class
+    from labels.txt; the float32 signature the export converts is still there."""
+    loaded = tf.saved_model.load(str(tiny_run["run_dir"] / "saved_model"))
+    default, pixels = loaded.signatures["serving_default"], loaded.signatures["serve"]
+    assert list(default.structured_input_signature[1]) == ["image_bytes"]
+    assert list(pixels.structured_input_signature[1]) == ["image"]
+    images = sorted((tiny_run["run_dir"].parents[1] / "images" / "fox").glob("*.png"))[:2]
+    served = default(image_bytes=tf.constant([path.read_bytes() for path in images]))
+    assert served["probabilities"].shape == (2, 3)
+    assert set(served["label"].numpy()) <= {b"cat", b"dog", b"fox"}
 
 
 def test_metrics_record_config_history_evaluation_and_skipped_files(tiny_run):
