@@ -50,8 +50,8 @@ def test_the_export_writes_a_small_selftest_set_with_its_gate_limits(mobilenet_e
         gate = report["gates"][entry["format"]]  # the export's limits, held on the device too
         assert entry["gate"] == gate and entry["limits"].items() >= gate.items()
     int8 = spec["files"]["model.int8.onnx"]
-    assert int8["limits"]["max_abs_diff"] == pytest.approx(
-        int8["at_export"]["max_abs_diff"] + spec["max_abs_diff_margin"])
+    assert int8["limits"]["max_abs_diff"] == pytest.approx(  # the file keeps 6 decimals
+        int8["at_export"]["max_abs_diff"] + spec["max_abs_diff_margin"], abs=1e-6)
     assert report["selftest"]["bytes"] == {path.name: path.stat().st_size
                                            for path in folder.iterdir()}
     assert sum(report["selftest"]["bytes"].values()) < 1_000_000  # 32 images at 96 px
