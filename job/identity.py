@@ -20,7 +20,7 @@ import json
 import logging
 from pathlib import Path
 
-from job import listing, report, storage
+from job import listing, objects, report, storage
 from job.config import Config, ConfigError
 
 KEY = "identity"  # its key in metrics.json
@@ -126,8 +126,8 @@ def _read_json(uri: str, deadline: float) -> dict | None:
     """The JSON object at uri; None when there is none, or it is not one (then with a warning:
     an unreadable record cannot be compared)."""
     try:
-        text = storage.read_text(uri, retry_deadline=deadline)
-        record = None if text is None else json.loads(text)
+        content = objects.read(uri, retry_deadline=deadline)
+        record = None if content is None else json.loads(content)
     except ValueError as error:
         log.warning("%s: not JSON (%s); the run's identity could not be compared with it", uri,
                     error)

@@ -193,19 +193,6 @@ def exists(uri: str, *, retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> boo
         return next(iter(listing), None) is not None
 
 
-def read_text(uri: str, *, retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> str | None:
-    """The text of a small file or object (UTF-8), or None when there is none at uri."""
-    if not is_remote(uri):
-        path = Path(uri)
-        return path.read_text(encoding="utf-8") if path.is_file() else None
-    bucket_name, key = _split(uri)
-    with _remote(uri, retry_deadline) as remote:
-        blob = remote.client.bucket(bucket_name).get_blob(key, retry=remote.retry)
-        if blob is None:
-            return None
-        return blob.download_as_bytes(retry=remote.retry, timeout=REQUEST_TIMEOUT_S).decode("utf-8")
-
-
 def list_objects(uri: str, *, retry_deadline: float = DEFAULT_RETRY_DEADLINE_S
                  ) -> Iterator[tuple[str, int, str]]:
     """(name relative to uri, size, version) of each object under uri, in name order, console

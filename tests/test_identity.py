@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from job import identity, listing, storage
+from job import identity, listing, objects
 from job.config import Config, ConfigError
 from tests.conftest import write_class_images
 from tests.test_storage import upload_tree
@@ -119,11 +119,12 @@ def test_a_gs_listing_is_relative_to_the_prefix_and_changes_with_an_object(
     assert listing.of_tree(f"gs://{gcs_bucket}/two").digest != one.digest
 
 
-def test_read_text_answers_none_for_no_file_or_object(gcs_client, gcs_bucket, tmp_path):
+def test_a_record_reads_back_and_none_answers_for_no_file_or_object(gcs_client, gcs_bucket,
+                                                                    tmp_path):
     gcs_client.bucket(gcs_bucket).blob("run/metrics.json").upload_from_string(b'{"a": 1}')
-    assert storage.read_text(f"gs://{gcs_bucket}/run/metrics.json") == '{"a": 1}'
-    assert storage.read_text(f"gs://{gcs_bucket}/run/absent.json") is None
-    assert storage.read_text(str(tmp_path / "absent.json")) is None
+    assert objects.read(f"gs://{gcs_bucket}/run/metrics.json") == b'{"a": 1}'
+    assert objects.read(f"gs://{gcs_bucket}/run/absent.json") is None
+    assert objects.read(str(tmp_path / "absent.json")) is None
 
 
 # --- a rerun checked against what the run recorded ---
