@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-DEMO_DIR = Path("demo")
+DEMO_DIR = Path("demo-run")
 SETTINGS = {
     "BACKBONE": "vgg16",
     "IMAGE_SIZE": "32",
