@@ -14,7 +14,7 @@ setup:
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 
 demo:
-	$(PY) -m job.demo
+	$(PY) -m demo
 
 test:
 	$(PY) -m pytest

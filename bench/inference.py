@@ -33,7 +33,7 @@ DATA = SHARED / "data" / "chest_xray_pneumonia_224"
 MOBILENET = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
 sys.path.insert(0, str(REPO))
 
-from bench.datasets import link_slice  # noqa: E402
+from devkit.datasets import link_slice  # noqa: E402
 
 MODELS = {
     "vgg16_150": {"BACKBONE": "vgg16", "WEIGHTS": "none", "IMAGE_SIZE": "150"},

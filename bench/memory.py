@@ -25,7 +25,7 @@ SHARED = REPO.parent / "shared"
 DATA = SHARED / "data" / "chest_xray_pneumonia_224"
 sys.path.insert(0, str(REPO))
 
-from bench.datasets import link_slice  # noqa: E402
+from devkit.datasets import link_slice  # noqa: E402
 
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
 

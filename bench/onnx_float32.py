@@ -35,8 +35,8 @@ import tensorflow as tf  # noqa: E402
 import tf2onnx  # noqa: E402
 
 from edge import runtime  # noqa: E402
-from export import convert  # noqa: E402
-from job import model  # noqa: E402
+from export import convert
+from job.training import model
 
 BATCH = 32
 

@@ -16,12 +16,12 @@ made in the same run, on the same train/validation/test images:
     lr_x0.1, lr_x10   both learning rates (HEAD_ and FINE_TUNE_) divided or multiplied by 10
 
 - The linear probe, in this process: the pooled features of the frozen conv base (the job's
-  backbone, weights, preprocessing and image size, through job.model.build_base and
+  backbone, weights, preprocessing and image size, through job.training.model.build_base and
   build_classifier(...).feature_extractor, in float32), on exactly the job's splits
-  (job.data.load_dataset with the settings job.config.Config reads from the same environment,
-  SEED included), without augmentation, fitted by job.probe (the job's own phase 1 under its
+  (job.inputs.data.load_dataset with the settings job.config.Config reads from the same environment,
+  SEED included), without augmentation, fitted by job.training.probe (the job's own phase 1 under its
   default linear head): centred on the training features and divided by one scale, a
-  multinomial logistic regression (L2) per C of job.probe.C_GRID on the training split, the C
+  multinomial logistic regression (L2) per C of job.training.probe.C_GRID on the training split, the C
   with the best validation accuracy (ties: the lower validation log loss) kept and scored on the
   test split, with no refit. Classes are weighted as the job weights them (balanced when CLASS_WEIGHTS
   is auto and the training split is imbalanced). For two classes it is also scored at its own
@@ -70,9 +70,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.datasets import link_slice  # noqa: E402
-from job import data, model, probe, report  # noqa: E402
+from devkit.datasets import link_slice  # noqa: E402
 from job.config import Config  # noqa: E402
+from job.inputs import data
+from job.results import report
+from job.training import model, probe
 
 ABLATIONS = {
     "default": {},
@@ -215,7 +217,7 @@ def frozen_features(config: Config, dataset: data.DataSet) -> dict[str, np.ndarr
 
 def probe_scores(fitted: probe.Probe, features: dict[str, np.ndarray],
                  labels: dict[str, np.ndarray], class_names: list[str]) -> dict:
-    """Validation and test headline scores, the job's way (job.report): for two classes the
+    """Validation and test headline scores, the job's way (job.results.report): for two classes the
     probability of the second class, and its threshold chosen on validation."""
     two_classes = len(class_names) == 2
     probabilities = {name: fitted.predict_proba(features[name]) for name in ("validation", "test")}

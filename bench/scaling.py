@@ -9,7 +9,7 @@ probe on pooled features (every image once through the whole frozen base), phase
 fine-tuning block5 on the cached block4_pool outputs of two augmented views of each training
 image (the validation and test images once more through the bottom), with a gradient all-reduce
 every step. Each worker does 1/W of the listing's pull, the decoding and the frozen passes
-(job/shard.py); every worker lists the whole prefix and solves the probe on every pooled feature.
+(job/inputs/shard.py); every worker lists the whole prefix and solves the probe on every pooled feature.
 
 The figures of this machine (MEASURED) come from bench/speed.py and bench/storage_pull.py runs
 noted below; --measured takes another machine's, as JSON of the same keys. GPU and network

@@ -1,4 +1,4 @@
-"""How close the SavedModel's in-graph decode (job/serving.py, the image-bytes signature) is to
+"""How close the SavedModel's in-graph decode (job/training/serving.py, the image-bytes signature) is to
 training's decoder, edge.images.load_image, on real images. Prints JSON.
 
     .venv/bin/python bench/serving_decode.py --data ../shared/data/intel_scenes,../shared/data/clothing10 \
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge.images import load_image, load_images  # noqa: E402
 from edge.runtime import predict_labels  # noqa: E402
-from job import serving  # noqa: E402
+from job.training import serving
 
 
 def test_images(root: Path) -> list[Path]:

@@ -14,7 +14,7 @@ not depend on the weights).
 - phase1: seconds per head epoch on cached features against running the frozen base every epoch.
 - phase2: seconds per fine-tuning epoch on cached activations of the frozen bottom against
   running the whole model every epoch.
-- extraction: images/s of the job's own frozen feature extraction (job.features: the passes that
+- extraction: images/s of the job's own frozen feature extraction (job.inputs.features: the passes that
   cache the frozen layers' outputs, phase 1's on the unaugmented training images and validation,
   phase 2's on the augmented training views) against the exported SavedModel's batch-32
   inference rate, measured in the same run (goal: 0.8x or more).
@@ -42,9 +42,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from job import data, model  # noqa: E402
 from job.config import Config, default_fine_tune_from, default_image_size  # noqa: E402
-from job.features import Features  # noqa: E402
+from job.inputs import data
+from job.inputs.features import Features  # noqa: E402
+from job.training import model
 
 SHARED = REPO.parent / "shared"
 XRAY_TRAIN = SHARED / "data" / "chest_xray_pneumonia_224" / "train"

@@ -1,7 +1,7 @@
 """Storage pull benchmark: the job's parallel pull against a one-by-one download loop.
 
 Uploads N small real images from ../shared/data/chest_xray_pneumonia_224 (or --data) to a GCS emulator on
-loopback (tests/gcs_emulator.py), then pulls the prefix into fresh cache directories, alternating
+loopback (devkit/gcs_emulator.py), then pulls the prefix into fresh cache directories, alternating
 storage.pull_tree (listing + transfer_manager threads) with a loop of blob.download_to_filename,
 and prints one JSON object: objects/s of each (median over the repeats) and their ratio.
 
@@ -26,11 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "chest_xray_pneumonia_224"
 sys.path.insert(0, str(REPO))
 
-from tests import gcs_emulator  # noqa: E402
 from google.cloud import storage as gcs  # noqa: E402
 from google.cloud.storage import transfer_manager  # noqa: E402
 
-from job import storage  # noqa: E402
+import storage
+from devkit import gcs_emulator
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 BUCKET = "bench"

@@ -4,7 +4,7 @@ Symbolic links are followed, but a link to a folder is followed once: a link tha
 a folder above it, or that leads to a folder already walked, is skipped with its reason, and so
 is a second path (a symbolic or hard link) to a file already listed. Without this a folder holding
 `a -> .` and `b -> .` has 2^40 paths (the kernel stops resolving at 40 links), and a file reached
-by two paths would be read, counted and predicted twice. The training job (job/data.py, which adds
+by two paths would be read, counted and predicted twice. The training job (job/inputs/data.py, which adds
 its class-folder rules through `Finder.link_target_problem`) and the edge predictor both walk
 folders with this code. It needs only the standard library.
 """

@@ -1,6 +1,6 @@
 """Images: decode any image file into a fixed-size RGB array with Pillow, within a memory budget.
 
-Training (job/data.py), the export's calibration and parity images, and the edge predictor all
+Training (job/inputs/data.py), the export's calibration and parity images, and the edge predictor all
 call `load_image`, so a deployed model sees pixels prepared exactly as in training. Every decode in the process shares one budget of decoded bytes
 (`DECODE_BUDGET_BYTES`), so parallel decoding cannot exhaust memory whatever the images are.
 This module needs only numpy and Pillow (no TensorFlow).

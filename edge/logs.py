@@ -25,7 +25,7 @@ FORMATS = ("auto", "json", "text")
 # replica, CLOUD_ML_JOB_ID) and of a Cloud Run job.
 COLLECTOR_VARIABLES = ("KUBERNETES_SERVICE_HOST", "CLUSTER_SPEC", "CLOUD_ML_JOB_ID",
                        "CLOUD_RUN_JOB")
-OWN_LOGGERS = ("job", "export", "edge")  # from INFO; libraries from WARNING
+OWN_LOGGERS = ("job", "export", "edge", "storage", "common")  # from INFO; libraries from WARNING
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FIELDS = "fields"  # a record's attribute holding its structured fields; see fields()
 
@@ -63,7 +63,7 @@ def configure(environ: Mapping[str, str]) -> None:
 
 
 def live_progress() -> bool:
-    """Whether a long step may draw a live progress bar on stderr (job.progress): configure found
+    """Whether a long step may draw a live progress bar on stderr (common.progress): configure found
     stderr a terminal and the format text. False before configure, in json, and off a terminal."""
     return _live_progress
 

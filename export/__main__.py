@@ -4,7 +4,7 @@ Settings come from the environment (see export.config). Exit codes: 0 every gate
 1 a parity gate failed (export_report.json, or export_report.failed.json beside an earlier export,
 says which, by how much) or storage/conversion failed; 2 bad configuration or input (no such run,
 an incomplete or damaged run, its data missing, a target that belongs to another run), or a full
-disk (job/diskspace.py).
+disk (storage/diskspace.py).
 """
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import logging
 import os
 import sys
 
+from common.quiet_start import quiet_native_startup
 from edge import logs
-from job.logs import quiet_native_startup
 
 
 def main(environ=os.environ) -> int:
-    from job.config import ConfigError
     from export.config import ExportConfig
     from export.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ExportError
+    from job.config import ConfigError
 
     log = logging.getLogger("export")
     try:
@@ -33,8 +33,7 @@ def main(environ=os.environ) -> int:
     with quiet_native_startup(os.environ):  # TensorFlow reads the process's own environment
         import tensorflow  # noqa: F401  (its C++ start-up lines are printed on import)
     from export import pipeline
-    from job import diskspace
-    from job.storage import StorageError
+    from storage import StorageError, diskspace
 
     try:
         pipeline.export_run(config)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.record import RunRecord
 from export.errors import BadInput, ExportError
-from job.record import RunRecord
 
 log = logging.getLogger("export")
 
@@ -43,8 +43,8 @@ def rebuild_float32(run_dir: Path, record: RunRecord):
     """
     import keras
 
-    from job import model as job_model
     from job.config import BACKBONES
+    from job.training import model as job_model
 
     if record.backbone not in BACKBONES:
         return saved_model_as_float32(run_dir, record), None
@@ -86,7 +86,7 @@ def saved_model_as_float32(run_dir: Path, record: RunRecord):
                        "(train it with MIXED_PRECISION=off)")
     size = record.image_size
     images = keras.Input((size, size, 3), name=INPUT_NAME)
-    from job.serving import PIXELS_SIGNATURE
+    from job.training.serving import PIXELS_SIGNATURE
 
     served = keras.layers.TFSMLayer(str(run_dir / "saved_model"), call_endpoint=PIXELS_SIGNATURE,
                                     trainable=False, name="saved_model")

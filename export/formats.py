@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import numpy as np
 
+from common.record import RunRecord
 from export import convert, measure
 from export.config import ExportConfig
 from export.errors import ExportError
-from job.record import RunRecord
 
 if TYPE_CHECKING:
-    from job.data import Split  # job.data imports TensorFlow
+    from job.inputs.data import Split  # job.inputs.data imports TensorFlow
 
 FLOAT32_MODEL, INT8_MODEL = "model.onnx", "model.int8.onnx"
 SAVED_MODEL = "tensorflow"  # the run's SavedModel, as deployed for serving
@@ -64,7 +64,7 @@ def build_float32(context: BuildContext) -> tuple[Any, None]:
 def build_int8(context: BuildContext) -> tuple[Any, dict]:
     """The staged float32 model quantized to int8 on the calibration images by the fastest recipe
     that passes the int8 gate against it, and what quantization did (for the report)."""
-    from export.quantize import quantize_int8
+    from export.int8.quantize import quantize_int8
 
     target = context.staging / INT8_MODEL
     notes = quantize_int8(context.staging / FLOAT32_MODEL, target, context.calibration.paths,

@@ -12,9 +12,9 @@ from typing import Callable
 
 import numpy as np
 
+from common.progress import Progress
 from edge.runtime import compare, predict_labels  # noqa: F401 (compare: used as measure.compare)
 from export.convert import INPUT_NAME, OUTPUT_NAME
-from job.progress import Progress
 
 log = logging.getLogger("export")
 
@@ -31,11 +31,11 @@ def onnx_predictor(session) -> Predict:
 
 
 def saved_model_predictor(saved_model_dir: Path) -> Predict:
-    """The run's SavedModel through its float32 pixels signature (job/serving.py), the one the
+    """The run's SavedModel through its float32 pixels signature (job/training/serving.py), the one the
     ONNX models are converted from; `serving_default` takes encoded image bytes."""
     import tensorflow as tf
 
-    from job.serving import PIXELS_SIGNATURE
+    from job.training.serving import PIXELS_SIGNATURE
 
     loaded = tf.saved_model.load(str(saved_model_dir))
     signature = loaded.signatures[PIXELS_SIGNATURE]

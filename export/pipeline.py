@@ -26,22 +26,36 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.runtime import (RuntimeUnavailable, available_cores, cpu_description, cpu_session,
-                          open_model, require_runtime)
+from common.record import RecordError, RunRecord
+from edge.runtime import (
+    RuntimeUnavailable,
+    available_cores,
+    cpu_description,
+    cpu_session,
+    open_model,
+    require_runtime,
+)
 from export import convert, measure
 from export import target as export_target
-from export.census import int8_census
 from export.config import ExportConfig
 from export.errors import BadInput, GateFailed
-from export.formats import (INT8_MODEL, REBUILD, SAVED_MODEL, BuildContext, Format, Verdict,
-                            export_formats, judge)
+from export.formats import (
+    INT8_MODEL,
+    REBUILD,
+    SAVED_MODEL,
+    BuildContext,
+    Format,
+    Verdict,
+    export_formats,
+    judge,
+)
+from export.int8.census import int8_census
 from export.report import build_report
 from export.selftest import stage_selftest
 from export.target import PAGE, REPORT, Run
-from job import html_report
-from job.record import RecordError, RunRecord
-from job.report import MANIFEST, run_fingerprint, sha256, write_json
-from job.storage import join, name_problem
+from job.results import html_report
+from job.results.report import MANIFEST, run_fingerprint, sha256, write_json
+from storage import join, name_problem
 
 log = logging.getLogger("export")
 
@@ -107,7 +121,7 @@ def export_run(config: ExportConfig) -> dict:
 def fetch_run(config: ExportConfig) -> Path:
     """The run directory, fetched into the cache; BadInput when the cache or a local run is
     unusable. A gs:// run that cannot be fetched raises StorageError: that may be transient."""
-    from job import storage
+    import storage
 
     try:
         storage.claim_cache(config.cache_dir)
@@ -184,7 +198,7 @@ def exported_before_the_manifest_rule(run_dir: Path) -> bool:
 
 def inspect_target(config: ExportConfig, run_dir: Path, run: Run) -> export_target.Target:
     """The export's target, made if need be and checked to be this run's or nobody's."""
-    from job import storage
+    import storage
 
     setting = "EXPORT_URI" if config.export_uri else "RUN_URI"
     try:
@@ -197,7 +211,8 @@ def inspect_target(config: ExportConfig, run_dir: Path, run: Run) -> export_targ
 def load_data(config: ExportConfig, record: RunRecord):
     """The run's data set, split exactly as in training (the same layout rules, seed and, for a
     run of several workers, shards)."""
-    from job import data, storage
+    import storage
+    from job.inputs import data
 
     data_uri = config.data_uri or record.data_uri
     if not data_uri:
@@ -230,7 +245,7 @@ def render_run_report(run_dir: Path, staging: Path, report: dict, data_root: Pat
 
 def sample(split, count: int, seed: int):
     """Up to count images of a split, drawn at random (seeded) so every class is represented."""
-    from job.data import Split
+    from job.inputs.data import Split
 
     order = np.random.default_rng(seed).permutation(len(split))[:count]
     order.sort()

@@ -1,9 +1,9 @@
 """Report: export_report.json, assembled from the export's figures by one pure function."""
 from __future__ import annotations
 
+from common.record import RunRecord
 from export.config import ExportConfig
 from export.formats import FORMATS, Verdict
-from job.record import RunRecord
 
 
 def build_report(config: ExportConfig, record: RunRecord, verdict: Verdict, *,
@@ -35,7 +35,7 @@ def build_report(config: ExportConfig, record: RunRecord, verdict: Verdict, *,
         "latency_settings": latency_settings,
         "fastest": fastest(latency, verdict.passed),
         # Per model file: the compute operators onnxruntime runs, int8 and float32, and the share
-        # of multiply-accumulates in int8 (export.census), so a slow int8 model explains itself.
+        # of multiply-accumulates in int8 (export.int8.census), so a slow int8 model explains itself.
         "operators": operators,
         "quantization": quantization,
         "files": {name: file for name, file in files.items() if verdict.passed[name]},

@@ -13,7 +13,7 @@ a level or two, which alone would put a perfect float32 file past its 1e-4 limit
 They are chosen clear of the decision boundary: on every image, the reference's and each file's
 outputs on the export's CPU give the same label with at least MARGIN_LOGIT of room in logit. Int8
 kernels differ by CPU (8-bit weights: 6.2 % of one file's labels changed between an AVX2 and an
-AMX machine, export/quantize.py), so an image near the boundary can flip on a correct device;
+AMX machine, export/int8/quantize.py), so an image near the boundary can flip on a correct device;
 one that is clear flips only when the file or its arithmetic is wrong. The export's limits then
 apply unchanged; an int8 file, whose gate sets no largest difference, is also held to the export
 CPU's plus MAX_DIFF_MARGIN, so a change that moves outputs without flipping a clear label fails.
@@ -29,7 +29,7 @@ from edge.selftest import SELFTEST_ARRAYS, SELFTEST_DIR, SELFTEST_SPEC
 from export import measure
 from export.config import ExportConfig
 from export.formats import BuildContext, Format, Verdict
-from job.report import write_json
+from job.results.report import write_json
 
 log = logging.getLogger("export")
 

@@ -2,7 +2,7 @@
 
 An export writes only into a folder that holds no run, or the exported run itself (its
 MANIFEST.json, byte for byte: the run directory, the default target, or a copy of it), and only
-beside exports of that same run (their report's `run_fingerprint`: job.report); anything else is refused
+beside exports of that same run (their report's `run_fingerprint`: job.results.report); anything else is refused
 with BadInput naming the file, before any work. In the run's own folder it never writes a name
 MANIFEST.json lists.
 
@@ -22,9 +22,8 @@ import logging
 from pathlib import Path
 
 from export.errors import BadInput, ExportError
-from job import objects
-from job.report import MANIFEST
-from job.storage import join
+from job.results.report import MANIFEST
+from storage import join, objects
 
 log = logging.getLogger("export")
 
@@ -36,7 +35,7 @@ METRICS = "metrics.json"
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """Who an export belongs to: the run's fingerprint (job.report.run_fingerprint), id and URI."""
+    """Who an export belongs to: the run's fingerprint (job.results.report.run_fingerprint), id and URI."""
 
     fingerprint: str
     run_id: str

@@ -1,8 +1,8 @@
 """Entrypoint: `python -m job` reads its settings from the environment and runs one training job.
 
 Exit codes: 0 done (or the run was already complete), 1 unexpected or storage failure,
-2 bad configuration or bad input, a full disk (job/diskspace.py) or another process writing the
-same run (job/writer.py): retrying cannot help; 75 stopped by SIGTERM with a checkpoint saved (run
+2 bad configuration or bad input, a full disk (storage/diskspace.py) or another process writing the
+same run (job/results/writer.py): retrying cannot help; 75 stopped by SIGTERM with a checkpoint saved (run
 again with the same RUN_ID to resume). With PROMOTE_URI, a run held back by the promotion rule
 exits 0: its verdict is OUTPUT_URI/RUN_ID/promotion.json (docs/promotion.md).
 """
@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from common.quiet_start import quiet_native_startup
 from edge import logs
-from job.logs import quiet_native_startup
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 TERMINATION_LOG = Path("/dev/termination-log")  # Kubernetes' terminationMessagePath default
@@ -34,14 +34,12 @@ def main(environ=os.environ) -> int:
     logs.set_context(run_id=config.run_id)
 
     start_tensorflow()
-    from job import train
-    from job.checkpoint import EXIT_PREEMPTED, Preempted, StopSignal
-    from job.data import DataError
-    from job.storage import StorageError, Unusable
     from export.errors import ExportError
-
-    from job import diskspace
-    from job.context import RunContext
+    from job.cluster.context import RunContext
+    from job.inputs.data import DataError
+    from job.training import train
+    from job.training.checkpoint import EXIT_PREEMPTED, Preempted, StopSignal
+    from storage import StorageError, Unusable, diskspace
 
     stop = StopSignal()
     stop.install()
@@ -79,8 +77,8 @@ def main(environ=os.environ) -> int:
 
 @contextlib.contextmanager
 def claimed(config, context):
-    """The context, holding the chief's claim on the run while the block runs (job/writer.py)."""
-    from job import writer
+    """The context, holding the chief's claim on the run while the block runs (job/results/writer.py)."""
+    from job.results import writer
 
     if not context.chief:  # the others write nothing of the run
         yield context
@@ -91,7 +89,7 @@ def claimed(config, context):
 
 def start_tensorflow() -> None:
     """Imports TensorFlow and lets it look for GPUs, its C++ start-up lines held back
-    (job.logs.quiet_native_startup); a no-op once it has run."""
+    (common.quiet_start.quiet_native_startup); a no-op once it has run."""
     with quiet_native_startup(os.environ):  # TensorFlow reads the process's own environment
         import tensorflow as tf
 
@@ -124,11 +122,11 @@ def export_after_run(export_config, promoting: bool):
 
 
 def promote_after_run(config, context, export_config) -> dict:
-    """PROMOTE_URI: this run against the production model (job/promote.py), unless a rerun finds
+    """PROMOTE_URI: this run against the production model (job/promotion/promote.py), unless a rerun finds
     the verdict already recorded; then the decoded test images it read are removed."""
     import shutil
 
-    from job import promote
+    from job.promotion import promote
 
     if promote.already_recorded(config):
         return {}

@@ -12,8 +12,9 @@ import re
 from pathlib import Path
 from typing import Callable, Mapping
 
-from job import distribute, storage
-from job.budget import CacheBudget
+import storage
+from job.cluster import distribute
+from job.inputs.budget import CacheBudget
 
 BACKBONES = ("vgg16", "mobilenet_v2", "resnet50", "efficientnet_b0")
 MOBILENET_V2_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
@@ -42,7 +43,7 @@ class Config:
     head_learning_rate: float = 1e-3
     fine_tune_learning_rate: float = 1e-5
     fine_tune_from: str = "block5_conv1"
-    # DENSE_UNITS=0: a linear head, solved in phase 1 as a linear probe (job/probe.py); above 0,
+    # DENSE_UNITS=0: a linear head, solved in phase 1 as a linear probe (job/training/probe.py); above 0,
     # a hidden Dense layer of that many units, trained in phase 1 by Adam for HEAD_EPOCHS.
     dense_units: int = 0
     dropout: float = 0.2
@@ -54,7 +55,7 @@ class Config:
     augment: bool = True
     augment_views: int = 2
     cache_features: bool = True
-    # CACHE_BUDGET: the scratch disk the caches may fill (job/budget.py); a phase whose cache
+    # CACHE_BUDGET: the scratch disk the caches may fill (job/inputs/budget.py); a phase whose cache
     # would not fit trains online.
     cache_budget: CacheBudget = CacheBudget()
     tta: bool = False  # evaluate on the mean prediction of each image and its horizontal flip
@@ -67,15 +68,15 @@ class Config:
     model_uri: str = ""
     checkpoint_uri: str = ""
     tensorboard_uri: str = ""
-    # Multi-worker training (job/distribute.py). TF_CONFIG: the tf.distribute cluster, JSON
+    # Multi-worker training (job/cluster/distribute.py). TF_CONFIG: the tf.distribute cluster, JSON
     # {"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}, set by
-    # job/tfconfig.py on Kubernetes and by Vertex AI. CLUSTER_SPEC: Vertex AI's own form of it
+    # job/cluster/tfconfig.py on Kubernetes and by Vertex AI. CLUSTER_SPEC: Vertex AI's own form of it
     # (workerpool0..3), used when TF_CONFIG is unset. Neither set: one machine.
     tf_config: str = ""
     cluster_spec: str = ""
     cluster: distribute.Cluster | None = None  # the two above, parsed; None: one machine
     export_onnx: bool = False
-    # PROMOTE_URI: the production model as versions and CURRENT.json (job/promote.py,
+    # PROMOTE_URI: the production model as versions and CURRENT.json (job/promotion/promote.py,
     # docs/promotion.md); unset, no promotion. A run is held back for a significant drop larger
     # than PROMOTE_MAX_DROP in test accuracy or macro recall. 0.01 (one point): the int8 gate's
     # tolerance, and twice the half-point differences that come and go between runs on the same
@@ -98,7 +99,7 @@ class Config:
     @property
     def from_scratch(self) -> bool:
         """WEIGHTS=none: nothing pretrained to transfer, so every layer trains from the start, in
-        one phase, on the images (job.train.phases)."""
+        one phase, on the images (job.training.train.phases)."""
         return self.weights == "none" and not self.is_hub_backbone
 
     @property

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.datasets import link_slice
+from devkit import gcs_emulator
+from devkit.datasets import link_slice
 from edge.logs import OWN_LOGGERS
-from tests import gcs_emulator
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -162,7 +162,7 @@ def tiny_vgg16_settings(data_dir: Path, output_dir: Path, cache_dir: Path, **ove
             **overrides}
 
 
-# --- Storage (job/storage.py): a GCS emulator on loopback and trees to move through it. ---
+# --- Storage (storage/__init__.py): a GCS emulator on loopback and trees to move through it. ---
 
 
 @pytest.fixture(scope="session")
@@ -283,7 +283,7 @@ def xray_small(xray_dir, tmp_path_factory) -> Path:
 
 def run_record(**changes):
     """The RunRecord of a two-class float32 run, for tests of the export that need no real run."""
-    from job.record import RunRecord
+    from common.record import RunRecord
 
     return RunRecord(**{"run_id": "run", "classes": ["NORMAL", "PNEUMONIA"], "image_size": 32,
                         "backbone": "vgg16", "alpha": 1.0, "dense_units": 128, "dropout": 0.2,
@@ -363,7 +363,7 @@ def mobilenet_onnx(mobilenet_export, mobilenet_run) -> Path:
 def mobilenet_uint8(mobilenet_onnx, xray_small, tmp_path_factory) -> tuple[Path, dict]:
     """The MobileNetV2 run's float32 model quantized by the uint8 recipe alone on every fifth
     training image, and quantize_int8's notes."""
-    from export.quantize import UINT8, quantize_int8
+    from export.int8.quantize import UINT8, quantize_int8
 
     path = tmp_path_factory.mktemp("uint8") / "int8.onnx"
     calibration = sorted(str(p) for p in (xray_small / "train").glob("*/*"))[::5]
@@ -419,7 +419,7 @@ EXPORT_FILES = ("model.onnx", "model.int8.onnx", "labels.txt", "export_report.js
 
 def checksums(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under folder, by path relative to it."""
-    from job.report import sha256
+    from job.results.report import sha256
 
     return {path.relative_to(folder).as_posix(): sha256(path)
             for path in sorted(folder.rglob("*")) if path.is_file()}
@@ -427,7 +427,7 @@ def checksums(folder: Path) -> dict[str, str]:
 
 def manifest_mismatches(run_dir: Path) -> list[str]:
     """The files run_dir's MANIFEST.json lists that are missing or differ from its checksums."""
-    from job.report import sha256
+    from job.results.report import sha256
 
     listed = json.loads((run_dir / "MANIFEST.json").read_text())["files"]
     return [name for name, file in listed.items()
@@ -522,7 +522,7 @@ def _no_tensorflow_here(environ):
     raise AssertionError("the entrypoint went on to start TensorFlow instead of exiting first")
 
 
-# --- Promotion (job/promote.py): real runs promoted in turn into one PROMOTE_URI. ---
+# --- Promotion (job/promotion/promote.py): real runs promoted in turn into one PROMOTE_URI. ---
 
 
 def swapped_labels(data: Path, target: Path) -> Path:
@@ -561,7 +561,7 @@ def promotion_runs(tmp_path_factory, xray_dir, xray_small, mobilenet_v2_035_weig
     return result
 
 
-# --- Data audit (job/audit.py): a real slice with known leaks and misfiled images. ---
+# --- Data audit (job/inputs/audit.py): a real slice with known leaks and misfiled images. ---
 AUDIT_LEAKS = 3  # test images copied into train
 AUDIT_MISFILED = 4  # training NORMAL images filed under PNEUMONIA
 
@@ -603,11 +603,12 @@ def audited_run(xray_with_leaks_and_misfiled, mobilenet_v2_035_weights, tmp_path
 
 @pytest.fixture(scope="session")
 def xray_serving_model(xray_dir, mobilenet_v2_035_weights, tmp_path_factory) -> dict:
-    """A real X-ray classifier built in-process in seconds, written by job.serving.export:
+    """A real X-ray classifier built in-process in seconds, written by job.training.serving.export:
     MobileNetV2 alpha 0.35 (ImageNet weights) at 96 px, its linear head the probe fitted on 40
     training X-rays per class. The threshold is 0.4, not 0.5, so a label shows which it used."""
     from edge.images import load_images
-    from job import model as job_model, probe, serving
+    from job.training import model as job_model
+    from job.training import probe, serving
 
     classes, size = ["NORMAL", "PNEUMONIA"], 96
     base, mode = job_model.build_base("mobilenet_v2", 0.35, str(mobilenet_v2_035_weights), size)

@@ -2,7 +2,7 @@
 
     TF_CONFIG=... python tests/mw_worker.py OUTPUT_DIR
 
-Trains a small Keras model for a few steps under job.distribute's strategy, then saves the
+Trains a small Keras model for a few steps under job.cluster.distribute's strategy, then saves the
 weights: the chief into OUTPUT_DIR, any other worker into a throwaway directory it removes.
 Prints one JSON line: task, chief, strategy, replicas, global batch size and a digest of the
 weights before and after training.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from job import distribute  # noqa: E402
+from job.cluster import distribute
 
 
 def digest(weights) -> str:
@@ -32,9 +32,9 @@ def main(output_dir: str) -> int:
     strategy = distribute.make_strategy(cluster)
     chief = distribute.is_chief(cluster)
 
+    import keras
     import numpy as np
     import tensorflow as tf
-    import keras
 
     keras.utils.set_random_seed(7)
     # Each worker gets different data: only the all-reduce can keep their weights equal.

@@ -1,4 +1,4 @@
-"""The data audit (job/audit.py): duplicates by bytes and by pooled features, likely label issues
+"""The data audit (job/inputs/audit.py): duplicates by bytes and by pooled features, likely label issues
 by confident learning on out-of-fold probe predictions; and audit.json of a real run."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from job import audit
+from job.inputs import audit
 from tests.test_html_report import screenshot
 
 CLASSES = ["cat", "dog"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from job import data
+from job.inputs import data
 from tests.conftest import ROOT, job_environment, run_job, tiny_vgg16_settings, write_class_images
 
 
@@ -142,7 +142,7 @@ def test_a_folder_outside_the_data_root_is_followed_once_however_often_it_is_lin
 
 HUGE_DECODES_CHILD = """
 import json, sys
-from job import data
+from job.inputs import data
 dataset = data.load_dataset(sys.argv[1], 32, 0.0, 0.0, seed=0)
 decoded = sum(len(images) for images, _ in data.image_dataset(dataset.train, 32, batch_size=4))
 status = open("/proc/self/status").read().split()

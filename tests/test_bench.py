@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.datasets import link_slice
+from devkit.datasets import link_slice
 from tests.conftest import ROOT, random_vgg16_weights, write_class_images
 
 TINY_JOB = ["--set", "IMAGE_SIZE=32", "--set", "HEAD_EPOCHS=1", "--set", "FINE_TUNE_EPOCHS=1",
@@ -244,7 +244,7 @@ def test_serving_decode(bench_runs):
 
 
 def test_link_slice(tmp_path):
-    """bench/datasets.py: the first N of each class per split, as absolute links, idempotent."""
+    """devkit/datasets.py: the first N of each class per split, as absolute links, idempotent."""
     source = tmp_path / "source"
     for name, count in (("train", 5), ("test", 3)):
         write_class_images(source / name, ["a", "b"], count, size=8)

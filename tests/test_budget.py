@@ -1,4 +1,4 @@
-"""CACHE_BUDGET (job/budget.py): the caches' sizes are known before they are written, and a
+"""CACHE_BUDGET (job/inputs/budget.py): the caches' sizes are known before they are written, and a
 phase whose cache would not fit trains online, saying why."""
 import json
 import shutil
@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from job.budget import CacheBudget, available_bytes
 from job.config import Config, ConfigError
+from job.inputs.budget import CacheBudget, available_bytes
 from tests.conftest import run_job, tiny_vgg16_settings, write_class_images
 from tests.test_train import cached_features
 

@@ -1,4 +1,4 @@
-"""Calibration (job/calibration.py): temperature scaling fitted on validation, folded into the
+"""Calibration (job/training/calibration.py): temperature scaling fitted on validation, folded into the
 output layer, and the run's scores recomputed on the calibrated probabilities."""
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import special
 
-from job import calibration, report
+from job.results import report
+from job.training import calibration
 
 TWO = ["NORMAL", "PNEUMONIA"]
 
@@ -46,7 +47,7 @@ def test_ece_is_the_weighted_gap_between_accuracy_and_confidence_per_bin():
 
 @pytest.mark.parametrize("classes", [2, 4])
 def test_folding_the_temperature_into_the_dense_layer_gives_the_calibrated_probabilities(classes):
-    from job import model
+    from job.training import model
 
     head = model.build_head(feature_dim=8, num_classes=classes, dense_units=0, dropout=0.0)
     features = np.random.default_rng(0).normal(0, 3, (64, 8)).astype(np.float32)
@@ -58,7 +59,7 @@ def test_folding_the_temperature_into_the_dense_layer_gives_the_calibrated_proba
 
 
 def test_calibrating_rescores_the_run_and_rechooses_its_threshold_on_calibrated_probabilities():
-    from job import model
+    from job.training import model
 
     labels, probabilities = over_confident(2, 400, seed=3)
     scored = calibration.Scored({"validation": labels[:200], "test": labels[200:]},

@@ -1,4 +1,4 @@
-"""export.census on tiny models: a float32 one, its U8S8 QDQ quantization, and a 16-bit one."""
+"""export.int8.census on tiny models: a float32 one, its U8S8 QDQ quantization, and a 16-bit one."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from export.census import int8_census
+from export.int8.census import int8_census
 
 # Conv 3->8 3x3 on 8x8: 64 positions x 216 weights; Conv 8->8 1x1: 64 x 64; Gemm 8->4: 32.
 TINY_MACS = 64 * 8 * 3 * 3 * 3 + 64 * 8 * 8 + 8 * 4

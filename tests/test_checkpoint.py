@@ -4,7 +4,7 @@ import logging
 import keras
 import numpy as np
 
-from job.checkpoint import Checkpoints, StopSignal
+from job.training.checkpoint import Checkpoints, StopSignal
 
 
 def test_checkpoint_syncs_after_each_epoch_are_debug_and_the_phase_end_sync_is_info(tmp_path,
@@ -12,7 +12,7 @@ def test_checkpoint_syncs_after_each_epoch_are_debug_and_the_phase_end_sync_is_i
     checkpoints = Checkpoints(tmp_path / "ckpt", str(tmp_path / "ckpt-uri"), "r1", StopSignal())
     classifier = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     classifier.compile(optimizer="sgd", loss="mse")
-    caplog.set_level(logging.DEBUG, logger="job.storage")
+    caplog.set_level(logging.DEBUG, logger="storage")
     classifier.fit(np.zeros((8, 2)), np.zeros(8), epochs=3, verbose=0,
                    callbacks=checkpoints.callbacks("phase 1"))
     during = [record for record in caplog.records if record.getMessage().startswith("synced")]

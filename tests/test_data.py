@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from job import data
-from job.shard import Shard
 from edge.images import DecodeBudget, ImageError, load_image
+from job.inputs import data
+from job.inputs.shard import Shard
 from tests.conftest import write_class_images
 
 

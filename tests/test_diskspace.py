@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import storage
 from export.errors import ExportError
-from job import diskspace, storage
-from job.checkpoint import Checkpoints, StopSignal
+from job.training.checkpoint import Checkpoints, StopSignal
+from storage import diskspace
 from tests.conftest import run_job, tiny_vgg16_settings, write_class_images
 
 

@@ -1,4 +1,4 @@
-"""job/distribute.py and job/tfconfig.py: strategy choice, chief, batch size and TF_CONFIG, as
+"""job/cluster/distribute.py and job/cluster/tfconfig.py: strategy choice, chief, batch size and TF_CONFIG, as
 pure functions (no TensorFlow started). tests/test_multiworker.py runs real workers."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from job import distribute, tfconfig
+from job.cluster import distribute, tfconfig
 from job.config import Config, ConfigError
-from job.shard import EVERYTHING, Shard
+from job.inputs.shard import EVERYTHING, Shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def test_indexed_job_worker_gets_tf_config_from_its_completion_index():
 def test_tfconfig_wrapper_sets_tf_config_and_runs_the_command(tmp_path):
     env = {"TFCONFIG_JOB_NAME": "j", "TFCONFIG_SERVICE": "s", "TFCONFIG_WORKERS": "2",
            "JOB_COMPLETION_INDEX": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "job.tfconfig", sys.executable, "-c",
+    result = subprocess.run([sys.executable, "-m", "job.cluster.tfconfig", sys.executable, "-c",
                              "import os; print(os.environ['TF_CONFIG'])"],
                             env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -137,7 +137,7 @@ def test_tfconfig_wrapper_sets_tf_config_and_runs_the_command(tmp_path):
 
 
 def test_tfconfig_wrapper_exits_2_on_a_missing_setting():
-    result = subprocess.run([sys.executable, "-m", "job.tfconfig", "true"],
+    result = subprocess.run([sys.executable, "-m", "job.cluster.tfconfig", "true"],
                             env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60,
                             cwd=ROOT)
     assert result.returncode == 2

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from export.quantize import MIXED_16BIT, RECIPES, UINT8
+from export.int8.quantize import MIXED_16BIT, RECIPES, UINT8
 from tests.conftest import EXPORT_SETTINGS, export_run, gate_outputs, run_module, run_record
 
 
@@ -73,12 +73,12 @@ def test_mobilenet_v2_int8_moves_no_confident_label_and_little_probability(
     (one image aside, so that no single image is the verdict) only where float32 itself is within
     the recipe's `confident` distance of the decision threshold, and the mean probability error
     and share of labels flipped stay under its limits."""
-    from export import measure
-    from export.pipeline import sample
-    from export.quantize import quantize_int8
-    from job import data
     from edge.images import load_images
     from edge.runtime import cpu_session
+    from export import measure
+    from export.int8.quantize import quantize_int8
+    from export.pipeline import sample
+    from job.inputs import data
 
     metrics = json.loads((mobilenet_run / "metrics.json").read_text())
     threshold = metrics["decision_threshold"]
@@ -100,7 +100,7 @@ def test_mobilenet_v2_int8_moves_no_confident_label_and_little_probability(
 
 def test_int8_is_quantized_by_the_first_recipe_accepted_else_by_the_last(mobilenet_onnx,
                                                                            xray_small, tmp_path):
-    from export.quantize import quantize_int8
+    from export.int8.quantize import quantize_int8
 
     calibration = sorted(str(p) for p in (xray_small / "train").glob("*/*"))[::20]
     seen = []
@@ -125,7 +125,7 @@ def test_percentile_calibration_quantizes_a_model_whose_probabilities_barely_var
         flat_output_onnx, xray_small, tmp_path):
     """The float32 head's tensors are left out of calibration: percentile's histogram of the
     output probabilities (a few float32 steps apart) cannot be built."""
-    from export.quantize import quantize_int8
+    from export.int8.quantize import quantize_int8
 
     calibration = sorted(str(p) for p in (xray_small / "train").glob("*/*"))[::10]
     notes = quantize_int8(flat_output_onnx, tmp_path / "int8.onnx", calibration, 96,
@@ -143,7 +143,7 @@ def test_a_recipe_that_cannot_be_built_gives_way_to_the_next(flat_output_onnx, x
                                                              tmp_path):
     import dataclasses
 
-    from export.quantize import quantize_int8
+    from export.int8.quantize import quantize_int8
 
     # Percentile calibration of the output probabilities, which the uint8 recipe leaves out,
     # fails ("Too many bins for data range"); MinMax does not.
@@ -160,7 +160,7 @@ def test_a_recipe_that_cannot_be_built_gives_way_to_the_next(flat_output_onnx, x
 def test_the_calibration_reader_serves_one_stride_of_batches_at_a_time(tmp_path):
     """quantize_static calibrates one batch per step (CalibStridedMinMax), so a histogram holds
     one batch's activations and a shorter last batch is read alone."""
-    from export.quantize import ImageReader
+    from export.int8.quantize import ImageReader
     from tests.conftest import write_class_images
 
     paths = [str(p) for p in sorted(write_class_images(tmp_path, ["a"], 20).rglob("*.png"))]
@@ -306,7 +306,7 @@ def _bits(model):
 
 def test_mixed_16bit_recipe_keeps_8_bits_for_weights_and_16_for_what_runs_in_float32(
         mobilenet_onnx, xray_small, tmp_path):
-    from export.quantize import quantize_int8
+    from export.int8.quantize import quantize_int8
 
     calibration = sorted(str(p) for p in (xray_small / "train").glob("*/*"))[::5]
     quantize_int8(mobilenet_onnx, tmp_path / "int8.onnx", calibration, 96,
@@ -397,7 +397,8 @@ def test_mixed_precision_run_exports_a_float32_graph(mixed_precision_run):
 
 def test_failed_gate_exits_1_writes_a_failed_report_and_withholds_the_models(
         vgg16_exported_by_job, tmp_path, monkeypatch):
-    from export import __main__ as entrypoint, measure
+    from export import __main__ as entrypoint
+    from export import measure
 
     monkeypatch.setattr(measure, "FLOAT32_MAX_ABS_DIFF", -1.0)  # no model can pass this gate
     target = tmp_path / "export"

@@ -9,9 +9,8 @@ import pytest
 
 from export import target as export_target
 from export.errors import BadInput
-from job import objects
-from job.report import sha256, write_manifest
-from job.storage import join
+from job.results.report import sha256, write_manifest
+from storage import join, objects
 from tests.conftest import EXPORT_FILES, checksums, export_in_process, manifest_mismatches
 
 

@@ -1,4 +1,4 @@
-"""The tests' GCS server (tests/gcs_emulator.py) behaves as real GCS where the job relies on it.
+"""The tests' GCS server (devkit/gcs_emulator.py) behaves as real GCS where the job relies on it.
 
 Object names are flat strings, kept verbatim; listings come in pages of at most 1,000 entries.
 Everything goes through the real google-cloud-storage client.
@@ -250,8 +250,8 @@ def test_if_generation_match_replaces_only_the_generation_named(gcs_client, gcs_
 def test_a_resumable_upload_checks_its_precondition_when_it_completes(gcs_client, gcs_bucket):
     """Two resumable uploads both started while the name was absent: the one that completes
     second is refused, as GCS evaluates the precondition on completion."""
-    from google.resumable_media.requests import ResumableUpload
     from google.auth.transport.requests import AuthorizedSession
+    from google.resumable_media.requests import ResumableUpload
 
     session = AuthorizedSession(gcs_client._credentials)
     url = (f"{gcs_client._connection.API_BASE_URL}/upload/storage/v1/b/{gcs_bucket}/o"

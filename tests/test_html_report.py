@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from job import html_report, report
+from job.results import html_report, report
 
 TWO = ["NORMAL", "PNEUMONIA"]
 TEN = [f"class{i}" for i in range(10)]
@@ -37,7 +37,7 @@ def write_images(root, count: int) -> list[str]:
 
 
 def run_metrics(class_names, labels, probabilities, **extra) -> dict:
-    """The parts of metrics.json the page reads, scored by job.report as a run scores them."""
+    """The parts of metrics.json the page reads, scored by job.results.report as a run scores them."""
     scored = report.score_splits({"test": labels}, {"test": probabilities}, class_names)
     history = {"loss": [0.9, 0.6, 0.5], "val_loss": [1.0, 0.7, 0.65],
                "accuracy": [0.5, 0.7, 0.8], "val_accuracy": [0.45, 0.6, 0.7]}
@@ -232,7 +232,7 @@ def test_promotion_section_shows_the_verdict_figures_and_recall_per_class_side_b
 
 
 def test_the_calibration_section_shows_the_temperature_ece_and_reliability_diagrams(binary):
-    from job import calibration
+    from job.training import calibration
 
     labels, probabilities = binary[1].labels, binary[1].probabilities
     bins = calibration.reliability(labels, probabilities)

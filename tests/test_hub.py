@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from bench.datasets import link_slice
+from devkit.datasets import link_slice
 from tests.conftest import EXPORT_SETTINGS, run_record, train_run
 
 
@@ -35,7 +35,7 @@ def hub_run(tmp_path_factory, xray_dir, hub_feature_vector):
 @pytest.fixture(scope="module")
 def hub_base(hub_feature_vector):
     """The module as the job builds its base (frozen, as phase 1 leaves it)."""
-    from job.model import build_base
+    from job.training.model import build_base
 
     base, mode = build_base(str(hub_feature_vector), 1.0, None, 64)
     assert mode == "unit"  # TF-Hub's image modules take [0, 1]
@@ -68,7 +68,7 @@ def test_a_hub_module_runs_in_inference_mode_whatever_training_says(hub_base):
 def test_a_hub_module_takes_float32_images_under_mixed_precision(hub_feature_vector):
     import keras
 
-    from job.model import build_base, build_classifier
+    from job.training.model import build_base, build_classifier
 
     keras.mixed_precision.set_dtype_policy("mixed_float16")  # set before the job builds its base
     try:

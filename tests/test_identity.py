@@ -1,5 +1,5 @@
-"""A run's identity (job/identity.py): what it holds, how two are compared, how a data listing is
-digested (job/listing.py), and a rerun checked against what a run recorded. In-process;
+"""A run's identity (job/results/identity.py): what it holds, how two are compared, how a data listing is
+digested (storage/listing.py), and a rerun checked against what a run recorded. In-process;
 the end-to-end refusals of real runs are in tests/test_resume.py."""
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from job import identity, listing, objects
 from job.config import Config, ConfigError
+from job.results import identity
+from storage import listing, objects
 from tests.conftest import write_class_images
 from tests.test_storage import upload_tree
 

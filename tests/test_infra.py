@@ -260,7 +260,7 @@ def test_multiworker_job_gives_each_indexed_worker_a_stable_host_name(overlay):
     port = int(env["TFCONFIG_PORT"]["value"])
     assert [p["port"] for p in service["spec"]["ports"]] == [port]
     assert [p["containerPort"] for p in container(job)["ports"]] == [port]
-    assert container(job)["command"] == ["python", "-m", "job.tfconfig", "python", "-m", "job"]
+    assert container(job)["command"] == ["python", "-m", "job.cluster.tfconfig", "python", "-m", "job"]
 
 
 # ---- Cloud Build ------------------------------------------------------------------------------
@@ -427,7 +427,7 @@ def test_dockerfile_bakes_in_no_credentials():
 def test_scheduled_and_vertex_runs_promote_into_their_own_production_prefix():
     """Every run the infra starts compares itself with the production model (docs/promotion.md),
     kept apart from the runs: PROMOTE_URI never lies inside OUTPUT_URI."""
-    from job import storage
+    import storage
 
     settings = [by_kind(render(INFRA / "overlays" / name), "ConfigMap")["data"]
                 for name in OVERLAYS]

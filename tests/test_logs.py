@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from common.quiet_start import NATIVE_LINE, quiet_native_startup
 from edge import logs as edge_logs
 from edge.logs import OWN_LOGGERS, JsonFormatter, choose_format, configure, fields, set_context
-from job.logs import NATIVE_LINE, quiet_native_startup
 from tests.conftest import run_job
 
 NATIVE = [b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.datasets import link_slice
+from devkit.datasets import link_slice
 from tests.conftest import random_vgg16_weights
 from tests.test_multiworker import run_workers, worker_tf_configs
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow  # every test here trains on worker processes
 
 @pytest.mark.timeout(170)
 @pytest.mark.skipif(not (ROOT / "job" / "train.py").exists(),
-                    reason="the training job (job/train.py, branch main) is not here yet")
+                    reason="the training job (job/training/train.py, branch main) is not here yet")
 def test_two_job_workers_train_in_sync_and_only_the_chief_publishes(tmp_path, free_ports,
                                                                    tiny_image_tree, cpu_subprocess_env):
     runs = []
@@ -58,7 +58,7 @@ PER_REPLICA_BATCH = 16  # two workers: a global batch of 32, as the one worker i
 def xray_bucket(gcs_emulator_url, xray_dir, tmp_path_factory) -> str:
     """gs:// URI of real X-rays on the emulator: 60 training, 30 validation and 100 test images
     per class (200 test images: one flipped label moves accuracy half a point)."""
-    from job import storage
+    import storage
 
     local = link_slice(xray_dir, tmp_path_factory.mktemp("xray-sharded"),
                        {"train": 60, "validation": 30, "test": 100})

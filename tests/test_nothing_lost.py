@@ -2,7 +2,7 @@
 it cannot store, and neither a dead endpoint nor SIGTERM during a transfer hangs it.
 
 Each test lists what must survive before and after, against the GCS server on loopback
-(tests/gcs_emulator.py, which keeps names such as `a/../b` verbatim, as GCS does) or real folders.
+(devkit/gcs_emulator.py, which keeps names such as `a/../b` verbatim, as GCS does) or real folders.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from job import storage
-from job.checkpoint import EXIT_PREEMPTED
-from tests import gcs_emulator
+import storage
+from devkit import gcs_emulator
+from job.training.checkpoint import EXIT_PREEMPTED
 from tests.conftest import ROOT, job_environment, run_job, tiny_vgg16_settings, write_class_images
 from tests.test_storage import object_contents, tree_contents, upload_tree
 

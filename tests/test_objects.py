@@ -1,12 +1,11 @@
-"""job.objects: single files, local and on the emulator, written and deleted on a condition."""
+"""storage.objects: single files, local and on the emulator, written and deleted on a condition."""
 from __future__ import annotations
 
 import hashlib
 
 import pytest
 
-from job import objects
-from job.storage import join
+from storage import join, objects
 
 
 @pytest.fixture(params=["local", "gs"])

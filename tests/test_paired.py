@@ -1,8 +1,8 @@
-"""The paired comparison behind promotion (job/paired.py): exact McNemar and the paired bootstrap."""
+"""The paired comparison behind promotion (job/promotion/paired.py): exact McNemar and the paired bootstrap."""
 import numpy as np
 from scipy import stats
 
-from job import paired
+from job.promotion import paired
 
 
 def test_mcnemar_is_the_exact_binomial_test_on_the_discordant_images():

@@ -1,9 +1,9 @@
-"""CURRENT.json's switch (job/pointer.py): replaced only when unchanged since it was read."""
+"""CURRENT.json's switch (job/promotion/pointer.py): replaced only when unchanged since it was read."""
 import threading
 
 import pytest
 
-from job import pointer
+from job.promotion import pointer
 
 
 @pytest.fixture(params=["local", "gcs"])

@@ -3,7 +3,7 @@ import keras
 import numpy as np
 import pytest
 
-from job import model, probe
+from job.training import model, probe
 
 
 def blobs(classes: int, per_class: int, seed: int, spread: float = 1.5):

@@ -7,9 +7,9 @@ import sys
 import pytest
 from rich.console import Console
 
+from common import progress
+from common.progress import Progress
 from edge import logs as edge_logs
-from job import progress
-from job.progress import Progress
 
 
 class Clock:
@@ -155,7 +155,7 @@ def test_a_log_line_written_while_the_bar_is_up_prints_above_it(clock, terminal)
 
 
 def test_an_epoch_adds_nothing_where_keras_draws_its_bar_and_lines_elsewhere():
-    from job.train import EpochProgress  # TensorFlow: imported by this test only
+    from job.training.train import EpochProgress  # TensorFlow: imported by this test only
 
     callback = EpochProgress("phase 2")
     callback.set_params({"verbose": 1, "epochs": 1, "steps": 50})
@@ -171,7 +171,7 @@ def test_calibration_counts_in_a_with_block_that_each_rewind_renews_and_the_end_
     """onnxruntime pulls calibration images and rewinds the reader between passes: every pass
     counts inside the block (so a terminal gets its bar) and nothing is left drawn afterwards,
     also when quantization raises."""
-    from export.quantize import ImageReader
+    from export.int8.quantize import ImageReader
     from tests.conftest import write_class_images
 
     paths = [str(p) for p in sorted(write_class_images(tmp_path, ["a"], 20).rglob("*.png"))]

@@ -1,4 +1,4 @@
-"""Promotion (job/promote.py, job/versions.py): a run replaces the production model only when it
+"""Promotion (job/promotion/promote.py, job/promotion/versions.py): a run replaces the production model only when it
 is no worse, on real X-rays (the `promotion_runs` fixture: three real runs promoted in turn)."""
 import hashlib
 import json
@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from job import report, versions
+from job.promotion import versions
+from job.results import report
 
 
 def record(run_dir):
@@ -84,7 +85,7 @@ def copied_production(promotion_runs, tmp_path):
 def test_a_run_with_an_added_class_is_judged_by_the_floors_alone(promotion_runs, tmp_path):
     import dataclasses
 
-    from job import promote
+    from job.promotion import promote
 
     production = copied_production(promotion_runs, tmp_path)
     config = run_copy(promotion_runs, "first", tmp_path, production)
@@ -101,7 +102,7 @@ def test_a_run_with_an_added_class_is_judged_by_the_floors_alone(promotion_runs,
 
 
 def test_a_corrupted_champion_is_neither_trusted_nor_lost(promotion_runs, tmp_path):
-    from job import promote
+    from job.promotion import promote
 
     production = copied_production(promotion_runs, tmp_path)
     weights = production / "versions" / "second" / "saved_model" / "variables" / \
@@ -134,7 +135,7 @@ def test_two_promotions_racing_on_gcs_leave_one_consistent_pointer(promotion_run
                                                                   gcs_bucket, gcs_client):
     import threading
 
-    from job import promote
+    from job.promotion import promote
 
     promote_uri = f"gs://{gcs_bucket}/production"
     configs = {name: run_copy(promotion_runs, name, tmp_path, promote_uri)
@@ -171,7 +172,8 @@ def test_two_promotions_racing_on_gcs_leave_one_consistent_pointer(promotion_run
 
 def test_the_champion_is_scored_on_the_runs_decoded_images_without_decoding_them_again(
         promotion_runs, tmp_path):
-    from job import data, promote
+    from job.inputs import data
+    from job.promotion import promote
 
     production = copied_production(promotion_runs, tmp_path)
     config = run_copy(promotion_runs, "swapped", tmp_path, production)
@@ -203,7 +205,7 @@ def dataclasses_replace(instance, **changes):
 
 def test_an_int8_file_that_failed_its_gate_is_held_back_and_float32_promoted(promotion_runs,
                                                                             tmp_path):
-    from job import promote
+    from job.promotion import promote
 
     config = run_copy(promotion_runs, "first", tmp_path, tmp_path / "production")
     run_dir = tmp_path / "runs-first" / "first"
@@ -226,7 +228,7 @@ def test_an_int8_file_that_failed_its_gate_is_held_back_and_float32_promoted(pro
 
 def test_a_promotion_stopped_before_its_switch_leaves_the_old_pointer_and_a_rerun_finishes_it(
         promotion_runs, tmp_path, monkeypatch):
-    from job import pointer, promote
+    from job.promotion import pointer, promote
 
     production = copied_production(promotion_runs, tmp_path)
     shutil.rmtree(production / "versions" / "first")  # as if never promoted: written anew
@@ -253,7 +255,8 @@ def test_a_run_on_gcs_gets_its_verdict_beside_it_and_in_its_manifest(promotion_r
                                                                     gcs_bucket, gcs_client):
     import dataclasses
 
-    from job import promote, storage
+    import storage
+    from job.promotion import promote
 
     config = run_copy(promotion_runs, "first", tmp_path, f"gs://{gcs_bucket}/production")
     storage.publish_tree(tmp_path / "runs-first" / "first", f"gs://{gcs_bucket}/runs/first",
@@ -276,7 +279,8 @@ def test_with_export_onnx_a_failed_int8_gate_exits_0_promoted_and_a_failed_float
     """The job's own flow (python -m job's main) after a run whose export failed one gate."""
     import export.pipeline
     from export.errors import GateFailed
-    from job import __main__ as entrypoint, train
+    from job import __main__ as entrypoint
+    from job.training import train
 
     config = run_copy(promotion_runs, "first", tmp_path, tmp_path / "production")
     run_dir = tmp_path / "runs-first" / "first"

@@ -1,7 +1,7 @@
-"""The promotion rule (job/promote.py `decide`) on paired comparisons made up in-process."""
+"""The promotion rule (job/promotion/promote.py `decide`) on paired comparisons made up in-process."""
 import numpy as np
 
-from job import paired, promote
+from job.promotion import paired, promote
 
 
 def comparison(champion_only: int, challenger_only: int, images: int = 600):

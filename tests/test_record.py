@@ -1,7 +1,7 @@
 """The run record: what metrics.json tells the export about a run, typed and checked."""
 import pytest
 
-from job.record import RecordError, RunRecord
+from common.record import RecordError, RunRecord
 
 RECORD = {"run_id": "r1", "classes": ["cat", "dog"], "image_size": 150, "backbone": "vgg16",
           "alpha": 1.0, "dense_units": 256, "dropout": 0.5, "precision_policy": "mixed_float16",

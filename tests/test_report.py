@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from job import report
+from job.results import report
 
 THREE = ["cat", "dog", "fox"]
 

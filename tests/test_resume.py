@@ -1,5 +1,5 @@
 """Nothing lost: a run stopped by SIGTERM or killed outright resumes where it was, with the same
-RUN_ID, and only on the data and settings it was started with (job/identity.py)."""
+RUN_ID, and only on the data and settings it was started with (job/results/identity.py)."""
 import json
 import shutil
 import signal
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from job import identity
-from job.checkpoint import EXIT_PREEMPTED
 from job.config import Config, ConfigError
+from job.results import identity
+from job.training.checkpoint import EXIT_PREEMPTED
 from tests.conftest import run_job, start_job, tiny_vgg16_settings, write_class_images
 from tests.test_nothing_lost import EXIT_BAD_INPUT, assert_one_line_exit
 from tests.test_storage import tree_contents

@@ -1,4 +1,4 @@
-"""export.rounding: GPTQ rounding of int8 weights, on small problems whose answer is known."""
+"""export.int8.rounding: GPTQ rounding of int8 weights, on small problems whose answer is known."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.rounding import gptq, input_hessian, round_layer
+from export.int8.rounding import gptq, input_hessian, round_layer
 
 SEVEN_BITS = (-64, 64)
 

@@ -100,9 +100,9 @@ def test_self_test_fails_the_int8_file_when_it_was_tampered_with(export_copy, ca
 
 def test_self_test_passes_on_a_promoted_version_and_fails_there_once_its_int8_file_is_tampered(
         mobilenet_export, mobilenet_run, tmp_path, capsys):
-    """The version folder promotion stages (job/versions.py) from the run and its export is
+    """The version folder promotion stages (job/promotion/versions.py) from the run and its export is
     what a device fetches: its copy of the set proves its ONNX files on this CPU."""
-    from job import versions
+    from job.promotion import versions
 
     assert mobilenet_export[0] == 0, mobilenet_export[2][-2000:]
     version = versions.stage(tmp_path / "versions" / "mobilenet", mobilenet_run, mobilenet_run,

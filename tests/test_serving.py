@@ -1,4 +1,4 @@
-"""The SavedModel's signatures (job/serving.py): encoded image bytes as `serving_default`, decoded in
+"""The SavedModel's signatures (job/training/serving.py): encoded image bytes as `serving_default`, decoded in
 the graph as training decodes, and float32 pixels as `serve`; and TF Serving's JSON form of a
 request, mapped onto the loaded SavedModel in-process as TF Serving maps it (there is no TF Serving
 binary here)."""
@@ -16,7 +16,7 @@ from PIL import Image
 
 from edge.images import load_images
 from edge.runtime import predict_labels
-from job import serving
+from job.training import serving
 
 PROBABILITY_MARGIN = 0.02
 
@@ -200,8 +200,8 @@ def test_the_batch_prediction_job_reads_a_file_list_and_writes_json_lines():
 def test_the_docs_name_the_files_and_threshold_the_run_writes():
     import dataclasses
 
+    from common.record import RunRecord
     from export.pipeline import RUN_FILES
-    from job.record import RunRecord
 
     text = DOCS.read_text()
     for name in ("saved_model", "labels.txt", "metrics.json"):

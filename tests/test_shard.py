@@ -1,11 +1,11 @@
-"""job/shard.py: how the files of a data set are dealt out to the workers of a cluster."""
+"""job/inputs/shard.py: how the files of a data set are dealt out to the workers of a cluster."""
 from __future__ import annotations
 
 import collections
 
 import pytest
 
-from job.shard import EVERYTHING, Shard
+from job.inputs.shard import EVERYTHING, Shard
 
 NAMES = [f"{split}/{label}/{label}-{number}.jpeg" for split, count in
          (("train", 101), ("validation", 13), ("test", 7)) for label in ("cat", "dog", "fox")

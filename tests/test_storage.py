@@ -1,4 +1,4 @@
-"""job/storage.py against a real GCS-compatible server on loopback (see tests/gcs_emulator.py)."""
+"""storage/__init__.py against a real GCS-compatible server on loopback (see devkit/gcs_emulator.py)."""
 from __future__ import annotations
 
 import json
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests import gcs_emulator
+import storage
+from devkit import gcs_emulator
+from job.inputs.shard import Shard
+from storage import StorageError
 from tests.conftest import random_vgg16_weights
-from job import storage
-from job.shard import Shard
-from job.storage import StorageError
 
 QUICK = {"retry_deadline": 5.0}
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_pulled_tree_equals_the_source(remote_tree, file_tree, tmp_path):
 
 
 def test_pull_reports_objects_and_bytes_and_logs_them(remote_tree, file_tree, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="job.storage"):
+    with caplog.at_level(logging.INFO, logger="storage"):
         stats = storage.pull_tree(remote_tree, tmp_path / "local")
     assert (stats.objects, stats.bytes, stats.cached) == (
         5, sum(map(len, tree_contents(file_tree).values())), 0)

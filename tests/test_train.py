@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from job import data, model, probe, report, serving, train
-from job.checkpoint import Checkpoints, StopSignal
+from common.record import RunRecord
 from job.config import Config
-from job.features import Features
-from job.record import RunRecord
+from job.inputs import data
+from job.inputs.features import Features
+from job.results import report
+from job.training import model, probe, serving, train
+from job.training.checkpoint import Checkpoints, StopSignal
 from tests.conftest import run_job, tiny_vgg16_settings, write_class_images
 
 
@@ -130,7 +132,7 @@ def test_labels_are_the_sorted_class_names(tiny_run):
 
 
 def test_the_runs_saved_model_serves_image_bytes_by_default_and_pixels_as_serve(tiny_run):
-    """job/serving.py: what Vertex AI's TF Serving calls takes encoded images and names the class
+    """job/training/serving.py: what Vertex AI's TF Serving calls takes encoded images and names the class
     from labels.txt; the float32 signature the export converts is still there."""
     loaded = tf.saved_model.load(str(tiny_run["run_dir"] / "saved_model"))
     default, pixels = loaded.signatures["serving_default"], loaded.signatures["serve"]

@@ -3,8 +3,8 @@
 Two processes of one RUN_ID (a duplicate Job, or the replacement pod Kubernetes starts while the
 old one terminates), on gs:// and on local folders, in either order and with either one slowed:
 the run is published once, matches its MANIFEST.json, and the other process exits with a code
-that does not invite a retry. Claims (job/writer.py) are tested in-process and with the writer
-processes of tests/writer_process.py; the conditional uploads (job/storage.py) against the GCS
+that does not invite a retry. Claims (job/results/writer.py) are tested in-process and with the writer
+processes of tests/writer_process.py; the conditional uploads (storage/__init__.py) against the GCS
 emulator, which holds generations and preconditions as GCS does.
 """
 from __future__ import annotations
@@ -19,10 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from job import report, storage, writer
-from tests import gcs_emulator
-from tests.conftest import ROOT, job_environment, run_job, start_job, tiny_vgg16_settings, \
-    write_class_images
+import storage
+from devkit import gcs_emulator
+from job.results import report, writer
+from tests.conftest import (
+    ROOT,
+    job_environment,
+    run_job,
+    start_job,
+    tiny_vgg16_settings,
+    write_class_images,
+)
 from tests.test_storage import tree_contents
 from tests.writer_process import write_run
 

@@ -2,7 +2,7 @@
 
     [STORAGE_EMULATOR_HOST=...] python tests/writer_process.py RUN_URI STAGING NAME TRAIN_S WAIT_S
 
-Claims the run (job.writer), "trains" for TRAIN_S seconds, writes a small run of its own (NAME in
+Claims the run (job.results.writer), "trains" for TRAIN_S seconds, writes a small run of its own (NAME in
 every file) into a fresh STAGING folder with its MANIFEST.json, and publishes it. Ends as
 `python -m job` does: exit 0 with "published" or "already complete" on stdout; exit 2 with one
 line on stderr when the run is another writer's; exit 75 on SIGTERM, having released its claim.
@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from job import report, storage, writer  # noqa: E402
+import storage
+from job.results import report, writer
 
 RUN_FILES = ("metrics.json", "labels.txt", "model.keras", "report.html",
              "saved_model/saved_model.pb", "saved_model/variables/variables.index",
@@ -24,7 +25,7 @@ RUN_FILES = ("metrics.json", "labels.txt", "model.keras", "report.html",
 
 
 class Preempted(Exception):
-    """SIGTERM, raised where the main thread is, as job.checkpoint.StopSignal does."""
+    """SIGTERM, raised where the main thread is, as job.training.checkpoint.StopSignal does."""
 
 
 def stop(signum, frame):

@@ -1,0 +1,1 @@
+"""Common: the TensorFlow-free pieces the job and the export share (progress lines, quiet start, the run record)."""

@@ -1,0 +1,1 @@
+"""Inputs: the labelled images, their splits and shards, the feature caches and their budget, the data audit."""

@@ -1,0 +1,1 @@
+"""Promotion: whether a finished run replaces the production model, its versions and rollback."""
