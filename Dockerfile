@@ -31,6 +31,8 @@ RUN python -m pip install --no-cache-dir pip==25.3 \
 RUN python -m pip install --no-cache-dir --no-deps -r /tmp/requirements/requirements-gpu.txt
 # export/ too: with EXPORT_ONNX=1 the training job converts its model to ONNX at its end.
 COPY job/ /app/job/
+COPY storage/ /app/storage/
+COPY common/ /app/common/
 COPY edge/ /app/edge/
 COPY export/ /app/export/
 # Everything the job writes goes under /tmp (an emptyDir in Kubernetes; the root file system is
