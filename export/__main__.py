@@ -1,30 +1,36 @@
 """Entrypoint: `python -m export` converts one finished training run to ONNX and proves parity.
 
-Settings come from the environment (see export.config). Exit codes: 0 every gate passed;
-1 a parity gate failed (export_report.json, or export_report.failed.json beside an earlier export,
-says which, by how much) or storage/conversion failed; 2 bad configuration or input (no such run,
-an incomplete or damaged run, its data missing, a target that belongs to another run), or a full
-disk (storage/diskspace.py).
+Settings come from the environment and flags (export/config.py; `--help` lists them). Exit codes:
+0 every gate passed; 1 a parity gate failed (export_report.json, or export_report.failed.json
+beside an earlier export, says which, by how much) or storage/conversion failed; 2 bad
+configuration or input (no such run, an incomplete or damaged run, its data missing, a target that
+belongs to another run), or a full disk (storage/diskspace.py).
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from typing import Mapping, Sequence
 
 from common.quiet_start import quiet_native_startup
 from edge import logs
 
 
-def main(environ=os.environ) -> int:
-    from export.config import ExportConfig
+def main(environ: Mapping[str, str] = os.environ, argv: Sequence[str] = ()) -> int:
+    """One export, configured by environ and the flags in argv (`--help`: every setting)."""
+    from common import settings
+    from common.settings import ConfigError
+    from export.config import PROG, ExportConfig
     from export.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ExportError
-    from job.config import ConfigError
 
+    if settings.wants_help(argv):
+        print(settings.help_text(ExportConfig, PROG), end="")
+        return EXIT_OK
     log = logging.getLogger("export")
     try:
         logs.configure(environ)
-        config = ExportConfig.from_env(environ)
+        config = ExportConfig.from_env(environ, argv)
     except (logs.LogFormatError, ConfigError) as error:
         log.error("configuration error: %s", error)
         return EXIT_BAD_INPUT
@@ -54,4 +60,4 @@ def main(environ=os.environ) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(os.environ, sys.argv[1:]))

@@ -1,37 +1,71 @@
-"""ExportConfig: the export's settings, read from environment variables and validated in one place.
+"""ExportConfig: the export's settings, declared once (common/settings.py) and validated in one place.
 
-Reuses the training job's typed reader, so every bad value fails with one line naming the variable
-and what it accepts (exit code 2) before any work starts.
+Declared as the training job's are (job/config.py), with its parsers of URIs and local folders, so
+every bad value fails with one line naming the variable and what it accepts (exit code 2) before
+any work starts; `python -m export --help` and docs/settings.md come from the same declarations.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
+from common import settings
+from common.settings import setting
 from edge.runtime import available_cores
 from export import measure
-from job.config import ConfigError, EnvReader
+from job.config import DEFAULT_CACHE_DIR, LOCAL_FOLDER, URI
 
 MIN_OPSET, MAX_OPSET = 13, 18  # QDQ per-channel needs 13; tf2onnx 1.17 is tested up to 18
+PROG = "python -m export"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ExportConfig:
-    run_uri: str
-    export_uri: str = ""  # empty: the run directory itself
-    opset: int = 17
-    int8: bool = True
-    calibration_images: int = 300
-    parity_images: int = 1000  # the whole test split of most runs: one flip is 0.1 %, not 0.5 %
-    latency_runs: int = 100  # batch-1 timed runs per backend; batch-32 runs are a tenth of it
-    threads: int = 0  # onnxruntime intra-op threads; 0: every core this process may use
-    data_uri: str = ""  # empty: the DATA_URI the run recorded in metrics.json
-    cache_dir: Path = Path.home() / ".cache" / "image-classifier-job"
-    # The int8 gate: top-1 agreement with the float32 reference, and test accuracy at most this
-    # far from float32's.
-    int8_min_agreement: float = measure.INT8_MIN_AGREEMENT
-    int8_max_accuracy_drop: float = measure.INT8_MAX_ACCURACY_DROP
+    """Converts one finished training run to ONNX (float32, and static int8), proves parity
+    against the run's own model and publishes the models with export_report.json."""
+
+    run_uri: str = setting(
+        "RUN_URI", URI, required="a run directory (local or gs://) that holds saved_model/, "
+                                 "model.keras, metrics.json and MANIFEST.json",
+        help="run directory, local or gs://")
+    export_uri: str = setting(
+        "EXPORT_URI", URI, "", shown="the run directory",
+        help="where the models and the report go")
+    opset: int = setting(
+        "OPSET", settings.integer(MIN_OPSET, MAX_OPSET), 17,
+        help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET}")
+    int8: bool = setting(
+        "INT8", settings.switch(), True, help="also write the static int8 model")
+    calibration_images: int = setting(
+        "CALIBRATION_IMAGES", settings.integer(1), 300,
+        help="training images used to calibrate int8 (seeded sample)")
+    parity_images: int = setting(
+        "PARITY_IMAGES", settings.integer(1), 1000,
+        help="test images compared (seeded sample of the run's test split; 1,000 is the whole "
+             "test split of most runs, so one flipped label moves agreement by 0.1 point); they "
+             "are held decoded, about 600 MB at 224 px")
+    latency_runs: int = setting(
+        "LATENCY_RUNS", settings.integer(1), 100,
+        help="batch-1 timed calls per backend (batch-32 calls: a tenth)")
+    threads: int = setting(
+        "THREADS", settings.integer(0), 0, shown="0: every core this process may use",
+        help="onnxruntime intra-op threads")
+    data_uri: str = setting(
+        "DATA_URI", URI, "", shown="the run's",
+        help="where the run's data lives now, if it moved (unset: the DATA_URI the run recorded "
+             "in metrics.json)")
+    cache_dir: Path = setting(
+        "CACHE_DIR", LOCAL_FOLDER, DEFAULT_CACHE_DIR, shown="~/.cache/image-classifier-job",
+        help="scratch space, a local folder (a URI is refused)")
+    int8_min_agreement: float = setting(
+        "INT8_MIN_AGREEMENT", settings.fraction(), measure.INT8_MIN_AGREEMENT,
+        help="the int8 gate: least top-1 agreement with the float32 reference on the parity "
+             "images")
+    int8_max_accuracy_drop: float = setting(
+        "INT8_MAX_ACCURACY_DROP", settings.fraction(), measure.INT8_MAX_ACCURACY_DROP,
+        help="the int8 gate: most the int8 test accuracy may differ from float32's (0.01: one "
+             "point)")
 
     @property
     def target_uri(self) -> str:
@@ -42,28 +76,7 @@ class ExportConfig:
         return self.threads or available_cores()
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> "ExportConfig":
-        env = EnvReader(environ)
-        run_uri = env.uri("RUN_URI", "")
-        if not run_uri:
-            raise ConfigError("RUN_URI is required: set it to a run directory (local or gs://) "
-                              "that holds saved_model/, model.keras, metrics.json and MANIFEST.json")
-        opset = env.integer("OPSET", 17, minimum=MIN_OPSET)
-        if opset > MAX_OPSET:
-            raise ConfigError(f"OPSET={opset} is not valid: expected an integer from {MIN_OPSET} "
-                              f"to {MAX_OPSET}")
-        return cls(
-            run_uri=run_uri,
-            export_uri=env.uri("EXPORT_URI", ""),
-            opset=opset,
-            int8=env.flag("INT8", True),
-            calibration_images=env.integer("CALIBRATION_IMAGES", 300, minimum=1),
-            parity_images=env.integer("PARITY_IMAGES", 1000, minimum=1),
-            latency_runs=env.integer("LATENCY_RUNS", 100, minimum=1),
-            threads=env.integer("THREADS", 0, minimum=0),
-            data_uri=env.uri("DATA_URI", ""),
-            cache_dir=env.local_folder("CACHE_DIR", cls.cache_dir),
-            int8_min_agreement=env.fraction("INT8_MIN_AGREEMENT", measure.INT8_MIN_AGREEMENT),
-            int8_max_accuracy_drop=env.fraction("INT8_MAX_ACCURACY_DROP",
-                                                measure.INT8_MAX_ACCURACY_DROP),
-        )
+    def from_env(cls, environ: Mapping[str, str], argv: Sequence[str] = ()) -> "ExportConfig":
+        """The settings the environment and the flags in argv give (a flag beats its variable);
+        ConfigError, one line, for the first problem."""
+        return settings.read(cls, environ, argv, PROG)

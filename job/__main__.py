@@ -1,4 +1,5 @@
-"""Entrypoint: `python -m job` reads its settings from the environment and runs one training job.
+"""Entrypoint: `python -m job` reads its settings from the environment and flags (job/config.py)
+and runs one training job; `python -m job --help` lists them.
 
 Exit codes: 0 done (or the run was already complete), 1 unexpected or storage failure,
 2 bad configuration or bad input, a full disk (storage/diskspace.py) or another process writing the
@@ -14,6 +15,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from common.quiet_start import quiet_native_startup
 from edge import logs
@@ -22,12 +24,17 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 TERMINATION_LOG = Path("/dev/termination-log")  # Kubernetes' terminationMessagePath default
 
 
-def main(environ=os.environ) -> int:
-    from job.config import Config, ConfigError
+def main(environ: Mapping[str, str] = os.environ, argv: Sequence[str] = ()) -> int:
+    """One run, configured by environ and the flags in argv (`--help`: every setting)."""
+    from common import settings
+    from job.config import PROG, Config, ConfigError
 
+    if settings.wants_help(argv):
+        print(settings.help_text(Config, PROG), end="")
+        return EXIT_OK
     try:
         logs.configure(environ)
-        config = Config.from_env(environ)
+        config = Config.from_env(environ, argv)
         export_config = _export_config(config, environ) if config.export_onnx else None
     except (logs.LogFormatError, ConfigError) as error:
         return _fail(f"configuration error: {error}", EXIT_BAD_INPUT)
@@ -145,4 +152,4 @@ def _fail(message: str, code: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(os.environ, sys.argv[1:]))

@@ -494,9 +494,9 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture
 def main_in_process(monkeypatch, capsys):
-    """run(module, env): `module.__main__.main(env)` ("job" or "export") in this process, for the
-    errors an entrypoint reports before it starts TensorFlow, in a fraction of a second where
-    `python -m` takes ten or more. Reaching the block where the entrypoint starts TensorFlow
+    """run(module, env, argv=()): `module.__main__.main(env, argv)` ("job" or "export") in this
+    process, for the errors an entrypoint reports before it starts TensorFlow (and for --help), in
+    a fraction of a second where `python -m` takes ten or more. Reaching the block where the entrypoint starts TensorFlow
     (quiet_native_startup) fails the test. Returns what run_module returns, stderr holding the
     log lines; the root logger is put back afterwards."""
     root = logging.getLogger()
@@ -505,11 +505,11 @@ def main_in_process(monkeypatch, capsys):
         monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # logging.captureWarnings
 
-    def run(module: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    def run(module: str, env: dict[str, str], argv=()) -> subprocess.CompletedProcess:
         entrypoint = importlib.import_module(f"{module}.__main__")
         monkeypatch.setattr(entrypoint, "quiet_native_startup", _no_tensorflow_here)
         capsys.readouterr()
-        code = entrypoint.main(dict(env))
+        code = entrypoint.main(dict(env), list(argv))
         captured = capsys.readouterr()
         return subprocess.CompletedProcess(["python", "-m", module], code, captured.out, captured.err)
 

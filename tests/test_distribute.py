@@ -113,9 +113,11 @@ def test_a_bad_cluster_description_is_a_configuration_error(name, value):
 
 
 def test_config_reads_tf_config_and_cluster_spec_from_the_environment():
-    config = Config.from_env({"DATA_URI": "data", "TF_CONFIG": tf_config(2), "CLUSTER_SPEC": vertex_cluster_spec(2)})
-    assert (config.tf_config, config.cluster_spec) == (tf_config(2), vertex_cluster_spec(2))
-    assert (Config.from_env({"DATA_URI": "data"}).tf_config, Config.from_env({"DATA_URI": "data"}).cluster_spec) == ("", "")
+    assert Config.from_env({"DATA_URI": "data", "TF_CONFIG": tf_config(2, index=1),
+                            "CLUSTER_SPEC": vertex_cluster_spec(3)}).cluster == cluster(tf_config(2, index=1))
+    assert Config.from_env({"DATA_URI": "data", "CLUSTER_SPEC": vertex_cluster_spec(3, "workerpool1", 1)}).cluster \
+        == cluster("", vertex_cluster_spec(3, "workerpool1", 1))
+    assert Config.from_env({"DATA_URI": "data"}).cluster is None
 
 
 def test_indexed_job_worker_gets_tf_config_from_its_completion_index():

@@ -39,8 +39,8 @@ log = logging.getLogger("job")
 # already decides that per machine, from its free disk, so a restart on a smaller disk must
 # still resume. Every other setting, and any added later, is part of the identity.
 NOT_IDENTITY = frozenset({
-    "output_uri", "run_id", "cache_dir", "model_uri", "checkpoint_uri", "tensorboard_uri",
-    "storage_deadline", "export_onnx", "tf_config", "cluster_spec", "cluster",
+    "output_uri", "run_id", "cache_dir", "model_uri", "checkpoint_root", "tensorboard_uri",
+    "storage_deadline", "export_onnx", "cluster",
     "cache_features", "cache_budget"})
 
 
