@@ -146,8 +146,7 @@ def bench_extraction(split, size, parts, backbone, repeats) -> dict:
         serve = tf.saved_model.load(f"{scratch}/saved_model").signatures["serving_default"]
         serve(batches[0])  # trace and warm up
         serving = median_seconds(lambda: [serve(batch) for batch in batches], repeats)
-        config = Config(data_uri="(images in memory)", backbone=backbone, image_size=size,
-                        fine_tune_from=default_fine_tune_from(backbone))
+        config = Config(data_uri="(images in memory)", backbone=backbone, image_size=size)
         no_test = dataclasses.replace(split, paths=[], labels=[])
         dataset = data.DataSet(["0", "1"], split, split, no_test, {}, [], Path(scratch))
 
