@@ -1,4 +1,4 @@
-"""ExportConfig: the export's settings, declared once (common/settings.py) and validated in one place.
+"""ExportConfig: the export's settings, declared once (common/settings.py), validated in one place.
 
 Declared as the training job's are (job/config.py), with its parsers of URIs and local folders, so
 every bad value fails with one line naming the variable and what it accepts (exit code 2) before

@@ -1,4 +1,4 @@
-"""Config: every setting of the training job, declared once (common/settings.py) and validated in one place.
+"""Config: every setting of the training job, declared once (common/settings.py) and checked.
 
 Each field of Config declares its environment variable, parser, default (or the rule that gives
 it, such as IMAGE_SIZE's by BACKBONE) and help; `Config.from_env(os.environ, argv)` reads them from
@@ -69,7 +69,8 @@ def _local_folder(raw: str) -> Path:
     """A URI (gs:// or any other scheme://) is refused: taken as a path it would create a folder
     named 'gs:' in the working directory."""
     if "://" in raw:
-        raise Invalid("expected a local folder (the job's scratch space on this machine), not a URI")
+        raise Invalid("expected a local folder (the job's scratch space on this machine), "
+                      "not a URI")
     return Path(_normalised_uri(raw))
 
 
@@ -311,7 +312,8 @@ class Config:
 
     @property
     def checkpoint_uri(self) -> str:
-        """This run's own checkpoint prefix: CHECKPOINT_URI/RUN_ID, or OUTPUT_URI/RUN_ID/checkpoints."""
+        """This run's own checkpoint prefix: CHECKPOINT_URI/RUN_ID, else
+        OUTPUT_URI/RUN_ID/checkpoints."""
         if self.checkpoint_root:
             return storage.join(self.checkpoint_root, self.run_id)
         return storage.join(self.run_uri, DEFAULT_CHECKPOINT_FOLDER)

@@ -61,7 +61,8 @@ def test_a_config_built_directly_gets_the_defaults_a_read_one_gets():
 
 
 def test_export_settings_take_flags_too():
-    config = ExportConfig.from_env({"RUN_URI": "/runs/r1", "OPSET": "13"}, ["--opset", "15", "--INT8=0"])
+    config = ExportConfig.from_env({"RUN_URI": "/runs/r1", "OPSET": "13"},
+                                   ["--opset", "15", "--INT8=0"])
     assert (config.opset, config.int8) == (15, False)
 
 
