@@ -21,6 +21,10 @@ MOBILENET_V2_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 MIXED_PRECISION_MODES = ("auto", "off", "float16", "bfloat16")
 DEFAULT_CHECKPOINT_FOLDER = "checkpoints"  # inside the run directory when CHECKPOINT_URI is unset
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TRIAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9]{1,32}$")  # Vertex AI numbers its trials 1, 2, ...
+# TUNING_METRIC: the validation figures a tuning trial may be judged by (job/results/tuning.py);
+# all are "higher is better", the goal the study spec (infra/vertex/hptuningjob.yaml) maximises.
+TUNING_METRICS = ("accuracy", "macro_recall", "macro_f1")
 
 
 class ConfigError(ValueError):
@@ -86,10 +90,22 @@ class Config:
     promote_min_accuracy: float = 0.0  # absolute floors: 0, none
     promote_min_macro_recall: float = 0.0
     storage_deadline: float = storage.DEFAULT_RETRY_DEADLINE_S  # seconds without progress
+    # A Vertex AI hyperparameter tuning trial (CLOUD_ML_TRIAL_ID, set per trial): its run is
+    # RUN_ID-trial-<id> (see from_env), and the chief reports the validation TUNING_METRIC through
+    # cloudml-hypertune into CLOUD_ML_HP_METRIC_FILE ("": the library's default,
+    # /tmp/hypertune/output.metrics). Either variable set turns the reports on.
+    trial_id: str = ""
+    tuning_metric: str = "accuracy"
+    hp_metric_file: str = ""
 
     @property
     def run_uri(self) -> str:
         return storage.join(self.output_uri, self.run_id)
+
+    @property
+    def reports_tuning_metric(self) -> bool:
+        """A tuning trial, or a run asked to write its tuning metric (CLOUD_ML_HP_METRIC_FILE)."""
+        return bool(self.trial_id or self.hp_metric_file)
 
     @property
     def solves_probe(self) -> bool:
@@ -112,7 +128,10 @@ class Config:
         data_uri = env.uri("DATA_URI", required=True)
         backbone = env.backbone("BACKBONE", "vgg16")
         output_uri = env.uri("OUTPUT_URI", "outputs")
+        trial_id = env.trial_id("CLOUD_ML_TRIAL_ID")
         run_id = env.run_id("RUN_ID")
+        if trial_id:
+            run_id = trial_run_id(run_id, trial_id, given="RUN_ID" in env)
         run_uri = _join(output_uri, run_id)
         is_hub = backbone not in BACKBONES
         # A CHECKPOINT_URI (or Vertex AI's AIP_CHECKPOINT_DIR) holds one prefix per run, so that
@@ -167,6 +186,9 @@ class Config:
             promote_min_macro_recall=env.fraction("PROMOTE_MIN_MACRO_RECALL", 0.0),
             storage_deadline=env.positive_float("STORAGE_DEADLINE",
                                                 storage.DEFAULT_RETRY_DEADLINE_S),
+            trial_id=trial_id,
+            tuning_metric=env.choice("TUNING_METRIC", "accuracy", TUNING_METRICS),
+            hp_metric_file=env.local_file("CLOUD_ML_HP_METRIC_FILE", ""),
         )
         if is_hub and config.fine_tune_from:
             raise ConfigError(
@@ -177,6 +199,11 @@ class Config:
             raise ConfigError(
                 "VALIDATION_SPLIT + TEST_SPLIT must leave at least 10% of the images to train on"
             )
+        if trial_id and config.promote_uri:
+            raise ConfigError(
+                f"PROMOTE_URI is set in a tuning trial (CLOUD_ML_TRIAL_ID={trial_id}): each trial "
+                "would promote itself; leave it out of the tuning job and run the best trial's "
+                "settings as a custom job with PROMOTE_URI")
         _refuse_overlaps(config)
         return config
 
@@ -225,6 +252,22 @@ def default_fine_tune_learning_rate(backbone: str) -> float:
     """1e-5 as in the classic VGG16 recipe; 1e-4 for MobileNetV2's top four blocks, the pair
     that scored best on the validation split of the chest X-ray benchmark (bench/quality.py)."""
     return 1e-4 if backbone == "mobilenet_v2" else 1e-5
+
+
+def trial_run_id(run_id: str, trial_id: str, given: bool) -> str:
+    """The run of one tuning trial: RUN_ID-trial-<id>. Every trial of a tuning job gets the same
+    environment, RUN_ID included, so the suffix keeps each trial's outputs, checkpoints, claim and
+    caches apart, and a trial that Vertex AI restarts (same environment, same trial id) resumes
+    its own run. Hence RUN_ID must be set: a generated one would differ on the restart."""
+    if not given:
+        raise ConfigError(f"CLOUD_ML_TRIAL_ID={trial_id} (a tuning trial) needs RUN_ID: set it in "
+                          "the tuning job's trial spec, so that a restarted trial resumes its own "
+                          f"run, RUN_ID-trial-{trial_id}")
+    trial_run = f"{run_id}-trial-{trial_id}"
+    if not RUN_ID_PATTERN.match(trial_run):
+        raise ConfigError(f"RUN_ID={run_id!r} is too long for a tuning trial: RUN_ID-trial-"
+                          f"{trial_id} must be at most 128 characters")
+    return trial_run
 
 
 def new_run_id(now: datetime.datetime | None = None) -> str:
@@ -279,6 +322,18 @@ class EnvReader:
             raise ConfigError(f"{name}={raw!r} is not valid: expected a local folder (the job's "
                               "scratch space on this machine), not a URI")
         return Path(self.uri(name, str(default)))
+
+    def __contains__(self, name: str) -> bool:
+        """Whether the variable is set to something other than blanks."""
+        return self._get(name) is not None
+
+    def local_file(self, name: str, default: str) -> str:
+        """A file on this machine, made absolute (a URI is refused, as by local_folder)."""
+        raw = self.text(name, default)
+        if raw and "://" in raw:
+            raise ConfigError(f"{name}={raw!r} is not valid: expected a file on this machine, "
+                              "not a URI")
+        return str(Path(raw).expanduser().absolute()) if raw else raw
 
     def integer(self, name: str, default: int, minimum: int) -> int:
         def parse(raw: str) -> int:
@@ -368,3 +423,12 @@ class EnvReader:
 
         return self._parse(name, new_run_id(),
                            "letters, digits, '.', '_' or '-' (at most 128, no leading '.' or '-')", parse)
+
+    def trial_id(self, name: str) -> str:
+        def parse(raw: str) -> str:
+            if not TRIAL_ID_PATTERN.match(raw):
+                raise ValueError
+            return raw
+
+        return self._parse(name, "", "letters and digits (at most 32), as Vertex AI numbers trials",
+                           parse)
