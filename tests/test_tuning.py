@@ -132,6 +132,7 @@ def trial_run(tmp_path_factory):
             "metrics": json.loads((run_dir / "metrics.json").read_text())}
 
 
+@pytest.mark.slow  # trial_run trains a tiny VGG16 in this process
 def test_a_trial_reports_each_phase_and_the_final_figure_that_metrics_json_records(trial_run):
     metrics = trial_run["metrics"]
     lines = read_metric_lines(trial_run["metric_file"])
@@ -148,6 +149,7 @@ def test_a_trial_reports_each_phase_and_the_final_figure_that_metrics_json_recor
     assert metrics["config"]["fine_tune_learning_rate"] == 2e-5
 
 
+@pytest.mark.slow  # trial_run trains a tiny VGG16 in this process
 def test_a_trial_restarted_after_its_run_completed_reports_the_recorded_figure(trial_run):
     from job.cluster.context import RunContext
     from job.training import train
