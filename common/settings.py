@@ -117,9 +117,11 @@ def apply_rules(config) -> None:
             object.__setattr__(config, field.name, value.compute(config))
 
 
-def read(config_class, environ: Mapping[str, str], argv: Sequence[str] = (), prog: str = ""):
+def read(config_class, environ: Mapping[str, str], argv: Sequence[str] = (), prog: str = "",
+         overrides: Mapping[str, Any] | None = None):
     """The config_class instance the environment and the flags in argv set (a flag beats its
-    variable); ConfigError, one line, for a bad value, a missing required one or an unknown flag."""
+    variable), with the field values in overrides put in place of what they give; ConfigError,
+    one line, for a bad value, a missing required one or an unknown flag."""
     declared = settings_of(config_class)
     flags = _flag_values(declared.values(), argv, prog)
     values = {}
@@ -129,7 +131,16 @@ def read(config_class, environ: Mapping[str, str], argv: Sequence[str] = (), pro
             raise ConfigError(f"{each.variable} is required: set it to {each.required}")
         if raw is not None:
             values[name] = each.value_of(raw, variable)
-    return config_class(**values)
+    return config_class(**{**values, **(overrides or {})})
+
+
+def given(config_class, name: str, environ: Mapping[str, str], argv: Sequence[str] = (),
+          prog: str = "") -> bool:
+    """Whether the setting of field `name` was set, by its flag or a variable, rather than left
+    to its default."""
+    each = settings_of(config_class)[name]
+    flags = _flag_values(settings_of(config_class).values(), argv, prog)
+    return _raw_value(each, flags, environ)[0] is not None
 
 
 def wants_help(argv: Sequence[str]) -> bool:

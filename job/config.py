@@ -27,6 +27,10 @@ DEFAULT_CHECKPOINT_FOLDER = "checkpoints"  # inside the run directory when CHECK
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "image-classifier-job"
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PROG = "python -m job"
+TRIAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9]{1,32}$")  # Vertex AI numbers its trials 1, 2, ...
+# TUNING_METRIC: the validation figures a tuning trial may be judged by (job/results/tuning.py);
+# all are "higher is better", the goal the study spec (infra/vertex/hptuningjob.yaml) maximises.
+TUNING_METRICS = ("accuracy", "macro_recall", "macro_f1")
 
 
 def default_image_size(backbone: str) -> int:
@@ -97,6 +101,19 @@ def _run_id(raw: str) -> str:
     return raw
 
 
+def _trial_id(raw: str) -> str:
+    if not TRIAL_ID_PATTERN.match(raw):
+        raise ValueError
+    return raw
+
+
+def _local_file(raw: str) -> str:
+    """A file on this machine, made absolute; a URI is refused, as for a local folder."""
+    if "://" in raw:
+        raise Invalid("expected a file on this machine, not a URI")
+    return str(Path(raw).expanduser().absolute())
+
+
 def _cluster(tf_config: str) -> distribute.Cluster | None:
     try:
         return distribute.parse_cluster(tf_config)
@@ -120,6 +137,8 @@ RUN_ID = Parser("letters, digits, '.', '_' or '-' (at most 128, no leading '.' o
 CACHE_BUDGET = Parser("a share of the free space such as 80%, or a size such as 0, 500MB or 20GiB",
                       CacheBudget.parse)
 CLUSTER = Parser("a TF_CONFIG JSON object", _cluster)
+TRIAL_ID = Parser("letters and digits (at most 32), as Vertex AI numbers trials", _trial_id)
+LOCAL_FILE = Parser("a file on this machine", _local_file)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -303,6 +322,24 @@ class Config:
         help="seconds a storage call may go without a request or transfer succeeding before the "
              "job gives up (exit 1)")
 
+    # A Vertex AI hyperparameter tuning trial (job/results/tuning.py): its run is
+    # RUN_ID-trial-<id> (see from_env), and the chief reports the validation TUNING_METRIC through
+    # cloudml-hypertune. Either CLOUD_ML_TRIAL_ID or CLOUD_ML_HP_METRIC_FILE turns the reports on.
+    trial_id: str = setting(
+        "CLOUD_ML_TRIAL_ID", TRIAL_ID, "", shown="(Vertex AI sets it per tuning trial)",
+        help="a hyperparameter tuning trial: the run is RUN_ID-trial-<id> (its outputs, "
+             "checkpoints and caches), so trials never share a place and a restarted trial "
+             "resumes its own; RUN_ID must be set and PROMOTE_URI unset (docs/vertex.md)")
+    tuning_metric: str = setting(
+        "TUNING_METRIC", settings.choice(TUNING_METRICS), "accuracy",
+        help="the figure a trial reports, as validation_<metric>: accuracy, macro_recall or "
+             "macro_f1 of the validation split (never test: the study chooses on what it is "
+             "told, and the test figures must stay unseen)")
+    hp_metric_file: str = setting(
+        "CLOUD_ML_HP_METRIC_FILE", LOCAL_FILE, "", shown="/tmp/hypertune/output.metrics",
+        help="the local file cloudml-hypertune writes the reports to (JSON lines); set, it also "
+             "turns the reports on outside a trial")
+
     def __post_init__(self):
         settings.apply_rules(self)
 
@@ -317,6 +354,11 @@ class Config:
         if self.checkpoint_root:
             return storage.join(self.checkpoint_root, self.run_id)
         return storage.join(self.run_uri, DEFAULT_CHECKPOINT_FOLDER)
+
+    @property
+    def reports_tuning_metric(self) -> bool:
+        """A tuning trial, or a run asked to write its tuning metric (CLOUD_ML_HP_METRIC_FILE)."""
+        return bool(self.trial_id or self.hp_metric_file)
 
     @property
     def solves_probe(self) -> bool:
@@ -338,6 +380,10 @@ class Config:
         """The settings the environment and the flags in argv give (a flag beats its variable),
         checked together; ConfigError, one line, for the first problem."""
         config = settings.read(cls, environ, argv, PROG)
+        if config.trial_id:
+            run_id = trial_run_id(config.run_id, config.trial_id,
+                                  given=settings.given(cls, "run_id", environ, argv, PROG))
+            config = settings.read(cls, environ, argv, PROG, overrides={"run_id": run_id})
         if config.is_hub_backbone and config.fine_tune_from:
             raise ConfigError(
                 "FINE_TUNE_FROM applies to the built-in backbones only; "
@@ -347,8 +393,29 @@ class Config:
             raise ConfigError(
                 "VALIDATION_SPLIT + TEST_SPLIT must leave at least 10% of the images to train on"
             )
+        if config.trial_id and config.promote_uri:
+            raise ConfigError(
+                f"PROMOTE_URI is set in a tuning trial (CLOUD_ML_TRIAL_ID={config.trial_id}): "
+                "each trial would promote itself; leave it out of the tuning job and run the best "
+                "trial's settings as a custom job with PROMOTE_URI")
         _refuse_overlaps(config)
         return config
+
+
+def trial_run_id(run_id: str, trial_id: str, given: bool) -> str:
+    """The run of one tuning trial: RUN_ID-trial-<id>. Every trial of a tuning job gets the same
+    environment, RUN_ID included, so the suffix keeps each trial's outputs, checkpoints, claim and
+    caches apart, and a trial that Vertex AI restarts (same environment, same trial id) resumes
+    its own run. Hence RUN_ID must be set: a generated one would differ on the restart."""
+    if not given:
+        raise ConfigError(f"CLOUD_ML_TRIAL_ID={trial_id} (a tuning trial) needs RUN_ID: set it in "
+                          "the tuning job's trial spec, so that a restarted trial resumes its own "
+                          f"run, RUN_ID-trial-{trial_id}")
+    trial_run = f"{run_id}-trial-{trial_id}"
+    if not RUN_ID_PATTERN.match(trial_run):
+        raise ConfigError(f"RUN_ID={run_id!r} is too long for a tuning trial: RUN_ID-trial-"
+                          f"{trial_id} must be at most 128 characters")
+    return trial_run
 
 
 def _refuse_overlaps(config: Config) -> None:

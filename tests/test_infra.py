@@ -296,7 +296,9 @@ def test_cloudbuild_tests_then_builds_and_pushes_both_targets_tagged_with_the_co
 # ---- Vertex AI ---------------------------------------------------------------------------------
 
 VERTEX_SCHEMA = json.loads((Path(__file__).parent / "vertex_customjob.schema.json").read_text())
-VERTEX_SPECS = sorted((INFRA / "vertex").glob("*.yaml"))
+VERTEX_SPECS = sorted((INFRA / "vertex").glob("customjob*.yaml"))
+TUNING_SCHEMA = json.loads((Path(__file__).parent / "vertex_hptuningjob.schema.json").read_text())
+TUNING_SPEC = INFRA / "vertex" / "hptuningjob.yaml"
 
 
 @pytest.mark.parametrize("path", VERTEX_SPECS, ids=lambda p: p.name)
@@ -317,6 +319,54 @@ def test_vertex_schema_rejects_an_unknown_field_and_an_unknown_accelerator():
     for bad in (bad_field, bad_accelerator):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, VERTEX_SCHEMA, cls=jsonschema.Draft202012Validator)
+
+
+def test_vertex_tuning_job_matches_the_documented_tuning_job_and_custom_job_specs():
+    spec = yaml.safe_load(TUNING_SPEC.read_text())
+    jsonschema.validate(spec, TUNING_SCHEMA, cls=jsonschema.Draft202012Validator)
+    jsonschema.validate(spec["trialJobSpec"], VERTEX_SCHEMA, cls=jsonschema.Draft202012Validator)
+    assert spec["parallelTrialCount"] <= spec["maxTrialCount"]
+    for parameter in spec["studySpec"]["parameters"]:
+        if parameter.get("scaleType") == "UNIT_LOG_SCALE":
+            assert parameter["doubleValueSpec"]["minValue"] > 0, parameter["parameterId"]
+
+
+def test_vertex_tuning_schema_rejects_an_unknown_field_and_a_scaled_categorical_parameter():
+    spec = yaml.safe_load(TUNING_SPEC.read_text())
+    bad_field = copy.deepcopy(spec)
+    bad_field["studySpec"]["metrics"][0]["metricID"] = "x"
+    scaled_choice = copy.deepcopy(spec)
+    (choice,) = [p for p in scaled_choice["studySpec"]["parameters"] if "categoricalValueSpec" in p]
+    choice["scaleType"] = "UNIT_LINEAR_SCALE"
+    for bad in (bad_field, scaled_choice):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, TUNING_SCHEMA, cls=jsonschema.Draft202012Validator)
+
+
+def test_vertex_tuning_job_tunes_job_settings_on_the_metric_the_job_reports():
+    """Each parameterId is a setting's flag name, the metric is the one job/results/tuning.py
+    reports for the trial's TUNING_METRIC, and the trials run the custom job's machine and image,
+    with a RUN_ID (each trial's run is RUN_ID-trial-<id>) and no PROMOTE_URI."""
+    import dataclasses
+
+    from job.config import Config
+    from job.results import tuning
+
+    spec = yaml.safe_load(TUNING_SPEC.read_text())
+    (pool,) = spec["trialJobSpec"]["workerPoolSpecs"]
+    env = {item["name"]: item["value"] for item in pool["containerSpec"]["env"]}
+    settings = {field.name for field in dataclasses.fields(Config)}
+    ids = {parameter["parameterId"] for parameter in spec["studySpec"]["parameters"]}
+    assert ids == {"head_learning_rate", "fine_tune_learning_rate", "fine_tune_from",
+                   "augment_views"} and ids <= settings
+    (metric,) = spec["studySpec"]["metrics"]
+    assert metric == {"metricId": tuning.tag(env["TUNING_METRIC"]), "goal": "MAXIMIZE"}
+    assert spec["studySpec"]["measurementSelectionType"] == "LAST_MEASUREMENT"
+    assert env["RUN_ID"] and "PROMOTE_URI" not in env and int(env["DENSE_UNITS"]) > 0
+    (custom,) = yaml.safe_load((INFRA / "vertex" / "customjob.yaml").read_text())["workerPoolSpecs"]
+    assert pool["machineSpec"] == custom["machineSpec"]
+    assert pool["containerSpec"]["imageUri"] == custom["containerSpec"]["imageUri"]
+    Config.from_env({**env, "CLOUD_ML_TRIAL_ID": "1"})  # a trial's settings are accepted
 
 
 # ---- Dockerfile ---------------------------------------------------------------------------------

@@ -37,11 +37,12 @@ log = logging.getLogger("job")
 # restart may not choose (TF_CONFIG, CLUSTER_SPEC, as the GPUs MIXED_PRECISION=auto finds); and
 # whether the frozen layers' outputs are cached (CACHE_FEATURES, CACHE_BUDGET): CACHE_BUDGET
 # already decides that per machine, from its free disk, so a restart on a smaller disk must
-# still resume. Every other setting, and any added later, is part of the identity.
+# still resume; a tuning trial's id (already in RUN_ID) and the local file its metric is reported
+# to (job/results/tuning.py). Every other setting, and any added later, is part of the identity.
 NOT_IDENTITY = frozenset({
     "output_uri", "run_id", "cache_dir", "model_uri", "checkpoint_root", "tensorboard_uri",
     "storage_deadline", "export_onnx", "cluster",
-    "cache_features", "cache_budget"})
+    "cache_features", "cache_budget", "trial_id", "hp_metric_file"})
 
 
 def settings_of(config: Config) -> dict:

@@ -36,7 +36,7 @@ from job.config import Config, ConfigError
 from job.inputs import audit, budget, data
 from job.inputs.features import Features, PhaseInputs
 from job.inputs.shard import EVERYTHING, Shard
-from job.results import html_report, identity, report, writer
+from job.results import html_report, identity, report, tuning, writer
 from job.training import calibration, model, probe, serving
 from job.training.checkpoint import Checkpoints, StopSignal, phase_key
 from storage import diskspace
@@ -94,6 +94,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
                       retry_deadline=config.storage_deadline):
         log.info("run %s is already complete at %s; nothing to do", config.run_id, config.run_uri)
         tidy_complete(config, context)
+        tuning.report_complete(config, context.chief)
         return {"status": ALREADY_COMPLETE, "run_uri": config.run_uri}
     precision = set_up_keras(config, context)
     dataset, pulled = load_data(config, context)
@@ -111,9 +112,11 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
         trainer = Trainer(config, dataset, parts, context.scratch_dir, checkpoints,
                           context.strategy, context.shard, context.chief)
         records, summaries = {}, {}
+        reporter = tuning.Reporter(config, context.chief)  # a tuning trial's figure, each phase
         for phase in phases(config):
             records[phase.key] = trainer.fit(phase)
             summaries[phase.key] = _summary(parts.classifier)
+            reporter.report(phase.key, records[phase.key])
         final = phases(config)[-1].name
         calibrated = calibration.calibrate(trainer.scored.get(final), dataset.class_names,
                                            parts.head.get_layer("probabilities"), context.chief,
@@ -123,6 +126,9 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
 
     metrics = run_metrics(config, precision, whole, pulled, trainer, records, summaries)
     calibration.apply(metrics, calibrated, RECORD_KEY)
+    reporter.report(tuning.FINAL, metrics)  # the published figure, which the study takes
+    if reporter.on:
+        metrics[tuning.KEY] = reporter.record()
     audited = audit.audit_run(dataset, trainer.features.pooled_features() if config.solves_probe
                               else None, (records["phase1"].get("probe") or {}).get("C"),
                               trainer.class_weights is not None, config.seed, whole.counts,
