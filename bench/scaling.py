@@ -27,7 +27,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# This kind of machine, 2 x86-64 cores (AVX-512), as README's Benchmarks table reports them:
+# This kind of machine, 2 x86-64 cores (AVX-512), as docs/benchmarks.md reports them:
 # bench/speed.py's input pipeline (256 real X-rays, Pillow decode and resize through tf.data) and
 # bench/storage_pull.py --latency-ms 20 (2,000 objects from the emulator on loopback, 8 threads,
 # 20 ms added to every request as a real bucket's round trip).

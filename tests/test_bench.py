@@ -1,5 +1,5 @@
 """Smoke tests of the bench/ scripts: each runs end to end on tiny generated images and prints
-the JSON it promises, so none can rot unnoticed between the hand runs that fill the README.
+the JSON it promises, so none can rot unnoticed between the hand runs that fill docs/benchmarks.md.
 
 Tiny means VGG16 with random weights at 32x32, one or two epochs, a handful of images: the
 figures mean nothing, the keys and the code paths behind them are what is checked. The scripts

@@ -1,5 +1,5 @@
-"""The job's settings: defaults, per-backbone choices, one clear error per bad value; and a README
-that documents every variable the job and the export read."""
+"""The job's settings: defaults, per-backbone choices, one clear error per bad value; and README or docs/
+that document every variable the job and the export read."""
 from pathlib import Path
 
 import pytest
@@ -185,7 +185,7 @@ def test_fine_tune_from_naming_no_layer_exits_2_before_touching_data(tmp_path):
 
 @pytest.mark.parametrize("entrypoint_config, required", [
     (Config, {"DATA_URI": "/data"}), (ExportConfig, {"RUN_URI": "/runs/run-1"})])
-def test_every_variable_an_entrypoint_reads_is_documented_in_the_readme(entrypoint_config, required):
+def test_every_variable_an_entrypoint_reads_is_documented_in_the_readme_or_docs(entrypoint_config, required):
     class RecordingEnvironment(dict):
         def __init__(self, **values):
             super().__init__(values)
@@ -197,9 +197,10 @@ def test_every_variable_an_entrypoint_reads_is_documented_in_the_readme(entrypoi
 
     environment = RecordingEnvironment(**required)
     entrypoint_config.from_env(environment)
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    root = Path(__file__).parents[1]
+    documented = "".join(page.read_text() for page in [root / "README.md", *root.glob("docs/*.md")])
     assert len(environment.read) > 5
-    assert [name for name in sorted(environment.read) if f"`{name}`" not in readme] == []
+    assert [name for name in sorted(environment.read) if f"`{name}`" not in documented] == []
 
 
 def test_a_bad_export_setting_with_export_onnx_exits_2_before_training(tmp_path, main_in_process):
