@@ -8,10 +8,14 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test test-fast browser
 
+# setup installs the pinned locks, then the project itself, editable, so that tests and bench/
+# import job, export, edge, storage and common from this checkout; its build backend is the venv's
+# own setuptools (pyproject.toml), so that step fetches nothing.
 setup:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip==25.3
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 
 demo:
 	$(PY) -m demo

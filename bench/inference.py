@@ -14,7 +14,7 @@ model, on its own data's whole test split) instead of, or beside, the short runs
 is installed (requirements-openvino.txt), the export times it on the same files, and the JSON
 gives its int8 model against onnxruntime's float32 and its agreement with the reference.
 
-    python bench/inference.py [--latency-runs 100] [--models vgg16_150,mobilenet_v2_050_224|none]
+    python -m bench.inference [--latency-runs 100] [--models vgg16_150,mobilenet_v2_050_224|none]
         [--data DIR] [--image-size N] [--images-per-class 40,10,50] [--run RUN_DIR ...]
 """
 from __future__ import annotations
@@ -31,7 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DATA = SHARED / "data" / "chest_xray_pneumonia_224"
 MOBILENET = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
-sys.path.insert(0, str(REPO))
 
 from devkit.datasets import link_slice  # noqa: E402
 

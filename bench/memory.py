@@ -6,7 +6,7 @@ streams decoded images through on-disk caches, so the ratio should stay near 1. 
 alpha 0.5 with the real weights from ../shared by default; --backbone, --weights (a .h5 file or
 none) and --data (class folders under train/validation/test) run it on something else.
 
-    python bench/memory.py [--per-class 290] [--image-size 224] [--backbone mobilenet_v2]
+    python -m bench.memory [--per-class 290] [--image-size 224] [--backbone mobilenet_v2]
         [--weights FILE|none] [--data DIR]
 """
 from __future__ import annotations
@@ -23,7 +23,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DATA = SHARED / "data" / "chest_xray_pneumonia_224"
-sys.path.insert(0, str(REPO))
 
 from devkit.datasets import link_slice  # noqa: E402
 

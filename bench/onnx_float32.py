@@ -9,7 +9,7 @@ each layout; and OpenVINO as the edge predictor runs it (float32 arithmetic). Ev
 output is compared with TensorFlow's. Prints JSON: medians, ratios to TensorFlow and the
 arithmetic rate each reaches (GFLOP/s), to set against the CPU's peak.
 
-    python bench/onnx_float32.py [--backbone vgg16] [--image-size 150] [--repeats 5]
+    python -m bench.onnx_float32 [--backbone vgg16] [--image-size 150] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402

@@ -46,7 +46,7 @@ without TTA, per-class recall and the threshold chosen on validation. A failed r
 code and log tail instead. --subset N runs on the first N images of each class of each split
 (symlinked), for a quick look; the table says what was run.
 
-    python bench/quality.py --data ../shared/data/intel_scenes,../shared/data/clothing10 \\
+    python -m bench.quality --data ../shared/data/intel_scenes,../shared/data/clothing10 \\
         --backbone mobilenet_v2 --alpha 0.5 \\
         --weights ../shared/weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5 \\
         [--seeds 42,1,2] [--ablations default,no_augmentation,...] [--subset N] [--work DIR] \\
@@ -64,7 +64,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402

@@ -2,7 +2,7 @@
 and 16 GPU workers, and what bounds it, from per-image costs measured on this machine and stated
 figures for a GPU worker and the network.
 
-    python bench/scaling.py [--measured FILE] [--check METRICS.json ...]
+    python -m bench.scaling [--measured FILE] [--check METRICS.json ...]
 
 A default run is VGG16 at 150 px: the images listed and pulled, decoded once, phase 1 a linear
 probe on pooled features (every image once through the whole frozen base), phase 2 ten epochs of
@@ -23,14 +23,11 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# This kind of machine, 2 x86-64 cores (AVX-512), as README's Benchmarks table reports them:
+# This kind of machine, 2 x86-64 cores (AVX-512), as docs/benchmarks.md reports them:
 # bench/speed.py's input pipeline (256 real X-rays, Pillow decode and resize through tf.data) and
 # bench/storage_pull.py --latency-ms 20 (2,000 objects from the emulator on loopback, 8 threads,
 # 20 ms added to every request as a real bucket's round trip).

@@ -1,7 +1,7 @@
 """How close the SavedModel's in-graph decode (job/training/serving.py, the image-bytes signature) is to
 training's decoder, edge.images.load_image, on real images. Prints JSON.
 
-    .venv/bin/python bench/serving_decode.py --data ../shared/data/intel_scenes,../shared/data/clothing10 \
+    .venv/bin/python -m bench.serving_decode --data ../shared/data/intel_scenes,../shared/data/clothing10 \
         --size 224 [--run RUN_DIR --run-data DATA_DIR]
 
 Per data set, over its test/ images: the largest and mean absolute pixel difference (0-255) and the
@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from edge.images import load_image, load_images  # noqa: E402
-from edge.runtime import predict_labels  # noqa: E402
+from edge.images import load_image, load_images
+from edge.runtime import predict_labels
 from job.training import serving
 
 

@@ -5,7 +5,7 @@ real chest X-rays from ../shared (or the class folders --data names). Prints one
 MobileNetV2 runs with the real ImageNet weights from ../shared, VGG16 with random ones (speed does
 not depend on the weights).
 
-    python bench/speed.py [--backbone mobilenet_v2] [--images 256] [--repeats 3]
+    python -m bench.speed [--backbone mobilenet_v2] [--images 256] [--repeats 3]
         [--only pipeline,phase1,phase2,steps] [--precisions float32,mixed_float16,mixed_bfloat16]
         [--data DIR] [--image-size N]
 
@@ -29,13 +29,11 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402

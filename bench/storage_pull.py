@@ -8,7 +8,7 @@ and prints one JSON object: objects/s of each (median over the repeats) and thei
 --latency-ms delays every emulator response to stand in for the round trip to a real bucket;
 with 0 the numbers measure per-request CPU cost on this machine only.
 
-    python bench/storage_pull.py [--objects 2000] [--repeats 3] [--latency-ms 0] [--max-workers 8]
+    python -m bench.storage_pull [--objects 2000] [--repeats 3] [--latency-ms 0] [--max-workers 8]
         [--data DIR]
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "chest_xray_pneumonia_224"
-sys.path.insert(0, str(REPO))
 
 from google.cloud import storage as gcs  # noqa: E402
 from google.cloud.storage import transfer_manager  # noqa: E402

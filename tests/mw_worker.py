@@ -1,6 +1,6 @@
 """One worker of the two-process MultiWorkerMirroredStrategy test (tests/test_multiworker.py).
 
-    TF_CONFIG=... python tests/mw_worker.py OUTPUT_DIR
+    TF_CONFIG=... python -m tests.mw_worker OUTPUT_DIR
 
 Trains a small Keras model for a few steps under job.cluster.distribute's strategy, then saves the
 weights: the chief into OUTPUT_DIR, any other worker into a throwaway directory it removes.
@@ -11,9 +11,6 @@ import hashlib
 import json
 import os
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from job.cluster import distribute
 

@@ -1,9 +1,9 @@
 """Smoke tests of the bench/ scripts: each runs end to end on tiny generated images and prints
-the JSON it promises, so none can rot unnoticed between the hand runs that fill the README.
+the JSON it promises, so none can rot unnoticed between the hand runs that fill docs/benchmarks.md.
 
 Tiny means VGG16 with random weights at 32x32, one or two epochs, a handful of images: the
 figures mean nothing, the keys and the code paths behind them are what is checked. The scripts
-run as their users run them (`python bench/<script>.py`), all started side by side when the
+run as their users run them (`python -m bench.<script>`), all started side by side when the
 module's first test asks for them: each is mostly one core's work (imports, tracing, a job run),
 so on two cores that halves the wall time. Only the scripts whose tests are selected start.
 """
@@ -30,21 +30,21 @@ def script_arguments(trees: dict[str, Path], work: Path) -> dict[str, list[str]]
     """Per test name: the script and its flags for a tiny run."""
     split, flat = str(trees["split"]), str(trees["flat"])
     return {
-        "speed": ["bench/speed.py", "--backbone", "vgg16", "--images", "16", "--repeats", "1",
+        "speed": ["-m", "bench.speed", "--backbone", "vgg16", "--images", "16", "--repeats", "1",
                   "--image-size", "32", "--data", f"{split}/train", "--precisions", "float32"],
-        "inference": ["bench/inference.py", "--models", "vgg16_150", "--image-size", "32",
+        "inference": ["-m", "bench.inference", "--models", "vgg16_150", "--image-size", "32",
                       "--latency-runs", "2", "--data", split, "--images-per-class", "8,3,2"],
-        "memory": ["bench/memory.py", "--backbone", "vgg16", "--weights", random_vgg16_weights(), "--image-size",
-                   "32", "--per-class", "2", "--data", split],
+        "memory": ["-m", "bench.memory", "--backbone", "vgg16", "--weights", random_vgg16_weights(),
+                   "--image-size", "32", "--per-class", "2", "--data", split],
         # Class folders without split folders: the job and the probe each split them, seeded.
-        "quality": ["bench/quality.py", "--data", flat, "--subset", "12", "--seeds", "7",
+        "quality": ["-m", "bench.quality", "--data", flat, "--subset", "12", "--seeds", "7",
                     "--backbone", "vgg16", "--weights", random_vgg16_weights(), "--ablations", "default",
                     "--work", str(work / "quality"), *TINY_JOB],
-        "storage_pull": ["bench/storage_pull.py", "--objects", "20", "--repeats", "1",
+        "storage_pull": ["-m", "bench.storage_pull", "--objects", "20", "--repeats", "1",
                          "--data", split],
-        "scaling": ["bench/scaling.py", "--check", str(two_worker_metrics(work))],
-        "onnx_float32": ["bench/onnx_float32.py", "--image-size", "32", "--repeats", "1"],
-        "serving_decode": ["bench/serving_decode.py", "--data", split, "--size", "16"],
+        "scaling": ["-m", "bench.scaling", "--check", str(two_worker_metrics(work))],
+        "onnx_float32": ["-m", "bench.onnx_float32", "--image-size", "32", "--repeats", "1"],
+        "serving_decode": ["-m", "bench.serving_decode", "--data", split, "--size", "16"],
     }
 
 
@@ -155,7 +155,7 @@ def test_inference(bench_runs):
 
 
 def test_inference_refuses_a_run_that_is_not_finished(tmp_path):
-    result = subprocess.run([sys.executable, "bench/inference.py", "--models", "none",
+    result = subprocess.run([sys.executable, "-m", "bench.inference", "--models", "none",
                              "--run", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 2

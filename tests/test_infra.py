@@ -463,7 +463,8 @@ def test_dockerignore_keeps_data_environments_outputs_caches_and_git_out():
                      "key.json", ".env"):
         assert _dockerignored(kept_out, patterns), kept_out
     for needed in ("Dockerfile", "requirements.txt", "requirements-gpu.txt", "requirements-edge.txt",
-                   "job/config.py", "edge/images.py", "edge/predict.py"):
+                   "job/config.py", "edge/images.py", "edge/predict.py", "export/pipeline.py",
+                   "storage/objects.py", "common/record.py"):
         assert not _dockerignored(needed, patterns), needed
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).parent / "mw_worker.py"
+WORKER = "tests.mw_worker"  # run with `python -m` from the repository root (cwd=ROOT below)
 pytestmark = pytest.mark.slow  # every test here trains on worker processes
 
 
@@ -40,7 +40,7 @@ def run_workers(commands_and_envs, timeout: float) -> list[subprocess.CompletedP
 @pytest.mark.timeout(170)
 def test_two_workers_train_in_sync_and_only_the_chief_writes(tmp_path, free_ports, cpu_subprocess_env):
     outputs = [tmp_path / "worker0", tmp_path / "worker1"]
-    runs = [([sys.executable, str(WORKER), str(out)], {**cpu_subprocess_env, "TF_CONFIG": tf_config})
+    runs = [([sys.executable, "-m", WORKER, str(out)], {**cpu_subprocess_env, "TF_CONFIG": tf_config})
             for out, tf_config in zip(outputs, worker_tf_configs(free_ports(2)))]
     results = run_workers(runs, timeout=150)
     for result in results:

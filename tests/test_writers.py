@@ -34,7 +34,7 @@ from tests.test_storage import tree_contents
 from tests.writer_process import write_run
 
 QUICK = {"poll_s": 0.05, "retry_deadline": 10}
-WRITER = Path(__file__).with_name("writer_process.py")
+WRITER = "tests.writer_process"  # run with `python -m` from the repository root
 
 
 def run_uri_for(where: str, gcs_bucket: str | None, tmp_path: Path) -> str:
@@ -167,8 +167,8 @@ def test_a_writer_whose_claim_was_taken_over_publishes_nothing(gcs_bucket, gcs_c
 
 def test_a_local_claim_of_a_killed_writer_is_free_at_once(tmp_path):
     run_uri = str(tmp_path / "out" / "r1")
-    process = subprocess.Popen([sys.executable, str(WRITER), run_uri, str(tmp_path / "s"), "A",
-                                "60", "1"], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", WRITER, run_uri, str(tmp_path / "s"), "A",
+                                "60", "1"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert process.stdout.readline().strip() == "claimed"
     process.kill()
     process.wait()
@@ -182,8 +182,8 @@ def test_a_local_claim_of_a_killed_writer_is_free_at_once(tmp_path):
 def test_sigterm_releases_the_claim_before_exiting_75(where, gcs_bucket, gcs_endpoint, gcs_client,
                                                       tmp_path):
     run_uri = run_uri_for(where, gcs_bucket, tmp_path)
-    process = subprocess.Popen([sys.executable, str(WRITER), run_uri, str(tmp_path / "s"), "A",
-                                "60", "1"], stdout=subprocess.PIPE, text=True,
+    process = subprocess.Popen([sys.executable, "-m", WRITER, run_uri, str(tmp_path / "s"), "A",
+                                "60", "1"], stdout=subprocess.PIPE, text=True, cwd=ROOT,
                                env=job_environment({"STORAGE_EMULATOR_HOST": gcs_endpoint}))
     assert process.stdout.readline().strip() == "claimed"
     process.send_signal(signal.SIGTERM)
@@ -205,7 +205,7 @@ def test_an_upload_never_lands_over_a_run_completed_after_its_listing(gcs_bucket
     staged_b = staged_run(tmp_path, "B")
     with gcs_emulator.FaultyProxy(gcs_endpoint, delay_s=1.0) as slow_link:
         b = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from job import storage, report; "
+            [sys.executable, "-c", "import storage; from job.results import report; "
              f"storage.publish_tree({str(staged_b)!r}, {run_uri!r}, last=report.MANIFEST)"],
             cwd=ROOT, env=job_environment({"STORAGE_EMULATOR_HOST": slow_link.url}),
             stderr=subprocess.PIPE, text=True)
@@ -224,9 +224,9 @@ def test_an_upload_never_lands_over_a_run_completed_after_its_listing(gcs_bucket
 
 def start_writer(run_uri: str, tmp_path: Path, name: str, train_s: float, endpoint: str,
                  wait_s: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(WRITER), run_uri, str(tmp_path / f"s-{name}"),
+    return subprocess.Popen([sys.executable, "-m", WRITER, run_uri, str(tmp_path / f"s-{name}"),
                              name, str(train_s), str(wait_s)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env=job_environment({"STORAGE_EMULATOR_HOST": endpoint}))
 
 

@@ -1,6 +1,6 @@
 """One writer of a run for the concurrency tests (tests/test_writers.py), as the job's chief is one.
 
-    [STORAGE_EMULATOR_HOST=...] python tests/writer_process.py RUN_URI STAGING NAME TRAIN_S WAIT_S
+    [STORAGE_EMULATOR_HOST=...] python -m tests.writer_process RUN_URI STAGING NAME TRAIN_S WAIT_S
 
 Claims the run (job.results.writer), "trains" for TRAIN_S seconds, writes a small run of its own (NAME in
 every file) into a fresh STAGING folder with its MANIFEST.json, and publishes it. Ends as
@@ -13,8 +13,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import storage
 from job.results import report, writer
