@@ -59,5 +59,10 @@ def main(environ: Mapping[str, str] = os.environ, argv: Sequence[str] = ()) -> i
     return EXIT_OK
 
 
+def cli() -> int:
+    """The console command (pyproject's [project.scripts]): this process's environment and flags."""
+    return main(os.environ, sys.argv[1:])
+
+
 if __name__ == "__main__":
-    sys.exit(main(os.environ, sys.argv[1:]))
+    sys.exit(cli())

@@ -151,5 +151,10 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def cli() -> int:
+    """The console command (pyproject's [project.scripts]): this process's environment and flags."""
+    return main(os.environ, sys.argv[1:])
+
+
 if __name__ == "__main__":
-    sys.exit(main(os.environ, sys.argv[1:]))
+    sys.exit(cli())

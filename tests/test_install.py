@@ -23,8 +23,8 @@ from tests.conftest import ROOT
 
 SHIPPED = ("job", "export", "edge", "storage", "common")
 NOT_SHIPPED = ("tests", "bench", "devkit", "demo")
-COMMANDS = {"image-classifier-train": "job.__main__:main",
-            "image-classifier-export": "export.__main__:main",
+COMMANDS = {"image-classifier-train": "job.__main__:cli",
+            "image-classifier-export": "export.__main__:cli",
             "edge-predict": "edge.predict:main"}
 LEFT_OUT_OF_THE_COPY = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
                                               ".pytest_cache", "outputs", "cache", "demo-run")
@@ -74,10 +74,17 @@ def test_each_console_command_names_a_main_function():
         assert callable(getattr(importlib.import_module(module), function)), target
 
 
-def test_the_installed_wheel_imports_from_another_folder(wheel, tmp_path):
-    target = tmp_path / "site"
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> Path:
+    """The wheel installed with pip into a folder of its own (--target)."""
+    target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-cache-dir", "--quiet",
                     "--target", str(target), str(wheel)], check=True, timeout=300)
+    return target
+
+
+def test_the_installed_wheel_imports_from_another_folder(installed, tmp_path):
+    target = installed
     imported = subprocess.run(
         [sys.executable, "-c", "import job.__main__, export.__main__, edge.predict, storage, common;"
                                "print(job.__main__.__file__)"],
@@ -87,6 +94,16 @@ def test_the_installed_wheel_imports_from_another_folder(wheel, tmp_path):
     assert Path(imported.stdout.strip()) == target / "job" / "__main__.py"
     assert {"image-classifier-train", "image-classifier-export", "edge-predict"} <= {
         path.name for path in (target / "bin").iterdir()}
+
+
+def test_the_installed_train_command_takes_flags(installed, tmp_path):
+    """The console command passes its own flags on (`--help` here, which exits 0 before any
+    TensorFlow import), as `python -m job` does."""
+    helped = subprocess.run([str(installed / "bin" / "image-classifier-train"), "--help"],
+                            cwd=tmp_path, env={"PYTHONPATH": str(installed), "PATH": ""},
+                            capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0, helped.stderr[-3000:]
+    assert "--fine-tune-epochs" in helped.stdout
 
 
 def test_no_script_of_bench_or_tests_edits_sys_path():
