@@ -29,7 +29,7 @@ from edge.selftest import SELFTEST_ARRAYS, SELFTEST_DIR, SELFTEST_SPEC
 from export import measure
 from export.config import ExportConfig
 from export.formats import BuildContext, Format, Verdict
-from job.results.report import write_json
+from common.run_files import write_json
 
 log = logging.getLogger("export")
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common import run_files
 from job.results import html_report, report
 
 TWO = ["NORMAL", "PNEUMONIA"]
@@ -189,14 +190,14 @@ def test_a_real_runs_report_renders_in_headless_chromium(vgg16_exported_by_job, 
     page = page_path.read_text()
     for section_id in html_report.SECTIONS:
         section(page, section_id)
-    manifest = json.loads((run_dir / report.MANIFEST).read_text())["files"]
-    assert {html_report.REPORT, html_report.PREDICTIONS} <= set(manifest)
+    manifest = json.loads((run_dir / run_files.MANIFEST).read_text())["files"]
+    assert {run_files.RUN_PAGE, run_files.PREDICTIONS} <= set(manifest)
     assert "Not exported yet" not in section(page, "export")
-    assert "Not exported yet" in section((run_dir / html_report.REPORT).read_text(), "export")
+    assert "Not exported yet" in section((run_dir / run_files.RUN_PAGE).read_text(), "export")
     assert "onnx_int8" in section(page, "export")
     # The stored probabilities are the ones metrics.json scored.
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    stored = html_report.read_predictions(run_dir / html_report.PREDICTIONS, None)
+    stored = html_report.read_predictions(run_dir / run_files.PREDICTIONS, None)
     predicted = (stored.probabilities[:, 0] >= 0.5).astype(int)
     confusion = np.zeros((2, 2), int)
     np.add.at(confusion, (stored.labels, predicted), 1)

@@ -96,14 +96,3 @@ def test_the_summary_line_names_auc_and_the_threshold_for_two_classes():
     line = report.summary_line(scores)
     assert line.startswith("accuracy 1.0000") and "ROC AUC 1.0000" in line
     assert "threshold 0.600: 1.0000" in line
-
-
-def test_the_manifest_never_lists_a_temporary_or_partial_file(tmp_path):
-    """A writer killed mid-file leaves such names; they are never part of the run."""
-    (tmp_path / "saved_model").mkdir()
-    for name in ("labels.txt", "saved_model/saved_model.pb",
-                 "saved_model/saved_model.pb.tmp6f1c2d3e4b5a69788796a5b4c3d2e1f0",
-                 "metrics.json.tmp", "model.keras.partial"):
-        (tmp_path / name).write_bytes(b"x")
-    assert set(report.write_manifest(tmp_path)["files"]) == {"labels.txt",
-                                                             "saved_model/saved_model.pb"}

@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
+from common import run_files
 from edge.runtime import predict_labels
 from job.results import report
 
-REPORT = "report.html"
-PREDICTIONS = "test_predictions.json"
 THUMBNAIL_PIXELS = 96
 MISTAKES_SHOWN = 24  # thumbnails on the contact sheet
 SKIPPED_SHOWN = 200  # rows of the skipped-files table; metrics.json lists them all
@@ -72,7 +71,7 @@ class TestPredictions:
 
 
 def write_predictions(path: Path, predictions: TestPredictions) -> None:
-    report.write_json(path, {"labels": predictions.labels.tolist(),
+    run_files.write_json(path, {"labels": predictions.labels.tolist(),
                              "probabilities": predictions.probabilities.astype(float).tolist(),
                              "paths": predictions.paths})
 
@@ -90,7 +89,7 @@ def read_predictions(path: Path, root: Path | None) -> TestPredictions | None:
 def write_report(path: Path, metrics: dict, predictions: TestPredictions | None,
                  export_report: dict | None = None, promotion: dict | None = None) -> None:
     """Renders report.html to path (through a temporary file, so no reader sees half of it)."""
-    report.write_text(path, render(metrics, metrics["classes"], predictions, export_report,
+    run_files.write_text(path, render(metrics, metrics["classes"], predictions, export_report,
                                    promotion))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import keras
 
 import storage
-from job.results import report
+from common import run_files
 from storage import diskspace
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run is checkpointed, run it again with the same RUN_ID
@@ -80,7 +80,7 @@ class Checkpoints:
                                f"{phase}'s weights"):
             model.save_weights(self.local_dir / f"{phase_key(phase)}.weights.h5")
         self.state["phases"][phase] = record
-        report.write_json(self.local_dir / "state.json", self.state)
+        run_files.write_json(self.local_dir / "state.json", self.state)
         shutil.rmtree(self._backup_dir(phase), ignore_errors=True)
         self.sync()
 
@@ -183,7 +183,7 @@ class EpochHistory(keras.callbacks.Callback):
             values = history.setdefault(key, [])
             del values[epoch:]
             values.append(float(value))
-        report.write_json(self.path, history)
+        run_files.write_json(self.path, history)
 
 
 def phase_key(phase: str) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 import storage
+from common import run_files
 from common.progress import Progress
 from common.record import KEY as RECORD_KEY
 from common.record import RunRecord
@@ -90,7 +91,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
     checkpoints; a complete run is left untouched.
     """
     attempt = identity.check_rerun(config)  # exit 2 on other data or settings, complete or not
-    if storage.exists(storage.join(config.run_uri, report.MANIFEST),
+    if storage.exists(storage.join(config.run_uri, run_files.MANIFEST),
                       retry_deadline=config.storage_deadline):
         log.info("run %s is already complete at %s; nothing to do", config.run_id, config.run_uri)
         tidy_complete(config, context)
@@ -132,7 +133,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
     metrics[identity.KEY] = attempt
     log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
     writer.fresh_staging(context.run_dir)  # nothing an earlier attempt left is published
-    report.write_json(context.run_dir / audit.FILE, audited)
+    run_files.write_json(context.run_dir / audit.FILE, audited)
     write_run(context.run_dir, config, parts.classifier, dataset.class_names, metrics, summaries,
               final_test_predictions(dataset.root, trainer, phases(config)[-1]))
     if not context.chief:
@@ -656,11 +657,11 @@ def write_run(work_dir: Path, config: Config, classifier: keras.Model, class_nam
                                 work_dir / f"curves_{phase}.png")
     (work_dir / "model_summary.txt").write_text("\n\n".join(
         f"== after {phase} ==\n{s['text']}\n{s['parameters']}" for phase, s in summaries.items()))
-    report.write_json(work_dir / "metrics.json", metrics)
+    run_files.write_json(work_dir / "metrics.json", metrics)
     if predictions is not None:
-        html_report.write_predictions(work_dir / html_report.PREDICTIONS, predictions)
-    html_report.write_report(work_dir / html_report.REPORT, metrics, predictions)
-    report.write_manifest(work_dir)
+        html_report.write_predictions(work_dir / run_files.PREDICTIONS, predictions)
+    html_report.write_report(work_dir / run_files.RUN_PAGE, metrics, predictions)
+    run_files.write_manifest(work_dir)
 
 
 def _summary(classifier: keras.Model) -> dict:
