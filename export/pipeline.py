@@ -52,10 +52,10 @@ from export.formats import (
     judge,
 )
 from export.int8.census import int8_census
-from export.report import build_report
+from export.export_report import build_report
 from export.selftest import stage_selftest
 from export.target import PAGE, Run
-from job.results import html_report
+from job.results import run_page
 from storage import join, name_problem
 
 log = logging.getLogger("export")
@@ -240,8 +240,8 @@ def render_run_report(run_dir: Path, staging: Path, report: dict, data_root: Pat
     (written by the training for this), not from the export's own parity sample, so it shows
     the same run; the thumbnails come from data_root, where load_data found the run's data."""
     metrics = json.loads((run_dir / METRICS).read_text())
-    predictions = html_report.read_predictions(run_dir / PREDICTIONS, data_root)
-    html_report.write_report(staging / PAGE, metrics, predictions, report)
+    predictions = run_page.read_predictions(run_dir / PREDICTIONS, data_root)
+    run_page.write_page(staging / PAGE, metrics, predictions, report)
 
 
 def sample(split, count: int, seed: int):

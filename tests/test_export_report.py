@@ -14,7 +14,7 @@ from export.config import ExportConfig
 from export.errors import BadInput
 from export.formats import FLOAT32_MODEL, INT8_MODEL, REBUILD, Verdict, export_formats, judge
 from export.pipeline import RUN_FILES, read_run, warn_if_int8_is_slower
-from export.report import build_report
+from export.export_report import build_report
 from common.run_files import write_manifest
 from tests.conftest import gate_outputs, run_record
 

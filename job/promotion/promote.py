@@ -35,7 +35,7 @@ from edge import logs as edge_logs
 from edge.runtime import predict_labels
 from job.config import Config
 from job.promotion import paired, pointer, versions
-from job.results import html_report
+from job.results import run_page
 
 log = logging.getLogger("job")
 
@@ -207,7 +207,7 @@ def load_challenger(config: Config, export_uri: str | None) -> Challenger:
     """This run's files and test predictions (written by the run: test_predictions.json)."""
     run_dir = _local(config.run_uri, config, "run")
     metrics = json.loads((run_dir / run_files.METRICS).read_text())
-    predictions = html_report.read_predictions(run_dir / run_files.PREDICTIONS, None)
+    predictions = run_page.read_predictions(run_dir / run_files.PREDICTIONS, None)
     export_dir, export_files, int8 = None, [], "not exported"
     if export_uri:
         export_dir = _local(export_uri, config, "export") if export_uri != config.run_uri \
@@ -282,10 +282,9 @@ def write_record(config: Config, challenger: Challenger, record: dict) -> None:
     if challenger.export_dir is not None:
         export_report = json.loads((challenger.export_dir / run_files.EXPORT_REPORT).read_text())
     data_root = storage.local_dir_for(config.data_uri, config.cache_dir / "data")
-    html_report.write_report(run_dir / run_files.RUN_PAGE, challenger.metrics,
-                             html_report.read_predictions(run_dir / run_files.PREDICTIONS,
-                                                          data_root),
-                             export_report, promotion=record)
+    run_page.write_page(run_dir / run_files.RUN_PAGE, challenger.metrics,
+                        run_page.read_predictions(run_dir / run_files.PREDICTIONS, data_root),
+                        export_report, promotion=record)
     if storage.is_remote(config.run_uri):  # (a local run directory is run_dir itself)
         for name in (run_files.PROMOTION, run_files.RUN_PAGE):
             uri = storage.join(config.run_uri, name)

@@ -1,11 +1,10 @@
-"""Report: scoring a phase's predictions, and training-curve plots.
+"""Scoring: the metrics of a phase's predictions on the validation and test splits.
 
-The scoring functions are pure (labels and probabilities in, metrics out); the plots draw a
-phase's history as PNG.
+Pure functions (labels and probabilities in, metrics out): accuracy, loss, per-class figures,
+the decision threshold chosen on validation (two classes), TTA's mean with the flipped images,
+and the warnings that say when a figure is less than it seems.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 from sklearn import metrics as skm
@@ -183,43 +182,3 @@ def _class_probabilities(probabilities: np.ndarray) -> np.ndarray:
     if probabilities.shape[-1] == 1:
         return np.concatenate([1 - probabilities, probabilities], axis=-1)
     return probabilities / probabilities.sum(axis=-1, keepdims=True)  # float32 softmax rounding
-
-
-def smooth(values: list[float], weight: float = 0.6) -> list[float]:
-    """Exponential moving average, as TensorBoard's smoothing slider draws it."""
-    smoothed, last = [], None
-    for value in values:
-        last = value if last is None else weight * last + (1 - weight) * value
-        smoothed.append(last)
-    return smoothed
-
-
-def plot_history(history: dict[str, list[float]], title: str, path: Path) -> None:
-    """Accuracy and loss per epoch, training and validation, raw (thin) and smoothed (bold), as
-    PNG to path (a file path or a binary stream: report.html embeds them)."""
-    figure, axes = pyplot().subplots(1, 2, figsize=(11, 4))
-    for axis, metric in zip(axes, ("accuracy", "loss")):
-        for key, label, colour in ((metric, "training", "tab:blue"),
-                                   (f"val_{metric}", "validation", "tab:orange")):
-            values = history.get(key, [])
-            epochs = range(1, len(values) + 1)
-            axis.plot(epochs, values, color=colour, alpha=0.35, linewidth=1, label=f"{label} (raw)")
-            axis.plot(epochs, smooth(values), color=colour, linewidth=2, label=f"{label} (smoothed)",
-                      marker="o" if len(values) == 1 else None)  # one epoch: a point, not a line
-        axis.set_title(f"{title}: {metric}")
-        axis.set_xlabel("epoch")
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    pyplot().close(figure)
-
-
-def pyplot():
-    """matplotlib's pyplot on its file-only backend (a batch job has no display); imported on
-    first use, as only the end of a run draws."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as loaded
-
-    return loaded

@@ -1,4 +1,4 @@
-"""Report: export_report.json, assembled from the export's figures by one pure function."""
+"""Export report: export_report.json, assembled from the export's figures by one pure function."""
 from __future__ import annotations
 
 from common.record import RunRecord
