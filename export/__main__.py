@@ -14,11 +14,12 @@ import sys
 
 from common.quiet_start import quiet_native_startup
 from edge import logs
+from edge.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 
 
 def main(environ=os.environ) -> int:
     from export.config import ExportConfig
-    from export.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ExportError
+    from export.errors import ExportError
     from job.config import ConfigError
 
     log = logging.getLogger("export")

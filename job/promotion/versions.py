@@ -26,6 +26,7 @@ from pathlib import Path
 
 import storage
 from common import run_files
+from edge.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from job.promotion import pointer
 
 log = logging.getLogger("job")
@@ -184,13 +185,13 @@ def main(argv: list[str] | None = None) -> int:
                             storage.DEFAULT_RETRY_DEADLINE_S)
     except ChampionUnusable as error:
         log.error("rollback refused: %s", error)
-        return 2
+        return EXIT_BAD_INPUT
     except storage.StorageError as error:
         log.error("rollback failed: %s", error)
-        return 1
+        return EXIT_FAILED
     log.info("rolled back: CURRENT.json names %s (%s) again", restored["run_id"],
              restored["version_uri"])
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

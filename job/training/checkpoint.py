@@ -3,9 +3,10 @@
 While a phase trains, Keras' BackupAndRestore keeps its weights, optimizer state and epoch after
 every epoch; a finished phase leaves its weights and its record in state.json, so a restart with
 the same RUN_ID never redoes it. SIGTERM (Kubernetes preemption or eviction) stops training at the
-end of the current step, saves, and ends the job with EXIT_PREEMPTED, which is safe to retry.
-Everything lives in a folder of the job's cache, mirrored after each save to the run's checkpoint
-prefix (CHECKPOINT_URI/RUN_ID), where clearing removes only the files this run recorded writing.
+end of the current step, saves, and ends the job with EXIT_PREEMPTED (75, edge.exit_codes), which
+is safe to retry. Everything lives in a folder of the job's cache, mirrored after each save to the
+run's checkpoint prefix (CHECKPOINT_URI/RUN_ID), where clearing removes only the files this run
+recorded writing.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import storage
 from common import run_files
 from storage import diskspace
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run is checkpointed, run it again with the same RUN_ID
 log = logging.getLogger("job")
 
 
