@@ -26,6 +26,7 @@ from pathlib import Path
 
 import storage
 from common import run_files
+from common.cache_dir import DEFAULT_CACHE_DIR
 from edge.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from job.promotion import pointer
 
@@ -176,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m job.promotion.versions")
     parser.add_argument("command", choices=["rollback"])
     parser.add_argument("promote_uri")
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path.home() / ".cache" / "image-classifier-job")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
