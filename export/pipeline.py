@@ -110,7 +110,7 @@ def export_run(config: ExportConfig) -> dict:
         write_json(context.staging / EXPORT_REPORT, report)
         render_run_report(run_dir, context.staging, report, dataset.root)
         published_as = export_target.publish(
-            context.staging, [*files_passed(verdict), *selftest_files(report), LABELS, PAGE,
+            context.staging, [*files_passed(formats, verdict), *selftest_files(report), LABELS, PAGE,
                               EXPORT_REPORT], target, passed=not verdict.failures)
     log.info("export %s: %s", report["status"], join(config.target_uri, published_as))
     if verdict.failures:
@@ -267,7 +267,7 @@ def build_formats(formats: tuple[Format, ...], context: BuildContext,
     each file's opset and each format's build notes (int8: what quantization did)."""
     opsets, notes = {}, {}
     for row in formats:
-        with timed(seconds, row.timed_as):
+        with timed(seconds, row.key):
             proto, row_notes = row.build(context)
             opsets[row.file] = convert.opset_of(proto)
             convert.set_metadata(proto, convert.metadata(
@@ -278,7 +278,7 @@ def build_formats(formats: tuple[Format, ...], context: BuildContext,
         if row_notes is not None:
             notes[row.key] = row_notes
         log.info("%s: %s at opset %d, built in %.1f s", row.file, row.key, opsets[row.file],
-                 seconds[row.timed_as])
+                 seconds[row.key])
     return opsets, notes
 
 
@@ -365,7 +365,7 @@ def stamp_passed(formats: tuple[Format, ...], staging: Path, verdict: Verdict) -
     the bytes and sha256 of every staged model, stamped or not."""
     parity = verdict.parity
     for row in formats:
-        if verdict.passed[row.file]:
+        if verdict.passed[row.key]:
             proto = convert.load(staging / row.file)
             convert.set_metadata(proto, {"parity": json.dumps({
                 "status": "passed", "reference": parity["reference"],
@@ -376,9 +376,9 @@ def stamp_passed(formats: tuple[Format, ...], staging: Path, verdict: Verdict) -
                        "sha256": sha256(staging / row.file)} for row in formats}
 
 
-def files_passed(verdict: Verdict) -> list[str]:
+def files_passed(formats: tuple[Format, ...], verdict: Verdict) -> list[str]:
     """The model files that passed their gates: the only ones published."""
-    return [name for name, passed in verdict.passed.items() if passed]
+    return [row.file for row in formats if verdict.passed[row.key]]
 
 
 def selftest_files(report: dict) -> list[str]:
