@@ -69,10 +69,6 @@ class Cluster:
             return EVERYTHING
         return Shard(tasks.index(this), len(tasks))
 
-    def to_tf_config(self) -> str:
-        return json.dumps({"cluster": self.spec,
-                           "task": {"type": self.task_type, "index": self.task_index}})
-
 
 def tf_config_from_cluster_spec(cluster_spec: str) -> str:
     """Vertex AI's CLUSTER_SPEC ({"cluster": {"workerpool0": [...]}, "task": {"type":
