@@ -24,7 +24,6 @@ from tests.conftest import ROOT, job_environment, run_job, tiny_vgg16_settings, 
 from tests.test_storage import object_contents, tree_contents, upload_tree
 
 
-
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if " ERROR job: " in line]
 
