@@ -72,7 +72,7 @@ import numpy as np  # noqa: E402
 from devkit.datasets import link_slice  # noqa: E402
 from job.config import Config  # noqa: E402
 from job.inputs import data
-from job.results import report
+from job.results import scoring
 from job.training import model, probe
 
 ABLATIONS = {
@@ -216,19 +216,19 @@ def frozen_features(config: Config, dataset: data.DataSet) -> dict[str, np.ndarr
 
 def probe_scores(fitted: probe.Probe, features: dict[str, np.ndarray],
                  labels: dict[str, np.ndarray], class_names: list[str]) -> dict:
-    """Validation and test headline scores, the job's way (job.results.report): for two classes the
+    """Validation and test headline scores, the job's way (job.results.scoring): for two classes the
     probability of the second class, and its threshold chosen on validation."""
     two_classes = len(class_names) == 2
     probabilities = {name: fitted.predict_proba(features[name]) for name in ("validation", "test")}
     if two_classes:
         probabilities = {name: p[:, 1:] for name, p in probabilities.items()}
-    threshold = (report.balanced_threshold(labels["validation"], probabilities["validation"][:, 0])
+    threshold = (scoring.balanced_threshold(labels["validation"], probabilities["validation"][:, 0])
                  if two_classes else 0.5)
     scores = {}
     for name, p in probabilities.items():
-        metrics = report.classification_metrics(labels[name], p, class_names)
+        metrics = scoring.classification_metrics(labels[name], p, class_names)
         if two_classes:
-            metrics["at_decision_threshold"] = report.classification_metrics(
+            metrics["at_decision_threshold"] = scoring.classification_metrics(
                 labels[name], p, class_names, threshold)
         scores[name] = headline(metrics)
     return scores

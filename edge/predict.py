@@ -35,11 +35,11 @@ import numpy as np
 from edge import logs
 from edge.files import Finder, file_problem, relative
 from edge.images import ImageError, load_image
-from edge.runtime import (DEFAULT_RUNTIME, EXIT_BAD_INPUT, EXIT_OK, RUNTIMES,
-                          RuntimeUnavailable, open_model, predict_labels)
+from edge.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from edge.runtime import (DEFAULT_RUNTIME, RUNTIMES, RuntimeUnavailable, open_model,
+                          predict_labels)
 from edge.selftest import self_test
 
-EXIT_NOTHING_PREDICTED = 1
 BATCH_SIZE = 32
 
 
@@ -224,14 +224,14 @@ def main(argv: list[str] | None = None, environ=os.environ) -> int:
         try:
             write_output(results, args.output)
         except OSError as error:
-            return _error(f"--output {args.output}: {error.strerror or error}", EXIT_NOTHING_PREDICTED)
+            return _error(f"--output {args.output}: {error.strerror or error}", EXIT_FAILED)
     else:
         for result in results:
             top = " ".join(f"{item['label']}={item['probability']:.4f}" for item in result["top_k"])
             print(f"{result['path']}\t{result['label']}\t{result['probability']:.4f}\t{top}")
     log.info("predicted %d of %d file(s); %d failed; %d skipped", len(results), len(paths),
              len(failed), len(skipped))
-    return EXIT_OK if results else EXIT_NOTHING_PREDICTED
+    return EXIT_OK if results else EXIT_FAILED
 
 
 def _error(message: str, code: int) -> int:

@@ -1,6 +1,6 @@
 """Runtime: the CPU runtimes that run an exported model, the CPU they run on and the cores to give
-them, the label a model's output means, and the exit codes; shared by the edge predictor, the
-export's measurements and training's metrics.
+them, and the label a model's output means; shared by the edge predictor, the export's
+measurements and training's metrics.
 
 The predictor runs a model through `open_model(path, runtime, threads)`, one of RUNTIMES:
 onnxruntime (the default, what the export measured) or OpenVINO (optional, installed by
@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def available_cores() -> int:
@@ -81,7 +79,7 @@ def compare(candidate: np.ndarray, reference: np.ndarray, threshold: float) -> d
 
 class RuntimeUnavailable(Exception):
     """The runtime asked for cannot be imported; the message is one line that says how to install
-    it (the predictor exits EXIT_BAD_INPUT)."""
+    it (the predictor exits EXIT_BAD_INPUT: edge.exit_codes)."""
 
 
 @dataclass

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.runtime import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, RuntimeUnavailable, compare,
-                          cpu_description, open_model, predict_labels, require_runtime)
+from edge.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from edge.runtime import (RuntimeUnavailable, compare, cpu_description, open_model, predict_labels,
+                          require_runtime)
 
 SELFTEST_DIR = "selftest"
 SELFTEST_SPEC = "selftest.json"

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 
 from common.quiet_start import quiet_native_startup
 from edge import logs
+from edge.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 
 
 def main(environ: Mapping[str, str] = os.environ, argv: Sequence[str] = ()) -> int:
@@ -22,7 +23,7 @@ def main(environ: Mapping[str, str] = os.environ, argv: Sequence[str] = ()) -> i
     from common import settings
     from common.settings import ConfigError
     from export.config import PROG, ExportConfig
-    from export.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ExportError
+    from export.errors import ExportError
 
     if settings.wants_help(argv):
         print(settings.help_text(ExportConfig, PROG), end="")

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from common import settings
+from common.cache_dir import DEFAULT_CACHE_DIR
 from common.settings import setting
 from edge.runtime import available_cores
 from export import measure
-from job.config import DEFAULT_CACHE_DIR, LOCAL_FOLDER, URI
+from job.config import LOCAL_FOLDER, URI
 
 MIN_OPSET, MAX_OPSET = 13, 18  # QDQ per-channel needs 13; tf2onnx 1.17 is tested up to 18
 PROG = "python -m export"

@@ -1,7 +1,7 @@
 """Errors of the export, each carrying the exit code the entrypoint returns for it."""
 from __future__ import annotations
 
-from edge.runtime import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK  # noqa: F401 (the entrypoint's too)
+from edge.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED
 
 
 class ExportError(Exception):

@@ -1,9 +1,10 @@
 """Formats: the table of ONNX files the export writes, how each is built, and the gates they pass.
 
-Each row of FORMATS is one output file: how it is built, the precision its metadata states, the
-key of its parity figures and its gate. export_formats(config) is the table for one export (INT8=0
-drops int8); the pipeline builds the rows in order and judge() gates them, so adding a format is
-adding a row.
+Each row of FORMATS is one output file: its key (the format's one id, which names its parity
+figures, gate verdict, build time and backend, "onnx_" + key), its file name, how it is built, the
+precision its metadata states and its gate. export_formats(config) is the table for one export
+(INT8=0 drops int8); the pipeline builds the rows in order and judge() gates them, so adding a
+format is adding a row.
 """
 from __future__ import annotations
 
@@ -127,9 +128,8 @@ Gate = Callable[[dict, float, float | None, ExportConfig], str | None]
 class Format:
     """One ONNX file of the export."""
 
-    key: str  # names its parity figures, its gate and its backend ("onnx_" + key)
-    file: str
-    timed_as: str  # its build time's key in the report's "seconds"
+    key: str  # the format's id: names its parity figures, gate, build time and backend
+    file: str  # the ONNX file it writes (the report's "files", "opsets" and "fastest" name it so)
     build: Callable[[BuildContext], tuple[Any, dict | None]]  # (ModelProto, notes or None)
     precision: str  # metadata "precision", formatted with the build's notes
     gate: Gate  # (its figures, its accuracy, its baseline's, config) -> failure or None
@@ -148,10 +148,10 @@ class Format:
 
 # In build order: int8 is quantized from the staged float32 file.
 FORMATS = (
-    Format("float32", FLOAT32_MODEL, timed_as="convert", build=build_float32,
+    Format("float32", FLOAT32_MODEL, build=build_float32,
            precision="float32", gate=gate_float32, limits=limits_float32,
            checks_saved_model=True),
-    Format("int8", INT8_MODEL, timed_as="quantize", build=build_int8,
+    Format("int8", INT8_MODEL, build=build_int8,
            precision="int8 ({method}; {calibration_images} calibration images)",
            gate=gate_int8, limits=limits_int8, baseline="float32",
            wanted=lambda config: config.int8),
@@ -166,7 +166,7 @@ def export_formats(config: ExportConfig) -> tuple[Format, ...]:
 class Verdict(NamedTuple):
     parity: dict  # the report's "parity" figures
     failures: list[str]  # one line per failed gate, empty when every gate passed
-    passed: dict[str, bool]  # by file name
+    passed: dict[str, bool]  # by format key
 
 
 def judge(outputs: dict[str, np.ndarray], labels: np.ndarray, record: RunRecord,
@@ -198,7 +198,7 @@ def judge(outputs: dict[str, np.ndarray], labels: np.ndarray, record: RunRecord,
             reasons.append(saved_model_gate(row, parity[f"saved_model_vs_{row.backend}"], record))
         reasons = [reason for reason in reasons if reason]
         failures += reasons
-        passed[row.file] = not reasons and (not row.baseline or passed[rows[row.baseline].file])
+        passed[row.key] = not reasons and (not row.baseline or passed[row.baseline])
     return Verdict(parity, failures, passed)
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from common.record import RecordError, RunRecord
+from common.run_files import (EXPORT_REPORT, KERAS_MODEL, LABELS, MANIFEST, METRICS, PREDICTIONS,
+                              RUN_PAGE, run_fingerprint, sha256, write_json)
 from edge.runtime import (
     RuntimeUnavailable,
     available_cores,
@@ -50,17 +52,16 @@ from export.formats import (
     judge,
 )
 from export.int8.census import int8_census
-from export.report import build_report
+from export.export_report import build_report
 from export.selftest import stage_selftest
-from export.target import PAGE, REPORT, Run
-from job.results import html_report
-from job.results.report import MANIFEST, run_fingerprint, sha256, write_json
+from export.target import PAGE, Run
+from job.results import run_page
 from storage import join, name_problem
 
 log = logging.getLogger("export")
 
 OPTIONAL_RUNTIMES = ("openvino",)  # timed beside onnxruntime where installed (edge.runtime)
-RUN_FILES = (MANIFEST, "metrics.json", "model.keras", "labels.txt", "saved_model")
+RUN_FILES = (MANIFEST, METRICS, KERAS_MODEL, LABELS, "saved_model")
 
 
 def export_run(config: ExportConfig) -> dict:
@@ -97,7 +98,7 @@ def export_run(config: ExportConfig) -> dict:
             latency, latency_settings = time_backends(backends, images, config)
             latency_settings.update(runtime_notes)
         files = stamp_passed(formats, context.staging, verdict)
-        shutil.copy2(run_dir / "labels.txt", context.staging / "labels.txt")
+        shutil.copy2(run_dir / LABELS, context.staging / LABELS)
         seconds["total"] = round(time.perf_counter() - started, 2)
         report = build_report(
             config, record, verdict, opsets=opsets, files=files, run_sizes=run_sizes(run_dir),
@@ -106,11 +107,11 @@ def export_run(config: ExportConfig) -> dict:
             seconds=seconds, versions=versions(), created_utc=utc_now())
         warn_if_int8_is_slower(report)
         report["selftest"] = stage_selftest(context, formats, verdict, outputs)
-        write_json(context.staging / REPORT, report)
+        write_json(context.staging / EXPORT_REPORT, report)
         render_run_report(run_dir, context.staging, report, dataset.root)
         published_as = export_target.publish(
-            context.staging, [*files_passed(verdict), *selftest_files(report), "labels.txt", PAGE,
-                              REPORT], target, passed=not verdict.failures)
+            context.staging, [*files_passed(formats, verdict), *selftest_files(report), LABELS, PAGE,
+                              EXPORT_REPORT], target, passed=not verdict.failures)
     log.info("export %s: %s", report["status"], join(config.target_uri, published_as))
     if verdict.failures:
         raise GateFailed("; ".join(verdict.failures)
@@ -146,10 +147,10 @@ def read_run(run_dir: Path, run_uri: str) -> RunRecord:
         raise BadInput(f"RUN_URI={run_uri}: the run lacks {', '.join(missing)}")
     verify_files(run_dir, run_uri)
     try:
-        record = RunRecord.from_metrics(json.loads((run_dir / "metrics.json").read_text()))
+        record = RunRecord.from_metrics(json.loads((run_dir / METRICS).read_text()))
     except (ValueError, RecordError) as error:  # not JSON, or no complete record
         raise BadInput(f"{run_dir / 'metrics.json'}: unreadable or incomplete ({error})") from None
-    labels = (run_dir / "labels.txt").read_text().split("\n")
+    labels = (run_dir / LABELS).read_text().split("\n")
     if [line for line in labels if line] != record.classes:
         raise BadInput(f"{run_dir}: labels.txt and metrics.json disagree on the classes")
     return record
@@ -177,9 +178,9 @@ def verify_files(run_dir: Path, run_uri: str) -> None:
             problem = f"does not match its SHA-256 in {MANIFEST}"
         else:
             continue
-        if name == html_report.REPORT and exported_before_the_manifest_rule(run_dir):
+        if name == RUN_PAGE and exported_before_the_manifest_rule(run_dir):
             log.warning("%s differs from its checksum in %s: an export made before the run's "
-                        "files were kept rewrote it (its page is %s now)", html_report.REPORT,
+                        "files were kept rewrote it (its page is %s now)", RUN_PAGE,
                         MANIFEST, PAGE)
             continue
         raise BadInput(f"RUN_URI={run_uri}: {name} {problem}: the run is damaged or was changed "
@@ -190,7 +191,7 @@ def exported_before_the_manifest_rule(run_dir: Path) -> bool:
     """Whether the run directory holds an export made before exports kept the run's files (its
     report has no run_fingerprint): those rewrote report.html there, nothing else."""
     try:
-        report = json.loads((run_dir / REPORT).read_text())
+        report = json.loads((run_dir / EXPORT_REPORT).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(report, dict) and "run_fingerprint" not in report
@@ -238,9 +239,9 @@ def render_run_report(run_dir: Path, staging: Path, report: dict, data_root: Pat
     lists) stays the training's. It is drawn from metrics.json and test_predictions.json
     (written by the training for this), not from the export's own parity sample, so it shows
     the same run; the thumbnails come from data_root, where load_data found the run's data."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    predictions = html_report.read_predictions(run_dir / html_report.PREDICTIONS, data_root)
-    html_report.write_report(staging / PAGE, metrics, predictions, report)
+    metrics = json.loads((run_dir / METRICS).read_text())
+    predictions = run_page.read_predictions(run_dir / PREDICTIONS, data_root)
+    run_page.write_page(staging / PAGE, metrics, predictions, report)
 
 
 def sample(split, count: int, seed: int):
@@ -266,7 +267,7 @@ def build_formats(formats: tuple[Format, ...], context: BuildContext,
     each file's opset and each format's build notes (int8: what quantization did)."""
     opsets, notes = {}, {}
     for row in formats:
-        with timed(seconds, row.timed_as):
+        with timed(seconds, row.key):
             proto, row_notes = row.build(context)
             opsets[row.file] = convert.opset_of(proto)
             convert.set_metadata(proto, convert.metadata(
@@ -277,7 +278,7 @@ def build_formats(formats: tuple[Format, ...], context: BuildContext,
         if row_notes is not None:
             notes[row.key] = row_notes
         log.info("%s: %s at opset %d, built in %.1f s", row.file, row.key, opsets[row.file],
-                 seconds[row.timed_as])
+                 seconds[row.key])
     return opsets, notes
 
 
@@ -364,7 +365,7 @@ def stamp_passed(formats: tuple[Format, ...], staging: Path, verdict: Verdict) -
     the bytes and sha256 of every staged model, stamped or not."""
     parity = verdict.parity
     for row in formats:
-        if verdict.passed[row.file]:
+        if verdict.passed[row.key]:
             proto = convert.load(staging / row.file)
             convert.set_metadata(proto, {"parity": json.dumps({
                 "status": "passed", "reference": parity["reference"],
@@ -375,9 +376,9 @@ def stamp_passed(formats: tuple[Format, ...], staging: Path, verdict: Verdict) -
                        "sha256": sha256(staging / row.file)} for row in formats}
 
 
-def files_passed(verdict: Verdict) -> list[str]:
+def files_passed(formats: tuple[Format, ...], verdict: Verdict) -> list[str]:
     """The model files that passed their gates: the only ones published."""
-    return [name for name, passed in verdict.passed.items() if passed]
+    return [row.file for row in formats if verdict.passed[row.key]]
 
 
 def selftest_files(report: dict) -> list[str]:

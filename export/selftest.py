@@ -29,7 +29,7 @@ from edge.selftest import SELFTEST_ARRAYS, SELFTEST_DIR, SELFTEST_SPEC
 from export import measure
 from export.config import ExportConfig
 from export.formats import BuildContext, Format, Verdict
-from job.results.report import write_json
+from common.run_files import write_json
 
 log = logging.getLogger("export")
 
@@ -54,7 +54,7 @@ def stage_selftest(context: BuildContext, formats: tuple[Format, ...], verdict: 
                    outputs: dict[str, np.ndarray]) -> dict | None:
     """Writes selftest/ into context.staging for the files that passed their gates; returns what
     it wrote for export_report.json (None when no file passed: nothing to test)."""
-    passed = [row for row in formats if verdict.passed[row.file]]
+    passed = [row for row in formats if verdict.passed[row.key]]
     if not passed:
         return None
     threshold = context.record.decision_threshold

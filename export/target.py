@@ -2,7 +2,7 @@
 
 An export writes only into a folder that holds no run, or the exported run itself (its
 MANIFEST.json, byte for byte: the run directory, the default target, or a copy of it), and only
-beside exports of that same run (their report's `run_fingerprint`: job.results.report); anything else is refused
+beside exports of that same run (their report's `run_fingerprint`: common.run_files); anything else is refused
 with BadInput naming the file, before any work. In the run's own folder it never writes a name
 MANIFEST.json lists.
 
@@ -22,20 +22,18 @@ import logging
 from pathlib import Path
 
 from export.errors import BadInput, ExportError
-from job.results.report import MANIFEST
+from common.run_files import EXPORT_REPORT, MANIFEST, METRICS
 from storage import join, objects
 
 log = logging.getLogger("export")
 
-REPORT = "export_report.json"  # the export's completion marker, written last
 FAILED_REPORT = "export_report.failed.json"  # a failed attempt's, beside an export it left alone
 PAGE = "export_report.html"  # the run's report.html with the export's section filled in
-METRICS = "metrics.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """Who an export belongs to: the run's fingerprint (job.results.report.run_fingerprint), id and URI."""
+    """Who an export belongs to: the run's fingerprint (common.run_files.run_fingerprint), id and URI."""
 
     fingerprint: str
     run_id: str
@@ -70,39 +68,39 @@ def inspect(uri: str, setting: str, run_dir: Path, run: Run) -> Target:
     if metrics is not None:
         raise BadInput(f"{setting}={uri}: holds {METRICS}{_run_named(metrics)} and no {MANIFEST} "
                        "(a run not complete); an export never writes into another run's directory")
-    report, report_sha256 = _export_of(uri, REPORT, setting, run)
+    report, report_sha256 = _export_of(uri, EXPORT_REPORT, setting, run)
     _, failed_report_sha256 = _export_of(uri, FAILED_REPORT, setting, run)
     run_files = frozenset(json.loads(manifest)["files"]) if theirs is not None else frozenset()
     return Target(uri, run_files, report, report_sha256, failed_report_sha256)
 
 
 def publish(staging: Path, names: list[str], target: Target, passed: bool) -> str:
-    """Publishes the staged names (REPORT among them) to the target as the module docstring
+    """Publishes the staged names (EXPORT_REPORT among them) to the target as the module docstring
     says; returns the name the report went under."""
     if not passed and target.report is not None:
-        objects.put(staging / REPORT, join(target.uri, FAILED_REPORT))
+        objects.put(staging / EXPORT_REPORT, join(target.uri, FAILED_REPORT))
         log.warning("%s at %s left as it was (status %s): a failed export replaces none; this "
-                    "attempt's report is %s", REPORT, target.uri, target.report.get("status"),
+                    "attempt's report is %s", EXPORT_REPORT, target.uri, target.report.get("status"),
                     FAILED_REPORT)
         return FAILED_REPORT
     if target.report is not None and not objects.delete_if_unchanged(
-            join(target.uri, REPORT), target.report_sha256):
-        raise ExportError(f"{join(target.uri, REPORT)}: changed while this export ran (another "
+            join(target.uri, EXPORT_REPORT), target.report_sha256):
+        raise ExportError(f"{join(target.uri, EXPORT_REPORT)}: changed while this export ran (another "
                           "export of the run?); nothing replaced")
-    written = [name for name in names if name != REPORT and name not in target.run_files]
+    written = [name for name in names if name != EXPORT_REPORT and name not in target.run_files]
     for name in written:
         objects.put(staging / name, join(target.uri, name))
     previous_files = (target.report or {}).get("files") or {}
     for name in sorted(set(previous_files) - set(written)):
         objects.delete_if_unchanged(join(target.uri, name), previous_files[name]["sha256"])
     try:
-        objects.put(staging / REPORT, join(target.uri, REPORT), exclusive=True)
+        objects.put(staging / EXPORT_REPORT, join(target.uri, EXPORT_REPORT), exclusive=True)
     except objects.Exists:
-        raise ExportError(f"{join(target.uri, REPORT)}: another export of the run published "
+        raise ExportError(f"{join(target.uri, EXPORT_REPORT)}: another export of the run published "
                           "meanwhile; its files and this one's may be mixed: export again")
     if passed and target.failed_report_sha256:  # an earlier attempt's, superseded now
         objects.delete_if_unchanged(join(target.uri, FAILED_REPORT), target.failed_report_sha256)
-    return REPORT
+    return EXPORT_REPORT
 
 
 def _export_of(uri: str, name: str, setting: str, run: Run) -> tuple[dict | None, str | None]:

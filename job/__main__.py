@@ -19,8 +19,8 @@ from typing import Mapping, Sequence
 
 from common.quiet_start import quiet_native_startup
 from edge import logs
+from edge.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 TERMINATION_LOG = Path("/dev/termination-log")  # Kubernetes' terminationMessagePath default
 
 
@@ -45,7 +45,7 @@ def main(environ: Mapping[str, str] = os.environ, argv: Sequence[str] = ()) -> i
     from job.cluster.context import RunContext
     from job.inputs.data import DataError
     from job.training import train
-    from job.training.checkpoint import EXIT_PREEMPTED, Preempted, StopSignal
+    from job.training.checkpoint import Preempted, StopSignal
     from storage import StorageError, Unusable, diskspace
 
     stop = StopSignal()

@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 
 import storage
 from common import settings
+from common.cache_dir import DEFAULT_CACHE_DIR
 from common.settings import ConfigError, Invalid, Parser, Rule, setting
 from job.cluster import distribute
 from job.inputs.budget import CacheBudget
@@ -24,7 +25,6 @@ BACKBONES = ("vgg16", "mobilenet_v2", "resnet50", "efficientnet_b0")
 MOBILENET_V2_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 MIXED_PRECISION_MODES = ("auto", "off", "float16", "bfloat16")
 DEFAULT_CHECKPOINT_FOLDER = "checkpoints"  # inside the run directory when CHECKPOINT_URI is unset
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "image-classifier-job"
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PROG = "python -m job"
 TRIAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9]{1,32}$")  # Vertex AI numbers its trials 1, 2, ...

@@ -419,7 +419,7 @@ EXPORT_FILES = ("model.onnx", "model.int8.onnx", "labels.txt", "export_report.js
 
 def checksums(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under folder, by path relative to it."""
-    from job.results.report import sha256
+    from common.run_files import sha256
 
     return {path.relative_to(folder).as_posix(): sha256(path)
             for path in sorted(folder.rglob("*")) if path.is_file()}
@@ -427,7 +427,7 @@ def checksums(folder: Path) -> dict[str, str]:
 
 def manifest_mismatches(run_dir: Path) -> list[str]:
     """The files run_dir's MANIFEST.json lists that are missing or differ from its checksums."""
-    from job.results.report import sha256
+    from common.run_files import sha256
 
     listed = json.loads((run_dir / "MANIFEST.json").read_text())["files"]
     return [name for name, file in listed.items()

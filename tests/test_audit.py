@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from job.inputs import audit
-from tests.test_html_report import screenshot
+from tests.test_run_page import screenshot
 
 CLASSES = ["cat", "dog"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import special
 
-from job.results import report
+from job.results import scoring
 from job.training import calibration
 
 TWO = ["NORMAL", "PNEUMONIA"]
@@ -70,7 +70,7 @@ def test_calibrating_rescores_the_run_and_rechooses_its_threshold_on_calibrated_
     t = calibrated.temperature
     np.testing.assert_allclose(head.get_layer("probabilities").get_weights()[0],
                                kernel_before / t, rtol=1e-6)
-    expected = report.score_phase(scored.labels, {name: calibration.scaled(p, t) for name, p
+    expected = scoring.score_phase(scored.labels, {name: calibration.scaled(p, t) for name, p
                                                   in scored.probabilities.items()}, TWO)
     assert calibrated.scores["decision_threshold"] == expected["decision_threshold"]
     assert calibrated.scores["test"]["loss"] == pytest.approx(expected["test"]["loss"])

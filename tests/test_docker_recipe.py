@@ -32,9 +32,8 @@ CONTAINER_PATHS = ("CACHE_DIR", "KERAS_HOME", "MPLCONFIGDIR", "OUTPUT_URI")
 pytestmark = pytest.mark.slow
 
 
-def replay(stage: str, root: Path, not_yet: tuple[str, ...] = ()) -> tuple[Path, dict[str, str], Path]:
-    """Builds `stage` under root: returns (WORKDIR, environment, venv). COPY sources named in
-    not_yet may be missing (code another branch is still writing)."""
+def replay(stage: str, root: Path) -> tuple[Path, dict[str, str], Path]:
+    """Builds `stage` under root: returns (WORKDIR, environment, venv)."""
     instructions = recipe.chain(stage)
     tag = recipe.base_image(stage).split(":", 1)[1]
     assert tag.startswith("%d.%d." % sys.version_info[:2]), \
@@ -46,8 +45,6 @@ def replay(stage: str, root: Path, not_yet: tuple[str, ...] = ()) -> tuple[Path,
     for sources, destination in recipe.copies(instructions):
         target = fs / destination.lstrip("/")
         for source in sources:
-            if source in not_yet and not (ROOT / source).exists():
-                continue
             if (ROOT / source).is_dir():
                 shutil.copytree(ROOT / source, target, dirs_exist_ok=True,
                                 ignore=shutil.ignore_patterns("__pycache__"))

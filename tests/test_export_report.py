@@ -14,8 +14,8 @@ from export.config import ExportConfig
 from export.errors import BadInput
 from export.formats import FLOAT32_MODEL, INT8_MODEL, REBUILD, Verdict, export_formats, judge
 from export.pipeline import RUN_FILES, read_run, warn_if_int8_is_slower
-from export.report import build_report
-from job.results.report import write_manifest
+from export.export_report import build_report
+from common.run_files import write_manifest
 from tests.conftest import gate_outputs, run_record
 
 SETTINGS = ExportConfig(run_uri="/runs/run", export_uri="/exports/run")
@@ -48,7 +48,7 @@ def test_models_that_match_the_saved_model_pass_every_gate():
     outputs, labels = gate_outputs(flipped=0)
     verdict = judge(outputs, labels, run_record(), SETTINGS)
     assert verdict.failures == []
-    assert verdict.passed == {FLOAT32_MODEL: True, INT8_MODEL: True}
+    assert verdict.passed == {"float32": True, "int8": True}
     assert verdict.parity["reference"] == "tensorflow"
 
 
@@ -57,7 +57,7 @@ def test_float32_fails_when_a_probability_moves_more_than_1e_4():
     outputs["onnx_float32"] = outputs["onnx_float32"] + 2e-4  # every label unchanged
     verdict = judge(outputs, labels, run_record(), SETTINGS)
     assert verdict.failures == ["float32: max |diff| 0.0002 > 0.0001"]
-    assert verdict.passed[FLOAT32_MODEL] is False
+    assert verdict.passed["float32"] is False
 
 
 def test_float32_fails_when_a_single_label_differs():
@@ -72,7 +72,7 @@ def test_int8_is_withheld_when_float32_failed_though_its_own_gate_passed():
     outputs["onnx_float32"] = outputs["onnx_float32"] + 2e-4
     verdict = judge(outputs, labels, run_record(), SETTINGS)
     assert [failure.split(":")[0] for failure in verdict.failures] == ["float32"]
-    assert verdict.passed == {FLOAT32_MODEL: False, INT8_MODEL: False}
+    assert verdict.passed == {"float32": False, "int8": False}
 
 
 def test_int8_figures_include_its_accuracy_difference_from_float32():
@@ -87,7 +87,7 @@ def test_without_int8_there_are_no_int8_figures_or_verdict():
     del outputs["onnx_int8"]
     verdict = judge(outputs, labels, run_record(), ExportConfig(run_uri="run", int8=False))
     assert verdict.failures == []
-    assert verdict.passed == {FLOAT32_MODEL: True}
+    assert verdict.passed == {"float32": True}
     assert "int8" not in verdict.parity
 
 
@@ -113,7 +113,7 @@ def test_a_mixed_precision_run_fails_when_its_saved_model_disagrees_on_over_1_pe
     verdict = judge(outputs, labels, MIXED, SETTINGS)
     assert verdict.failures == [
         "float32: top-1 agreement with the mixed_float16 SavedModel 98.50% < 99%"]
-    assert verdict.passed == {FLOAT32_MODEL: False, INT8_MODEL: False}
+    assert verdict.passed == {"float32": False, "int8": False}
 
 
 # --- The report (build_report). ---
@@ -133,9 +133,9 @@ def report_of(verdict: Verdict, settings: ExportConfig = SETTINGS, latency: dict
         versions={"onnx": "1"}, created_utc="2026-01-01T00:00:00+00:00")
 
 
-PASSED = Verdict({"reference": "tensorflow"}, [], {FLOAT32_MODEL: True, INT8_MODEL: True})
+PASSED = Verdict({"reference": "tensorflow"}, [], {"float32": True, "int8": True})
 INT8_FAILED = Verdict({"reference": "tensorflow"}, ["int8: top-1 agreement 90.00% < 99.0%"],
-                      {FLOAT32_MODEL: True, INT8_MODEL: False})
+                      {"float32": True, "int8": False})
 
 
 def test_report_has_the_keys_of_export_report_json():

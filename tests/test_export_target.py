@@ -9,7 +9,7 @@ import pytest
 
 from export import target as export_target
 from export.errors import BadInput
-from job.results.report import sha256, write_manifest
+from common.run_files import sha256, write_manifest
 from storage import join, objects
 from tests.conftest import EXPORT_FILES, checksums, export_in_process, manifest_mismatches
 
@@ -176,8 +176,8 @@ def stage(folder, run, status: str, models: dict[str, str]) -> list[str]:
               "run_fingerprint": run.fingerprint,
               "files": {name: {"bytes": len(content), "sha256": sha256(folder / name)}
                         for name, content in models.items()}}
-    (folder / export_target.REPORT).write_text(json.dumps(report))
-    return [*models, "labels.txt", export_target.PAGE, export_target.REPORT]
+    (folder / export_target.EXPORT_REPORT).write_text(json.dumps(report))
+    return [*models, "labels.txt", export_target.PAGE, export_target.EXPORT_REPORT]
 
 
 def publish(tmp_path, uri, small_run, name, status, models):
@@ -187,7 +187,7 @@ def publish(tmp_path, uri, small_run, name, status, models):
     return export_target.publish(tmp_path / name, names, target, passed=status == "passed")
 
 
-def read_report(uri, name=export_target.REPORT) -> dict:
+def read_report(uri, name=export_target.EXPORT_REPORT) -> dict:
     return json.loads(objects.read(join(uri, name)))
 
 
@@ -208,7 +208,7 @@ def test_a_passed_export_replaces_the_previous_one_and_deletes_what_it_no_longer
     publish(tmp_path, target_uri, small_run, "first", "passed", {"model.onnx": "1", "m8.onnx": "2"})
     publish(tmp_path, target_uri, small_run, "second", "failed", {"model.onnx": "3"})
     assert publish(tmp_path, target_uri, small_run, "third", "passed",
-                   {"model.onnx": "4"}) == export_target.REPORT
+                   {"model.onnx": "4"}) == export_target.EXPORT_REPORT
     assert read_report(target_uri)["files"] == {"model.onnx": {"bytes": 1,
                                                                "sha256": sha256(tmp_path / "third" / "model.onnx")}}
     assert objects.read(join(target_uri, "model.onnx")) == b"4"

@@ -19,11 +19,9 @@ import pytest
 
 import storage
 from devkit import gcs_emulator
-from job.training.checkpoint import EXIT_PREEMPTED
+from edge.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
 from tests.conftest import ROOT, job_environment, run_job, tiny_vgg16_settings, write_class_images
 from tests.test_storage import object_contents, tree_contents, upload_tree
-
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
+from common import run_files
 from job.promotion import versions
-from job.results import report
 
 
 def record(run_dir):
@@ -45,8 +45,8 @@ def test_a_run_trained_on_swapped_labels_is_held_back_with_its_figures(promotion
     assert "PROMOTE_MAX_DROP" in verdict["reason"]
     # CURRENT.json still names the second run, and the run is complete with its verdict listed.
     assert promotion_runs["current"]["swapped"]["run_id"] == "second"
-    manifest = json.loads((promotion_runs["swapped"] / report.MANIFEST).read_text())["files"]
-    assert manifest["promotion.json"]["sha256"] == report.sha256(
+    manifest = json.loads((promotion_runs["swapped"] / run_files.MANIFEST).read_text())["files"]
+    assert manifest["promotion.json"]["sha256"] == run_files.sha256(
         promotion_runs["swapped"] / "promotion.json")
     assert "held back" in (promotion_runs["swapped"] / "report.html").read_text()
 
@@ -55,7 +55,7 @@ def test_a_promoted_version_is_complete_and_matches_its_pointer(promotion_runs):
     current = promotion_runs["current"]["second"]
     version = promotion_runs["promote_uri"] / "versions" / "second"
     for name, entry in current["files"].items():
-        assert report.sha256(version / name) == entry["sha256"], name
+        assert run_files.sha256(version / name) == entry["sha256"], name
     assert (version / "saved_model" / "saved_model.pb").is_file()
     assert not (promotion_runs["promote_uri"] / "versions" / "swapped").exists()
 
@@ -260,7 +260,7 @@ def test_a_run_on_gcs_gets_its_verdict_beside_it_and_in_its_manifest(promotion_r
 
     config = run_copy(promotion_runs, "first", tmp_path, f"gs://{gcs_bucket}/production")
     storage.publish_tree(tmp_path / "runs-first" / "first", f"gs://{gcs_bucket}/runs/first",
-                         last=report.MANIFEST)
+                         last=run_files.MANIFEST)
     config = dataclasses.replace(config, output_uri=f"gs://{gcs_bucket}/runs")
     verdict = promote.promote_run(config, tmp_path / "scratch-first", None)
     assert verdict["promoted"] and verdict["champion"] is None

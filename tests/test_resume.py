@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from edge.exit_codes import EXIT_BAD_INPUT, EXIT_PREEMPTED
 from job.config import Config, ConfigError
 from job.results import identity
-from job.training.checkpoint import EXIT_PREEMPTED
 from tests.conftest import run_job, start_job, tiny_vgg16_settings, write_class_images
-from tests.test_nothing_lost import EXIT_BAD_INPUT, assert_one_line_exit
+from tests.test_nothing_lost import assert_one_line_exit
 from tests.test_storage import tree_contents
 
 FINE_TUNE_EPOCHS = 6

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from common import run_files
 from common.record import RunRecord
 from job.config import Config
 from job.inputs import data
 from job.inputs.features import Features
-from job.results import report
 from job.training import model, probe, serving, train
 from job.training.checkpoint import Checkpoints, StopSignal
 from tests.conftest import run_job, tiny_vgg16_settings, write_class_images
@@ -119,12 +119,12 @@ def test_job_writes_every_output_and_the_manifest_lists_them(tiny_run):
                 "curves_phase2.png", "saved_model", "report.html",
                 "test_predictions.json", "audit.json"}
     assert expected <= {p.name for p in run_dir.iterdir()}
-    manifest = json.loads((run_dir / report.MANIFEST).read_text())["files"]
+    manifest = json.loads((run_dir / run_files.MANIFEST).read_text())["files"]
     assert "saved_model/saved_model.pb" in manifest and "metrics.json" in manifest
     assert "report.html" in manifest and "test_predictions.json" in manifest
     for name, entry in manifest.items():
         assert (run_dir / name).stat().st_size == entry["bytes"]
-        assert report.sha256(run_dir / name) == entry["sha256"]
+        assert run_files.sha256(run_dir / name) == entry["sha256"]
 
 
 def test_labels_are_the_sorted_class_names(tiny_run):
@@ -274,7 +274,7 @@ def test_imagenet_weights_that_cannot_be_downloaded_fail_fast_naming_weights(tmp
     result = run_job(settings, timeout=180)
     assert result.returncode == 2
     assert "WEIGHTS=imagenet: could not get the ImageNet weights of vgg16" in result.stderr
-    assert not (tmp_path / "out" / "tiny" / report.MANIFEST).exists()
+    assert not (tmp_path / "out" / "tiny" / run_files.MANIFEST).exists()
 
 
 @pytest.mark.slow

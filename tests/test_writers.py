@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 import storage
+from common import run_files
 from devkit import gcs_emulator
-from job.results import report, writer
+from job.results import writer
 from tests.conftest import (
     ROOT,
     job_environment,
@@ -59,7 +60,7 @@ def assert_matches_its_manifest(files: dict[str, bytes]) -> dict:
     """Every file the MANIFEST.json lists is there with its checksum, and nothing else is."""
     import hashlib
 
-    manifest = json.loads(files.pop(report.MANIFEST))["files"]
+    manifest = json.loads(files.pop(run_files.MANIFEST))["files"]
     assert set(files) == set(manifest)
     for name, entry in manifest.items():
         assert hashlib.sha256(files[name]).hexdigest() == entry["sha256"], name
@@ -122,7 +123,7 @@ def test_a_released_claim_passes_at_once_to_the_waiting_writer(where, gcs_bucket
 def test_a_complete_run_is_not_claimed_even_with_a_leftover_claim(where, gcs_bucket, gcs_client,
                                                                   tmp_path):
     run_uri = run_uri_for(where, gcs_bucket, tmp_path)
-    storage.publish_tree(staged_run(tmp_path, "A"), run_uri, last=report.MANIFEST)
+    storage.publish_tree(staged_run(tmp_path, "A"), run_uri, last=run_files.MANIFEST)
     dead = writer.claimed(run_uri, heartbeat_s=1000, **QUICK)
     dead.__enter__()  # a writer killed after its MANIFEST.json: its claim is left behind
     before = published(run_uri, gcs_client)
@@ -205,15 +206,15 @@ def test_an_upload_never_lands_over_a_run_completed_after_its_listing(gcs_bucket
     staged_b = staged_run(tmp_path, "B")
     with gcs_emulator.FaultyProxy(gcs_endpoint, delay_s=1.0) as slow_link:
         b = subprocess.Popen(
-            [sys.executable, "-c", "import storage; from job.results import report; "
-             f"storage.publish_tree({str(staged_b)!r}, {run_uri!r}, last=report.MANIFEST)"],
+            [sys.executable, "-c", "import storage; from common import run_files; "
+             f"storage.publish_tree({str(staged_b)!r}, {run_uri!r}, last=run_files.MANIFEST)"],
             cwd=ROOT, env=job_environment({"STORAGE_EMULATOR_HOST": slow_link.url}),
             stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while not any("/o?" in line and "prefix=" in line for line in slow_link.answered):
             assert time.monotonic() < deadline and b.poll() is None, "B never listed the run"
             time.sleep(0.02)
-        storage.publish_tree(staged_run(tmp_path, "A"), run_uri, last=report.MANIFEST)
+        storage.publish_tree(staged_run(tmp_path, "A"), run_uri, last=run_files.MANIFEST)
         b_error = b.communicate(timeout=60)[1]
     files = published(run_uri, gcs_client)
     assert_matches_its_manifest(files)

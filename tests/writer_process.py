@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import storage
-from job.results import report, writer
+from common import run_files
+from job.results import writer
 
 RUN_FILES = ("metrics.json", "labels.txt", "model.keras", "report.html",
              "saved_model/saved_model.pb", "saved_model/variables/variables.index",
@@ -35,7 +36,7 @@ def write_run(folder: Path, name: str) -> None:
         path = folder / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(f"{name} {relative}\n".encode() + os.urandom(2000))
-    report.write_manifest(folder)
+    run_files.write_manifest(folder)
 
 
 def main(run_uri: str, staging: str, name: str, train_s: float, wait_s: float) -> int:

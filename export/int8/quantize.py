@@ -7,58 +7,15 @@ training split (decoded exactly as in training), then GPTQ rounding of the int8 
 export keeps the first one that passes the int8 gate (accept, from export.formats), and the last
 one otherwise; a recipe that cannot be built counts as one that did not pass.
 
-All in int8 but the stem and the classifier head, uint8 activations and 7-bit weights ("uint8";
-UINT8 says why 7, stem_layers and head_layers which layers stay float32): onnxruntime's fast path on
-x86, whose int8 kernels (QLinearConv, QGemm) want uint8 activations with int8 weights (U8S8), one
-scale per activation tensor, and all three of a layer's input, weights and output in 8 bits. On
-MobileNetV2 0.5 at 224 it is 1.3x to 1.4x float32's speed at batch 32 on 2 AVX2 cores, 1.4x to 2x on
-AVX-512 VNNI and AMX. Most of its error arises in the stem: onnxruntime's qdq_loss_debug on a
-clothing10 run shows the int8 network's signal-to-noise ratio against float32 falling from 45 dB to
-17 dB over the first three blocks and staying there to the logits. Keeping the stem in float32 cut
-the mean probability error by 16 % to 31 % on three real runs (clothing10, intel_scenes, chest
-X-ray; full test splits, AVX2) and the flipped labels from 11 to 5, 15 to 14 and 6 to 5, at the same
-speed (the first convolution, with three input channels, is no faster in int8). Keeping more layers
-(the first 6, 9 or 12) did not lower the error further; keeping any one layer alone changed little
-(a per-layer sweep on a chest X-ray run). The rest of the error is spread over the network: neither
-entropy calibration, bias correction on more images, nor keeping the linear
-bottlenecks and residual sums in float32 moved agreement past the noise of a few labels (and the
-last halved the speed), so on some runs (clothing10's 98.7 %) it stays under a 99 % gate. Keeping
-the head in float32 as well, and rounding the weights by GPTQ (export.int8.rounding), each took a few
-more labels off (README's Edge export section has the figures). Quantization-aware training, the
-usual next step, has no tool here: tensorflow-model-optimization does not load under Keras 3
-(tensorflow/model-optimization#1119), and Keras 3's own `Model.quantize` rewrites the Keras model
-for its own inference, not into an ONNX QDQ graph.
-
-Mixed precision ("mixed_16bit"), the accurate fallback: 8 bits where they pay, 16 where 8 cost
-labels and buy nothing. onnxruntime runs a convolution or matrix product in int8 only when its
-input, weights and output are all 8-bit; everything else is dequantized and computed in float32,
-so an 8-bit tensor there adds rounding error and no speed. Two kinds of tensor get 16 bits first. Short convolution weights, at most 32 per
-output channel: a depthwise convolution's nine, the first convolution's 27, MobileNetV2's narrow
-early expansions. Folding BatchNorm into so few weights leaves channels whose int8 grid is coarse,
-early errors travel through the whole network, and these weights are a small share of the bytes
-(2 % of MobileNetV2's int8 file; in VGG16 only the first layer's). Unbounded activations: the
-outputs of convolutions and matrix products that no ReLU follows (MobileNetV2's linear
-bottlenecks, a classifier's logits) and of residual Adds; a ReLU6 confines its tensor to [0, 6],
-these spread over wide ranges that one int8 scale per tensor resolves poorly. The first layer
-reads the normalised image in 16 bits: an int8 grid over it does not line up with the image's 256 levels and rounds
-every pixel. Then every activation that is not the input or output of a layer still able to run
-in int8 gets 16 bits too. VGG16, whose convolutions all end in a ReLU, keeps every convolution
-but the first in int8 (3.3x float32's speed). In MobileNetV2 every block touches a 16-bit tensor,
-so only the classifier's hidden dense layer runs in int8; its int8 file is about a third of the
-float32 size and 4x slower. On a chest X-ray MobileNetV2 run (624 test images), all-int8 flipped
-1.8 % of the test labels, 16 bits for the depthwise weights and unbounded activations 0.8 %, and
-16 bits for every activation of a float32 layer too 0.3 %. On another run of the same recipe that
-rule flipped 3 labels (mean probability error 0.0053, max 0.127); 16 bits for all short weights
-flipped none (0.0019, max 0.049) for 2.4 % more bytes.
-
-Bias correction (Nagel et al., "Data-Free Quantization", 2019, empirical form): rounding weights
-and activations to int8 shifts the mean of each convolution's output a little; in networks such as
-MobileNetV2 the shifts compound through the layers. On the chest X-ray runs weights-only fake
-quantization alone moved the probabilities by 0.12 on average and flipped 12% of the labels (the
-runtime was not the cause). Going through the convolutions in graph order, the per-channel mean of
-each one's quantized output on calibration images is compared with the float model's and the
-difference is taken out of its int32 bias, so every later layer is corrected given the earlier
-corrections. The int8 weights and activation ranges stay as calibrated.
+Why these recipes (the measurements behind them are in docs/int8.md, Experiments): `uint8` keeps
+every layer but the stem and the classifier head in int8, with uint8 activations and 7-bit
+weights, because that is onnxruntime's fast path on x86 (U8S8 kernels, one scale per activation
+tensor) and most of the int8 network's error arises in the stem. `mixed_16bit`, the accurate
+fallback, gives 16 bits where 8 cost labels and buy no speed: short convolution weights,
+unbounded activations, and the activations of layers that run in float32 anyway. Bias correction
+(Nagel et al., "Data-Free Quantization", 2019, empirical form) takes out of each convolution's
+int32 bias, in graph order, the shift of its output's mean that rounding causes, which in
+networks such as MobileNetV2 compounds through the layers.
 """
 from __future__ import annotations
 

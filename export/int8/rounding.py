@@ -12,10 +12,8 @@ so the graph, its speed and its arithmetic on every CPU are unchanged; only the 
 Written here because no installed tool does it for this graph: onnxruntime's GPTQ
 (matmul_nbits_quantizer, through Intel Neural Compressor) rewrites MatMul weights into 4-bit
 MatMulNBits, and NNCF's GPTQ compresses the weights of OpenVINO and PyTorch language models; neither
-rounds the int8 weights of a QDQ convolution. Measured on the three real data sets (five calibration
-samples of 300 images each, full test splits, bias correction after it): the mean probability
-error against float32 fell on all 15 samples (by 0.5 % to 31 %), and the labels flipped fell on 13
-of them (16 % to 26 % fewer per data set); README's Edge export section has the table.
+rounds the int8 weights of a QDQ convolution. What it changed, measured: docs/int8.md
+(Experiments).
 """
 from __future__ import annotations
 

@@ -18,6 +18,8 @@ import os
 import sys
 from typing import Mapping, Sequence
 
+from edge.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED
+
 
 def build_tf_config(job_name: str, service: str, workers: int, index: int, port: int = 2222) -> str:
     if workers < 1 or not 0 <= index < workers:
@@ -43,16 +45,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         print("usage: python -m job.cluster.tfconfig COMMAND [ARGS...]", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     try:
         tf_config = tf_config_from_env(os.environ)
     except ValueError as error:
         print(f"configuration error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     os.environ["TF_CONFIG"] = tf_config
     print(f"TF_CONFIG={tf_config}", file=sys.stderr, flush=True)
     os.execvp(argv[0], argv)
-    return 1  # not reached
+    return EXIT_FAILED  # not reached
 
 
 if __name__ == "__main__":

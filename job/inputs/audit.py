@@ -29,9 +29,9 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
+from common import run_files
 from job.cluster import distribute
 from job.inputs import data
-from job.results import report
 
 log = logging.getLogger("job")
 FILE = "audit.json"
@@ -59,7 +59,7 @@ class Images:
 def file_digests(paths: list[str]) -> list[str]:
     """SHA-256 of each file (hashlib releases the GIL: a thread pool reads them in parallel)."""
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        return list(pool.map(report.sha256, paths))
+        return list(pool.map(run_files.sha256, paths))
 
 
 def duplicate_pairs(images: Images, threshold: float = NEAR_DUPLICATE_COSINE) -> list[dict]:

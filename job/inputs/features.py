@@ -27,7 +27,7 @@ from keras import ops
 
 from job.config import Config
 from job.inputs import budget, data
-from job.results.report import SCORED_SPLITS
+from job.results.scoring import SCORED_SPLITS
 from job.training import model
 from storage import diskspace
 

@@ -30,15 +30,15 @@ from pathlib import Path
 import numpy as np
 
 import storage
+from common import run_files
 from edge import logs as edge_logs
 from edge.runtime import predict_labels
 from job.config import Config
 from job.promotion import paired, pointer, versions
-from job.results import html_report, report
+from job.results import run_page
 
 log = logging.getLogger("job")
 
-RECORD = "promotion.json"
 SIGNIFICANCE = 0.05
 ATTEMPTS = 3  # comparisons before a run that keeps losing the switch holds back
 ONNX_FLOAT32, ONNX_INT8 = "model.onnx", "model.int8.onnx"
@@ -70,7 +70,7 @@ class Challenger:
 
 def already_recorded(config: Config) -> bool:
     """Whether this run's promotion verdict is already written (a rerun has nothing to do)."""
-    return storage.exists(storage.join(config.run_uri, RECORD),
+    return storage.exists(storage.join(config.run_uri, run_files.PROMOTION),
                           retry_deadline=config.storage_deadline)
 
 
@@ -206,13 +206,13 @@ def per_class_recall(challenger: Challenger, champion_predicted: np.ndarray) -> 
 def load_challenger(config: Config, export_uri: str | None) -> Challenger:
     """This run's files and test predictions (written by the run: test_predictions.json)."""
     run_dir = _local(config.run_uri, config, "run")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    predictions = html_report.read_predictions(run_dir / html_report.PREDICTIONS, None)
+    metrics = json.loads((run_dir / run_files.METRICS).read_text())
+    predictions = run_page.read_predictions(run_dir / run_files.PREDICTIONS, None)
     export_dir, export_files, int8 = None, [], "not exported"
     if export_uri:
         export_dir = _local(export_uri, config, "export") if export_uri != config.run_uri \
             else run_dir
-        export_report = json.loads((export_dir / versions.EXPORT_REPORT).read_text())
+        export_report = json.loads((export_dir / run_files.EXPORT_REPORT).read_text())
         export_files = list(export_report.get("files") or {})
         int8 = "included" if ONNX_INT8 in export_files else \
             "held back: " + "; ".join(export_report.get("failed_gates") or ["not written"])
@@ -274,25 +274,24 @@ def switch(config: Config, staged: Path, current: dict | None, token: str) -> bo
 
 def write_record(config: Config, challenger: Challenger, record: dict) -> None:
     """promotion.json and report.html (its Promotion section filled in) into the run directory,
-    and both into its MANIFEST.json (report.AMENDED_BY_PROMOTION: the one change to a complete
+    and both into its MANIFEST.json (run_files.AMENDED_BY_PROMOTION: the one change to a complete
     run, made by the process that published it)."""
     run_dir = challenger.run_dir
-    report.write_json(run_dir / RECORD, record)
+    run_files.write_json(run_dir / run_files.PROMOTION, record)
     export_report = None
     if challenger.export_dir is not None:
-        export_report = json.loads((challenger.export_dir / versions.EXPORT_REPORT).read_text())
+        export_report = json.loads((challenger.export_dir / run_files.EXPORT_REPORT).read_text())
     data_root = storage.local_dir_for(config.data_uri, config.cache_dir / "data")
-    html_report.write_report(run_dir / html_report.REPORT, challenger.metrics,
-                             html_report.read_predictions(run_dir / html_report.PREDICTIONS,
-                                                          data_root),
-                             export_report, promotion=record)
+    run_page.write_page(run_dir / run_files.RUN_PAGE, challenger.metrics,
+                        run_page.read_predictions(run_dir / run_files.PREDICTIONS, data_root),
+                        export_report, promotion=record)
     if storage.is_remote(config.run_uri):  # (a local run directory is run_dir itself)
-        for name in (RECORD, html_report.REPORT):
+        for name in (run_files.PROMOTION, run_files.RUN_PAGE):
             uri = storage.join(config.run_uri, name)
             _, token = pointer.read(uri, retry_deadline=config.storage_deadline)
             pointer.replace(uri, (run_dir / name).read_bytes(), token,
                             retry_deadline=config.storage_deadline)
-    add_to_manifest(config, [run_dir / name for name in report.AMENDED_BY_PROMOTION])
+    add_to_manifest(config, [run_dir / name for name in run_files.AMENDED_BY_PROMOTION])
 
 
 def add_to_manifest(config: Config, paths: list[Path]) -> None:
@@ -300,15 +299,15 @@ def add_to_manifest(config: Config, paths: list[Path]) -> None:
     matches it. On gs:// the manifest is replaced as CURRENT.json is, conditioned on the version
     read, so nothing another writer added is lost; a local run directory is written by this run
     alone (a rename, as every file of it)."""
-    entries = {path.name: {"bytes": path.stat().st_size, "sha256": report.sha256(path)}
+    entries = {path.name: {"bytes": path.stat().st_size, "sha256": run_files.sha256(path)}
                for path in paths}
     if not storage.is_remote(config.run_uri):
-        manifest_path = Path(config.run_uri, report.MANIFEST)
+        manifest_path = Path(config.run_uri, run_files.MANIFEST)
         manifest = json.loads(manifest_path.read_text())
         manifest["files"].update(entries)
-        report.write_json(manifest_path, manifest)
+        run_files.write_json(manifest_path, manifest)
         return
-    manifest_uri = storage.join(config.run_uri, report.MANIFEST)
+    manifest_uri = storage.join(config.run_uri, run_files.MANIFEST)
     for _ in range(ATTEMPTS):
         data, token = pointer.read(manifest_uri, retry_deadline=config.storage_deadline)
         manifest = json.loads(data)

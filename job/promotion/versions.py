@@ -25,16 +25,18 @@ import sys
 from pathlib import Path
 
 import storage
+from common import run_files
+from common.cache_dir import DEFAULT_CACHE_DIR
+from edge.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from job.promotion import pointer
-from job.results import report
 
 log = logging.getLogger("job")
 
 CURRENT = "CURRENT.json"
 VERSIONS = "versions"
-RUN_FILES = ("saved_model", "labels.txt", "metrics.json", "report.html", "test_predictions.json")
+RUN_FILES = (run_files.SAVED_MODEL, run_files.LABELS, run_files.METRICS, run_files.RUN_PAGE,
+             run_files.PREDICTIONS)
 SELFTEST = "selftest"  # the export's self-test set, copied whole when present
-EXPORT_REPORT = "export_report.json"
 
 
 class ChampionUnusable(Exception):
@@ -84,7 +86,7 @@ def fetch_verified(current: dict, promote_uri: str, cache_dir: Path, deadline: f
         path = local / name
         if not path.is_file():
             raise ChampionUnusable(f"version {uri}: {name} is missing")
-        if report.sha256(path) != entry.get("sha256"):
+        if run_files.sha256(path) != entry.get("sha256"):
             raise ChampionUnusable(f"version {uri}: {name} fails its SHA-256 in CURRENT.json")
     return local
 
@@ -98,25 +100,25 @@ def stage(staging: Path, run_dir: Path, export_dir: Path | None, export_files: l
     for name in RUN_FILES:
         _copy(run_dir / name, staging / name)
     if export_dir is not None:
-        for name in [*export_files, EXPORT_REPORT, SELFTEST]:
+        for name in [*export_files, run_files.EXPORT_REPORT, SELFTEST]:
             _copy(export_dir / name, staging / name)
-    report.write_manifest(staging)
+    run_files.write_manifest(staging)
     return staging
 
 
 def publish(staging: Path, uri: str, deadline: float) -> None:
     """The staged version to uri, MANIFEST.json last; a version this run already completed there
     (a rerun after SIGTERM) is left as it is."""
-    if storage.exists(storage.join(uri, report.MANIFEST), retry_deadline=deadline):
+    if storage.exists(storage.join(uri, run_files.MANIFEST), retry_deadline=deadline):
         log.info("promotion: version %s is already complete", uri)
         return
-    storage.publish_tree(staging, uri, last=report.MANIFEST, retry_deadline=deadline)
+    storage.publish_tree(staging, uri, last=run_files.MANIFEST, retry_deadline=deadline)
 
 
 def pointer_to(version_dir: Path, uri: str, history: list[dict], **notes) -> dict:
     """CURRENT.json's content naming the version in version_dir (published at uri)."""
-    metrics = json.loads((version_dir / "metrics.json").read_text())
-    manifest = json.loads((version_dir / report.MANIFEST).read_text())
+    metrics = json.loads((version_dir / run_files.METRICS).read_text())
+    manifest = json.loads((version_dir / run_files.MANIFEST).read_text())
     test = metrics.get("test") or {}
     record = metrics.get("record") or {}
     return {"run_id": metrics.get("run_id"), "version": version_path(metrics.get("run_id")),
@@ -126,9 +128,9 @@ def pointer_to(version_dir: Path, uri: str, history: list[dict], **notes) -> dic
             "decision_threshold": metrics.get("decision_threshold", 0.5),
             "metrics": {"test_accuracy": test.get("accuracy"),
                         "test_macro_recall": test.get("macro_recall")},
-            "files": {**manifest["files"], report.MANIFEST: {
-                "bytes": (version_dir / report.MANIFEST).stat().st_size,
-                "sha256": report.sha256(version_dir / report.MANIFEST)}},
+            "files": {**manifest["files"], run_files.MANIFEST: {
+                "bytes": (version_dir / run_files.MANIFEST).stat().st_size,
+                "sha256": run_files.sha256(version_dir / run_files.MANIFEST)}},
             **notes, "history": history}
 
 
@@ -175,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m job.promotion.versions")
     parser.add_argument("command", choices=["rollback"])
     parser.add_argument("promote_uri")
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path.home() / ".cache" / "image-classifier-job")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -184,13 +185,13 @@ def main(argv: list[str] | None = None) -> int:
                             storage.DEFAULT_RETRY_DEADLINE_S)
     except ChampionUnusable as error:
         log.error("rollback refused: %s", error)
-        return 2
+        return EXIT_BAD_INPUT
     except storage.StorageError as error:
         log.error("rollback failed: %s", error)
-        return 1
+        return EXIT_FAILED
     log.info("rolled back: CURRENT.json names %s (%s) again", restored["run_id"],
              restored["version_uri"])
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -21,12 +21,11 @@ import logging
 from pathlib import Path
 
 import storage
+from common import run_files
 from job.config import Config, ConfigError
-from job.results import report
 from storage import listing, objects
 
 KEY = "identity"  # its key in metrics.json
-METRICS = "metrics.json"
 FILE = "identity.json"  # its file among the checkpoints
 DATA_LISTING = ("data_files", "data_listing_digest")
 log = logging.getLogger("job")
@@ -62,7 +61,7 @@ def check_rerun(config: Config) -> dict:
     (exit 2) naming each difference, before any data is pulled or checkpoint restored."""
     attempt = of_attempt(config)
     deadline = config.storage_deadline
-    metrics = _read_json(storage.join(config.run_uri, METRICS), deadline)
+    metrics = _read_json(storage.join(config.run_uri, run_files.METRICS), deadline)
     if metrics is not None:
         refuse_difference(recorded_in_metrics(metrics), attempt, config.run_id,
                           f"its run at {config.run_uri}")
@@ -84,7 +83,7 @@ def hold(checkpoint_dir: Path, attempt: dict, run_id: str) -> None:
     if any(Path(checkpoint_dir).iterdir()):
         log.warning("RUN_ID=%s: its checkpoints record no data or settings (made before runs "
                     "recorded them); resuming them as this attempt's", run_id)
-    report.write_json(path, attempt)
+    run_files.write_json(path, attempt)
 
 
 def recorded_in_metrics(metrics: dict) -> dict:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Iterator
 
 import storage
-from job.results import report
+from common import run_files
 
 CLAIM = "WRITER.json"
 HEARTBEAT_S = 20.0
@@ -79,7 +79,7 @@ def publish(claim: "Claim | None", local_dir: Path, run_uri: str, *,
     raises WrittenElsewhere or storage.Conflict rather than write over another writer's run."""
     if claim is not None:
         claim.verify()
-    stats = storage.publish_tree(local_dir, run_uri, last=report.MANIFEST,
+    stats = storage.publish_tree(local_dir, run_uri, last=run_files.MANIFEST,
                                  retry_deadline=retry_deadline)
     if claim is not None:
         claim.done()
@@ -309,7 +309,7 @@ def _read_quietly(path: Path) -> bytes:
 
 
 def _complete(run_uri: str, retry_deadline: float = storage.DEFAULT_RETRY_DEADLINE_S) -> bool:
-    return storage.exists(storage.join(run_uri, report.MANIFEST), retry_deadline=retry_deadline)
+    return storage.exists(storage.join(run_uri, run_files.MANIFEST), retry_deadline=retry_deadline)
 
 
 def _holder(content: bytes) -> dict | None:

@@ -9,7 +9,7 @@ it and the predictor all output calibrated probabilities, with no new layer or o
 The run's final scores are recomputed on the calibrated probabilities (those of the logits the
 recorded probabilities imply, divided by T; with TTA each view's, then their mean, as the model's
 outputs would be), and the two-class decision threshold is chosen again on them by the usual
-rule (job.results.report). Calibration error is the top-label ECE: the images binned by the probability
+rule (job.results.scoring). Calibration error is the top-label ECE: the images binned by the probability
 of their most likely class into ECE_BINS equal-width bins over [0, 1], and the mean over bins,
 weighted by images, of |accuracy - mean confidence| (argmax, not the decision threshold).
 """
@@ -24,7 +24,7 @@ from scipy import optimize, special
 from sklearn.metrics import log_loss
 
 from job.cluster import distribute
-from job.results import report
+from job.results import scoring
 
 log = logging.getLogger("job")
 ECE_BINS = 15
@@ -48,7 +48,7 @@ class Scored:
 
 @dataclasses.dataclass(frozen=True)
 class Calibrated:
-    """The outcome: T, the scores of the calibrated probabilities (report.score_phase's result),
+    """The outcome: T, the scores of the calibrated probabilities (scoring.score_phase's result),
     the calibrated test probabilities as scored, and metrics.json's "calibration" block."""
 
     temperature: float
@@ -129,9 +129,9 @@ def skip_reason(scored: Scored | None, class_names: list[str]) -> str | None:
         return ("the final phase was finished by an earlier attempt of the run, so its "
                 "validation probabilities are not at hand")
     images = len(scored.labels.get("validation", []))
-    needed = report.MIN_THRESHOLD_IMAGES * len(class_names)
+    needed = scoring.MIN_THRESHOLD_IMAGES * len(class_names)
     if images < needed:
-        return (f"validation has {images} image(s), under the {report.MIN_THRESHOLD_IMAGES} per "
+        return (f"validation has {images} image(s), under the {scoring.MIN_THRESHOLD_IMAGES} per "
                 f"class ({needed} for {len(class_names)} classes) needed to fit a temperature")
     return None
 
@@ -159,7 +159,7 @@ def calibrate(scored: Scored | None, class_names: list[str], output_layer, chief
               for name, p in scored.probabilities.items()}
     after = {name: scored_probabilities(p, (scored.flipped or {}).get(name), temperature)
              for name, p in scored.probabilities.items()}
-    scores = report.score_phase(
+    scores = scoring.score_phase(
         scored.labels, {name: scaled(p, temperature) for name, p in scored.probabilities.items()},
         class_names, None if scored.flipped is None else
         {name: scaled(p, temperature) for name, p in scored.flipped.items()})
@@ -183,7 +183,7 @@ def apply(metrics: dict, calibrated: Calibrated, record_key: str) -> None:
     metrics["calibration"] = calibrated.record
     if calibrated.scores is None:
         return
-    for name in report.SCORED_SPLITS:
+    for name in scoring.SCORED_SPLITS:
         metrics[name] = calibrated.scores[name]
     metrics["decision_threshold"] = calibrated.scores["decision_threshold"]
     metrics[record_key]["decision_threshold"] = calibrated.scores["decision_threshold"]

@@ -3,9 +3,10 @@
 While a phase trains, Keras' BackupAndRestore keeps its weights, optimizer state and epoch after
 every epoch; a finished phase leaves its weights and its record in state.json, so a restart with
 the same RUN_ID never redoes it. SIGTERM (Kubernetes preemption or eviction) stops training at the
-end of the current step, saves, and ends the job with EXIT_PREEMPTED, which is safe to retry.
-Everything lives in a folder of the job's cache, mirrored after each save to the run's checkpoint
-prefix (CHECKPOINT_URI/RUN_ID), where clearing removes only the files this run recorded writing.
+end of the current step, saves, and ends the job with EXIT_PREEMPTED (75, edge.exit_codes), which
+is safe to retry. Everything lives in a folder of the job's cache, mirrored after each save to the
+run's checkpoint prefix (CHECKPOINT_URI/RUN_ID), where clearing removes only the files this run
+recorded writing.
 """
 from __future__ import annotations
 
@@ -19,10 +20,9 @@ from pathlib import Path
 import keras
 
 import storage
-from job.results import report
+from common import run_files
 from storage import diskspace
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run is checkpointed, run it again with the same RUN_ID
 log = logging.getLogger("job")
 
 
@@ -80,7 +80,7 @@ class Checkpoints:
                                f"{phase}'s weights"):
             model.save_weights(self.local_dir / f"{phase_key(phase)}.weights.h5")
         self.state["phases"][phase] = record
-        report.write_json(self.local_dir / "state.json", self.state)
+        run_files.write_json(self.local_dir / "state.json", self.state)
         shutil.rmtree(self._backup_dir(phase), ignore_errors=True)
         self.sync()
 
@@ -183,7 +183,7 @@ class EpochHistory(keras.callbacks.Callback):
             values = history.setdefault(key, [])
             del values[epoch:]
             values.append(float(value))
-        report.write_json(self.path, history)
+        run_files.write_json(self.path, history)
 
 
 def phase_key(phase: str) -> str:

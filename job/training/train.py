@@ -3,9 +3,9 @@
 Phase 1 (feature extraction) trains a new head on a frozen conv base; phase 2 (fine-tuning)
 unfreezes the base from FINE_TUNE_FROM up and trains at a low learning rate. What each phase fits
 on (the cached outputs of its frozen layers, or the images) is job.inputs.features' concern; how a phase
-is scored (validation-chosen threshold, TTA) is job.results.report's. The run directory gets the
+is scored (validation-chosen threshold, TTA) is job.results.scoring's. The run directory gets the
 SavedModel, labels, metrics (with the run record the export reads), plots and summary, the test
-predictions and report.html (job.results.html_report), then MANIFEST.json.
+predictions and report.html (job.results.run_page), then MANIFEST.json.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 import storage
+from common import run_files
 from common.progress import Progress
 from common.record import KEY as RECORD_KEY
 from common.record import RunRecord
@@ -36,7 +37,7 @@ from job.config import Config, ConfigError
 from job.inputs import audit, budget, data
 from job.inputs.features import Features, PhaseInputs
 from job.inputs.shard import EVERYTHING, Shard
-from job.results import html_report, identity, report, tuning, writer
+from job.results import identity, plots, run_page, scoring, tuning, writer
 from job.training import calibration, model, probe, serving
 from job.training.checkpoint import Checkpoints, StopSignal, phase_key
 from storage import diskspace
@@ -90,7 +91,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
     checkpoints; a complete run is left untouched.
     """
     attempt = identity.check_rerun(config)  # exit 2 on other data or settings, complete or not
-    if storage.exists(storage.join(config.run_uri, report.MANIFEST),
+    if storage.exists(storage.join(config.run_uri, run_files.MANIFEST),
                       retry_deadline=config.storage_deadline):
         log.info("run %s is already complete at %s; nothing to do", config.run_id, config.run_uri)
         tidy_complete(config, context)
@@ -138,7 +139,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
     metrics[identity.KEY] = attempt
     log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
     writer.fresh_staging(context.run_dir)  # nothing an earlier attempt left is published
-    report.write_json(context.run_dir / audit.FILE, audited)
+    run_files.write_json(context.run_dir / audit.FILE, audited)
     write_run(context.run_dir, config, parts.classifier, dataset.class_names, metrics, summaries,
               final_test_predictions(dataset.root, trainer, phases(config)[-1]))
     if not context.chief:
@@ -408,7 +409,7 @@ class Trainer:
                                            self.strategy),
                    distribute.gather_rows(
                        np.asarray(getattr(dataset, name).labels, dtype=np.int32), self.strategy))
-            for name in report.SCORED_SPLITS}
+            for name in scoring.SCORED_SPLITS}
         self.verbose = 1 if sys.stdout.isatty() else 0
         # Per phase name: the test split's probabilities as scored, for report.html (in memory:
         # metrics.json keeps only the scores).
@@ -551,8 +552,8 @@ class Trainer:
 
     def evaluate(self, phase: str, inputs: PhaseInputs) -> dict:
         """The validation and test scores of the classifier as it stands after a phase (see
-        report.score_phase), logged."""
-        names = [name for name in report.SCORED_SPLITS if len(self.scored_splits[name][1])]
+        scoring.score_phase), logged."""
+        names = [name for name in scoring.SCORED_SPLITS if len(self.scored_splits[name][1])]
 
         def predict(name: str, flipped: bool):
             """The whole split's probabilities, each worker scoring its shard."""
@@ -565,16 +566,16 @@ class Trainer:
         labels = {name: self.scored_splits[name][1] for name in names}
         probabilities = {name: predict(name, False) for name in names}
         flipped = {name: predict(name, True) for name in names} if self.config.tta else None
-        result = report.score_phase(labels, probabilities, self.dataset.class_names, flipped)
+        result = scoring.score_phase(labels, probabilities, self.dataset.class_names, flipped)
         self.scored[phase] = calibration.Scored(labels, probabilities, flipped)
         if "test" in probabilities:  # what score_phase scored: with TTA, the mean with the flip
             self.test_probabilities[phase] = probabilities["test"] if flipped is None else \
                 (probabilities["test"] + flipped["test"]) / 2
         for name in names:
-            log.info("%s after %s: %s", name, phase, report.summary_line(result[name]),
+            log.info("%s after %s: %s", name, phase, scoring.summary_line(result[name]),
                      extra=edge_logs.fields(phase=phase, split=name,
-                                            metrics=report.headline(result[name])))
-            for weak, recall in report.weak_classes(result[name]).items():
+                                            metrics=scoring.headline(result[name])))
+            for weak, recall in scoring.weak_classes(result[name]).items():
                 log.warning("%s after %s: class %r has recall %.3f, under half the mean "
                             "recall of the classes", name, phase, weak, recall)
         for warning in result["evaluation_warnings"]:
@@ -630,7 +631,7 @@ def _log_cache_plan(plan: budget.CachePlan, config: Config) -> None:
 
 
 def final_test_predictions(data_root: Path, trainer: Trainer,
-                           final: Phase) -> html_report.TestPredictions | None:
+                           final: Phase) -> run_page.TestPredictions | None:
     """The final phase's test probabilities with the test images' paths (relative to the data
     root, as the export finds them again); None without a test split, or when an earlier attempt
     of the run finished the final phase, so this process never scored it. (Of a cluster's run,
@@ -640,13 +641,13 @@ def final_test_predictions(data_root: Path, trainer: Trainer,
     if probabilities is None:
         return None
     paths, labels = trainer.scored_splits["test"]
-    return html_report.TestPredictions.of_split([str(data_root / path) for path in paths],
-                                                labels, probabilities, data_root)
+    return run_page.TestPredictions.of_split([str(data_root / path) for path in paths],
+                                             labels, probabilities, data_root)
 
 
 def write_run(work_dir: Path, config: Config, classifier: keras.Model, class_names: list[str],
               metrics: dict, summaries: dict,
-              predictions: html_report.TestPredictions | None = None) -> None:
+              predictions: run_page.TestPredictions | None = None) -> None:
     """Writes every output file; MANIFEST.json, last, marks the run complete. report.html draws
     its ROC/PR curves and contact sheet from predictions, also kept as test_predictions.json so
     that the export can render it again; without them the page says they are missing."""
@@ -658,15 +659,15 @@ def write_run(work_dir: Path, config: Config, classifier: keras.Model, class_nam
     (work_dir / "labels.txt").write_text("\n".join(class_names) + "\n")
     for phase in ("phase1", "phase2"):
         if (metrics.get(phase) or {}).get("history"):  # a phase solved as a probe has no epochs
-            report.plot_history(metrics[phase]["history"], phase.replace("phase", "phase "),
-                                work_dir / f"curves_{phase}.png")
+            plots.plot_history(metrics[phase]["history"], phase.replace("phase", "phase "),
+                               work_dir / f"curves_{phase}.png")
     (work_dir / "model_summary.txt").write_text("\n\n".join(
         f"== after {phase} ==\n{s['text']}\n{s['parameters']}" for phase, s in summaries.items()))
-    report.write_json(work_dir / "metrics.json", metrics)
+    run_files.write_json(work_dir / "metrics.json", metrics)
     if predictions is not None:
-        html_report.write_predictions(work_dir / html_report.PREDICTIONS, predictions)
-    html_report.write_report(work_dir / html_report.REPORT, metrics, predictions)
-    report.write_manifest(work_dir)
+        run_page.write_predictions(work_dir / run_files.PREDICTIONS, predictions)
+    run_page.write_page(work_dir / run_files.RUN_PAGE, metrics, predictions)
+    run_files.write_manifest(work_dir)
 
 
 def _summary(classifier: keras.Model) -> dict:

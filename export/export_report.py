@@ -1,4 +1,4 @@
-"""Report: export_report.json, assembled from the export's figures by one pure function."""
+"""Export report: export_report.json, assembled from the export's figures by one pure function."""
 from __future__ import annotations
 
 from common.record import RunRecord
@@ -38,7 +38,7 @@ def build_report(config: ExportConfig, record: RunRecord, verdict: Verdict, *,
         # of multiply-accumulates in int8 (export.int8.census), so a slow int8 model explains itself.
         "operators": operators,
         "quantization": quantization,
-        "files": {name: file for name, file in files.items() if verdict.passed[name]},
+        "files": {row.file: files[row.file] for row in FORMATS if verdict.passed.get(row.key)},
         "seconds": seconds,
         "versions": versions,
     }
@@ -49,7 +49,7 @@ def fastest(latency: dict, passed: dict[str, bool]) -> dict:
     on this CPU, and its speed: int8 is not always the faster one (a `mixed_16bit` file is a third
     of float32's size but slower), so the report says which to ship where speed matters."""
     timed = {row.file: latency[row.backend] for row in FORMATS
-             if passed.get(row.file) and row.backend in latency}
+             if passed.get(row.key) and row.backend in latency}
     if not timed:
         return {}
     batch1 = min(timed, key=lambda file: timed[file]["batch1_p50_ms"])

@@ -1,27 +1,15 @@
-"""Report: scoring a phase's predictions, training-curve plots and the run manifest.
+"""Scoring: the metrics of a phase's predictions on the validation and test splits.
 
-The scoring functions are pure (labels and probabilities in, metrics out); the rest turns numbers
-into files in a local run directory. MANIFEST.json, written last by `write_manifest`, is what
-marks a run as complete.
+Pure functions (labels and probabilities in, metrics out): accuracy, loss, per-class figures,
+the decision threshold chosen on validation (two classes), TTA's mean with the flipped images,
+and the warnings that say when a figure is less than it seems.
 """
 from __future__ import annotations
-
-import hashlib
-import json
-import os
-import re
-from pathlib import Path
 
 import numpy as np
 from sklearn import metrics as skm
 
 from edge.runtime import predict_labels
-
-MANIFEST = "MANIFEST.json"
-# Names of files being written: write_text's "x.tmp", TensorFlow's atomic writes
-# ("saved_model.pb.tmp" and a hex id), the storage module's "x.partial".
-TEMPORARY = re.compile(r"\.(tmp[0-9a-f]*|partial)$")
-
 
 SCORED_SPLITS = ("validation", "test")
 TOP_K = (3, 5)  # top-k accuracies recorded where there are more than k classes
@@ -194,94 +182,3 @@ def _class_probabilities(probabilities: np.ndarray) -> np.ndarray:
     if probabilities.shape[-1] == 1:
         return np.concatenate([1 - probabilities, probabilities], axis=-1)
     return probabilities / probabilities.sum(axis=-1, keepdims=True)  # float32 softmax rounding
-
-
-def smooth(values: list[float], weight: float = 0.6) -> list[float]:
-    """Exponential moving average, as TensorBoard's smoothing slider draws it."""
-    smoothed, last = [], None
-    for value in values:
-        last = value if last is None else weight * last + (1 - weight) * value
-        smoothed.append(last)
-    return smoothed
-
-
-def plot_history(history: dict[str, list[float]], title: str, path: Path) -> None:
-    """Accuracy and loss per epoch, training and validation, raw (thin) and smoothed (bold), as
-    PNG to path (a file path or a binary stream: report.html embeds them)."""
-    figure, axes = pyplot().subplots(1, 2, figsize=(11, 4))
-    for axis, metric in zip(axes, ("accuracy", "loss")):
-        for key, label, colour in ((metric, "training", "tab:blue"),
-                                   (f"val_{metric}", "validation", "tab:orange")):
-            values = history.get(key, [])
-            epochs = range(1, len(values) + 1)
-            axis.plot(epochs, values, color=colour, alpha=0.35, linewidth=1, label=f"{label} (raw)")
-            axis.plot(epochs, smooth(values), color=colour, linewidth=2, label=f"{label} (smoothed)",
-                      marker="o" if len(values) == 1 else None)  # one epoch: a point, not a line
-        axis.set_title(f"{title}: {metric}")
-        axis.set_xlabel("epoch")
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    pyplot().close(figure)
-
-
-def pyplot():
-    """matplotlib's pyplot on its file-only backend (a batch job has no display); imported on
-    first use, as only the end of a run draws."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as loaded
-
-    return loaded
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Writes JSON whole (see write_text)."""
-    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def write_text(path: Path, text: str) -> None:
-    """Writes through a temporary file and a rename, so a reader never sees half a file."""
-    temporary = Path(f"{path}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def write_manifest(run_dir: Path) -> dict:
-    """Lists every file of the run with its size and SHA-256; written last, it marks completion.
-
-    Never a temporary or partial file (see TEMPORARY): each attempt writes into an empty folder,
-    so there should be none, but a writer killed mid-file must never have its half listed."""
-    files = {}
-    for path in sorted(p for p in Path(run_dir).rglob("*") if p.is_file() and p.name != MANIFEST):
-        relative = str(path.relative_to(run_dir))
-        if relative.startswith("checkpoints/") or TEMPORARY.search(path.name):
-            continue
-        files[relative] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
-    manifest = {"files": files}
-    write_json(Path(run_dir, MANIFEST), manifest)
-    return manifest
-
-
-# The files of a complete run that promotion amends after it is published (job/promotion/promote.py): its
-# verdict, and report.html with its Promotion section, each with its MANIFEST.json entry. A run's
-# fingerprint leaves them out, so an export made before the promotion stays the run's own.
-AMENDED_BY_PROMOTION = ("promotion.json", "report.html")
-
-
-def run_fingerprint(manifest: dict) -> str:
-    """SHA-256 of what a run's MANIFEST.json lists (names, sizes, checksums), less the files
-    promotion amends: which run this is, to the export that records it."""
-    files = {name: entry for name, entry in manifest["files"].items()
-             if name not in AMENDED_BY_PROMOTION}
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-
-
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -1,4 +1,4 @@
-"""HTML report: report.html, one self-contained page per run, and test_predictions.json.
+"""Run page: report.html, one self-contained page per run, and test_predictions.json.
 
 The page (issue #17) holds the data (classes, counts per split, skipped files and why), the
 training curves of both phases, the confusion matrix, ROC and precision-recall curves with the
@@ -23,13 +23,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from sklearn import metrics as skm
 
+from common import run_files
 from edge.runtime import predict_labels
-from job.results import report
+from job.results import plots, scoring
 
-REPORT = "report.html"
-PREDICTIONS = "test_predictions.json"
 THUMBNAIL_PIXELS = 96
 MISTAKES_SHOWN = 24  # thumbnails on the contact sheet
 SKIPPED_SHOWN = 200  # rows of the skipped-files table; metrics.json lists them all
@@ -72,7 +70,7 @@ class TestPredictions:
 
 
 def write_predictions(path: Path, predictions: TestPredictions) -> None:
-    report.write_json(path, {"labels": predictions.labels.tolist(),
+    run_files.write_json(path, {"labels": predictions.labels.tolist(),
                              "probabilities": predictions.probabilities.astype(float).tolist(),
                              "paths": predictions.paths})
 
@@ -87,10 +85,10 @@ def read_predictions(path: Path, root: Path | None) -> TestPredictions | None:
                            stored["paths"], root)
 
 
-def write_report(path: Path, metrics: dict, predictions: TestPredictions | None,
+def write_page(path: Path, metrics: dict, predictions: TestPredictions | None,
                  export_report: dict | None = None, promotion: dict | None = None) -> None:
     """Renders report.html to path (through a temporary file, so no reader sees half of it)."""
-    report.write_text(path, render(metrics, metrics["classes"], predictions, export_report,
+    run_files.write_text(path, render(metrics, metrics["classes"], predictions, export_report,
                                    promotion))
 
 
@@ -136,7 +134,7 @@ def headline(metrics: dict) -> str:
 
 
 def evaluation_warnings(metrics: dict) -> str:
-    """Under the headline, why some of its figures are less than they seem (job.results.report)."""
+    """Under the headline, why some of its figures are less than they seem (job.results.scoring)."""
     return "".join(f'<p class="wrong">Evaluation: {_text(warning)}</p>'
                    for warning in metrics.get("evaluation_warnings") or [])
 
@@ -209,7 +207,7 @@ def curves_section(metrics: dict) -> str:
                                f"{record.get('seconds')} s"))
             continue
         buffer = io.BytesIO()
-        report.plot_history(record["history"], phase.replace("phase", "phase "), buffer)
+        plots.plot_history(record["history"], phase.replace("phase", "phase "), buffer)
         parts.append(_image(buffer.getvalue(), f"{phase} accuracy and loss per epoch"))
         epochs = record.get("epochs_run")
         parts.append(_note(f"{epochs} epoch{'' if epochs == 1 else 's'}, {record.get('seconds')} s"))
@@ -223,7 +221,7 @@ def calibration_section(metrics: dict) -> str:
         return _note("Not calibrated (a run from before calibration).")
     if block.get("skipped"):
         return _note(f"Skipped, temperature 1: {block['skipped']}.")
-    splits = [name for name in report.SCORED_SPLITS if f"{name}_ece_before" in block]
+    splits = [name for name in scoring.SCORED_SPLITS if f"{name}_ece_before" in block]
     body = _note(f"Temperature {block['temperature']:g}, fitted on validation by log loss and "
                  f"folded into the output layer: every probability here and in the exported "
                  f"models is calibrated. ECE: {block.get('ece_definition')}, "
@@ -232,27 +230,10 @@ def calibration_section(metrics: dict) -> str:
                    [[name, block[f"{name}_ece_before"], block[f"{name}_ece_after"]]
                     for name in splits])
     diagram = (block.get("reliability") or {}).get("test")
-    return body + (_reliability_plot(diagram) if diagram else "")
-
-
-def _reliability_plot(diagram: dict) -> str:
-    """Accuracy against confidence per bin, before and after calibration, side by side."""
-    pyplot = report.pyplot()
-    figure, axes = pyplot.subplots(1, 2, figsize=(10, 4.2))
-    for axis, when in zip(axes, ("before", "after")):
-        bins = diagram[when]
-        edges = np.linspace(0, 1, len(bins["images"]) + 1)
-        filled = np.asarray(bins["images"]) > 0
-        axis.bar(edges[:-1][filled], np.asarray(bins["accuracy"])[filled],
-                 width=edges[1] - edges[0], align="edge", edgecolor="black", alpha=0.7,
-                 label="accuracy")
-        axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-        axis.scatter(np.asarray(bins["confidence"])[filled], np.asarray(bins["accuracy"])[filled],
-                     color="tab:red", s=12, zorder=3, label="mean confidence")
-        axis.set(xlabel="confidence (top label)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-                 title=f"test, {when} calibration")
-        axis.legend(fontsize=8, loc="upper left")
-    return _figure_image(figure, "reliability diagrams before and after calibration")
+    if diagram:
+        body += _image(plots.reliability_png(diagram),
+                       "reliability diagrams before and after calibration")
+    return body
 
 
 def confusion_section(metrics: dict, class_names: list[str]) -> str:
@@ -260,7 +241,8 @@ def confusion_section(metrics: dict, class_names: list[str]) -> str:
     test = metrics.get("test")
     if not test:
         return _note("no test split: nothing scored")
-    return "".join(_confusion_plot(np.asarray(scores["confusion_matrix"]), class_names, caption)
+    return "".join(_image(plots.confusion_png(np.asarray(scores["confusion_matrix"]),
+                                              class_names, caption), f"confusion matrix {caption}")
                    for caption, scores in operating_points(test, len(class_names)))
 
 
@@ -281,8 +263,9 @@ def roc_pr_section(class_names: list[str], predictions: TestPredictions | None,
                      f"run has {len(class_names)}.")
     if predictions is None or len(set(predictions.labels.tolist())) < 2:
         return _note("Omitted: no test predictions of both classes recorded for this run.")
-    return _roc_pr_plot(predictions.labels, predictions.probabilities[:, -1], threshold,
-                        class_names[1])
+    png = plots.roc_pr_png(predictions.labels, predictions.probabilities[:, -1], threshold,
+                          class_names[1])
+    return _image(png, "ROC and precision-recall curves")
 
 
 def per_class_section(metrics: dict) -> str:
@@ -393,40 +376,6 @@ def _dict_table(rows: dict[str, dict]) -> str:
                                    for name, row in rows.items()])
 
 
-def _confusion_plot(matrix: np.ndarray, class_names: list[str], caption: str) -> str:
-    pyplot = report.pyplot()
-    side = min(12, 3.5 + 0.55 * len(class_names))
-    figure, axis = pyplot.subplots(figsize=(side, side * 0.85))
-    skm.ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(
-        ax=axis, cmap="Blues", colorbar=False, xticks_rotation=45 if len(class_names) > 4 else 0)
-    axis.set_title(f"test, {caption}")
-    return _figure_image(figure, f"confusion matrix {caption}")
-
-
-def _roc_pr_plot(labels: np.ndarray, scores: np.ndarray, threshold: float, positive: str) -> str:
-    """ROC and precision-recall curves of class 1's scores, the decision threshold marked."""
-    pyplot = report.pyplot()
-    figure, (roc, pr) = pyplot.subplots(1, 2, figsize=(11, 4.5))
-    fpr, tpr, _ = skm.roc_curve(labels, scores)
-    precision, recall, _ = skm.precision_recall_curve(labels, scores)
-    chosen = scores >= threshold
-    tp, fp = np.sum(chosen & (labels == 1)), np.sum(chosen & (labels == 0))
-    point = dict(tpr=tp / max(1, np.sum(labels == 1)), fpr=fp / max(1, np.sum(labels == 0)),
-                 precision=tp / max(1, tp + fp))
-    marker = dict(color="tab:red", zorder=3, label=f"decision threshold {threshold:.3f}")
-    roc.plot(fpr, tpr, label=f"AUC {skm.auc(fpr, tpr):.3f}")
-    roc.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    roc.scatter([point["fpr"]], [point["tpr"]], **marker)
-    roc.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({positive})")
-    pr.plot(recall, precision,
-            label=f"average precision {skm.average_precision_score(labels, scores):.3f}")
-    pr.scatter([point["tpr"]], [point["precision"]], **marker)
-    pr.set(xlabel="recall", ylabel="precision", title=f"precision-recall ({positive})")
-    for axis in (roc, pr):
-        axis.legend(fontsize=8, loc="lower left" if axis is pr else "lower right")
-    return _figure_image(figure, "ROC and precision-recall curves")
-
-
 def _thumbnail_figure(path: Path | None, name: str, truth: str, guess: str,
                       confidence: float, words: tuple[str, str] = ("true", "predicted")) -> str:
     data = _thumbnail(path)
@@ -453,14 +402,6 @@ def _thumbnail(path: Path | None) -> bytes | None:
     buffer = io.BytesIO()
     small.save(buffer, "JPEG", quality=80)
     return buffer.getvalue()
-
-
-def _figure_image(figure, alt: str) -> str:
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=80)
-    report.pyplot().close(figure)
-    return _image(buffer.getvalue(), alt)
 
 
 def _image(png: bytes, alt: str) -> str:
