@@ -26,7 +26,13 @@ from google.cloud import storage as gcs
 
 from storage import diskspace, files
 from storage.errors import Conflict, StorageError, Unusable
-from storage.gcs import DEFAULT_MAX_WORKERS, DEFAULT_RETRY_DEADLINE_S, connect, is_current
+from storage.gcs import (
+    DEFAULT_MAX_WORKERS,
+    DEFAULT_RETRY_DEADLINE_S,
+    Remote,
+    connect,
+    is_current,
+)
 from storage.uris import (
     as_prefix,
     is_remote,
@@ -175,7 +181,6 @@ def pull_tree(uri: str, local_dir: Path, *, allow_empty: bool = False,
     bucket_name, key = split(uri)
     prefix = as_prefix(key)
     names = _NameCheck()
-    objects = size = cached = 0
     logger.info("pulling %s -> %s", uri, local_dir)
     with connect(uri, retry_deadline, max_workers) as remote:
         listing = remote.client.list_blobs(bucket_name, prefix=prefix, retry=remote.retry)
@@ -186,19 +191,7 @@ def pull_tree(uri: str, local_dir: Path, *, allow_empty: bool = False,
         if select is not None:
             accepted = _selected(list(accepted), select, local_dir)
             kept = {relative for relative, _ in accepted}
-        for batch in _batches(accepted, batch_size):
-            missing = []
-            for relative, blob in batch:
-                target = local_dir.joinpath(*relative.split("/"))
-                if is_current(target, blob):
-                    cached += 1
-                else:
-                    missing.append((blob, target))
-            diskspace.require(local_dir, sum(blob.size or 0 for blob, _ in missing),
-                              f"the next {len(missing)} objects of {uri}")
-            remote.download(missing)
-            objects += len(missing)
-            size += sum(blob.size or 0 for blob, _ in missing)
+        objects, size, cached = _download_missing(remote, accepted, batch_size, local_dir, uri)
     if not names.files and not allow_empty:  # retrying cannot help: exit 2, not 1
         raise names.nothing_usable(uri)
     removed = files.remove_unlisted(local_dir, names.files if select is None else kept)
@@ -206,6 +199,28 @@ def pull_tree(uri: str, local_dir: Path, *, allow_empty: bool = False,
                           skipped=names.skipped)
     stats.log("pulled", uri, local_dir)
     return stats
+
+
+def _download_missing(remote: Remote, accepted: Iterable[tuple[str, gcs.Blob]], batch_size: int,
+                      local_dir: Path, uri: str) -> tuple[int, int, int]:
+    """Downloads, batch by batch, the objects not already current under local_dir, each batch
+    after checking the disk has room for it; (objects, bytes) downloaded and how many were
+    current."""
+    objects = size = cached = 0
+    for batch in _batches(accepted, batch_size):
+        missing = []
+        for relative, blob in batch:
+            target = local_dir.joinpath(*relative.split("/"))
+            if is_current(target, blob):
+                cached += 1
+            else:
+                missing.append((blob, target))
+        diskspace.require(local_dir, sum(blob.size or 0 for blob, _ in missing),
+                          f"the next {len(missing)} objects of {uri}")
+        remote.download(missing)
+        objects += len(missing)
+        size += sum(blob.size or 0 for blob, _ in missing)
+    return objects, size, cached
 
 
 def _selected(accepted: list[tuple[str, gcs.Blob]], select: Callable[[list[str]], set[str]],

@@ -4,7 +4,7 @@ Two processes of one RUN_ID (a duplicate Job, or the replacement pod Kubernetes 
 old one terminates), on gs:// and on local folders, in either order and with either one slowed:
 the run is published once, matches its MANIFEST.json, and the other process exits with a code
 that does not invite a retry. Claims (job/results/writer.py) are tested in-process and with the writer
-processes of tests/writer_process.py; the conditional uploads (storage/__init__.py) against the GCS
+processes of tests/writer_process.py; the conditional uploads (storage/mirror.py) against the GCS
 emulator, which holds generations and preconditions as GCS does.
 """
 from __future__ import annotations
