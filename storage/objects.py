@@ -30,7 +30,7 @@ from storage.gcs import DEFAULT_RETRY_DEADLINE_S, REQUEST_TIMEOUT_S, connect
 from storage.uris import is_remote, split
 
 # What a request conditional on a generation meets where that generation is no longer live.
-REPLACED = (api_exceptions.PreconditionFailed, api_exceptions.NotFound)
+_REPLACED = (api_exceptions.PreconditionFailed, api_exceptions.NotFound)
 
 
 class Exists(StorageError):
@@ -69,7 +69,7 @@ def read_version(uri: str, *, none_if_replaced: bool = False,
         try:
             data = blob.download_as_bytes(retry=remote.retry, timeout=REQUEST_TIMEOUT_S,
                                           if_generation_match=generation)
-        except REPLACED:
+        except _REPLACED:
             if none_if_replaced:
                 return None
             raise
@@ -91,10 +91,10 @@ def write(uri: str, data: bytes | Path, *, if_generation: int | None = None,
     typed = {} if content_type is None else {"content_type": content_type}
     with connect(uri, retry_deadline) as remote:
         blob = remote.client.bucket(bucket_name).blob(key)
-        upload = blob.upload_from_filename if isinstance(data, Path) else blob.upload_from_string
+        upload, source = (blob.upload_from_filename, str(data)) if isinstance(data, Path) \
+            else (blob.upload_from_string, data)
         try:
-            upload(str(data) if isinstance(data, Path) else data, **typed,
-                   if_generation_match=if_generation, retry=remote.retry,
+            upload(source, **typed, if_generation_match=if_generation, retry=remote.retry,
                    timeout=REQUEST_TIMEOUT_S)
             return blob.generation
         except api_exceptions.PreconditionFailed:
@@ -131,7 +131,7 @@ def delete_if(uri: str, generation: int, *,
         try:
             remote.client.bucket(bucket_name).blob(key).delete(
                 if_generation_match=generation, retry=remote.retry, timeout=REQUEST_TIMEOUT_S)
-        except REPLACED:
+        except _REPLACED:
             return False
         return True
 
