@@ -205,7 +205,7 @@ def test_an_upload_never_lands_over_a_run_completed_after_its_listing(gcs_bucket
     staged_b = staged_run(tmp_path, "B")
     with gcs_emulator.FaultyProxy(gcs_endpoint, delay_s=1.0) as slow_link:
         b = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from job import storage, report; "
+            [sys.executable, "-c", "import storage; from job.results import report; "
              f"storage.publish_tree({str(staged_b)!r}, {run_uri!r}, last=report.MANIFEST)"],
             cwd=ROOT, env=job_environment({"STORAGE_EMULATOR_HOST": slow_link.url}),
             stderr=subprocess.PIPE, text=True)
