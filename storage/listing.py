@@ -14,7 +14,9 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-import storage
+from storage.gcs import DEFAULT_RETRY_DEADLINE_S
+from storage.mirror import list_objects
+from storage.uris import is_remote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,10 +25,10 @@ class Listing:
     digest: str  # SHA-256, hex
 
 
-def of_tree(uri: str, *, retry_deadline: float = storage.DEFAULT_RETRY_DEADLINE_S) -> Listing:
+def of_tree(uri: str, *, retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> Listing:
     """The Listing of everything under uri; nothing there gives 0 files."""
-    entries = storage.list_objects(uri, retry_deadline=retry_deadline) \
-        if storage.is_remote(uri) else _file_entries(Path(uri))
+    entries = list_objects(uri, retry_deadline=retry_deadline) \
+        if is_remote(uri) else _file_entries(Path(uri))
     digest, files = hashlib.sha256(), 0
     for entry in entries:  # as JSON: a name may hold any character, a newline included
         digest.update(json.dumps(list(entry)).encode("ascii") + b"\n")

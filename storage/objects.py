@@ -1,75 +1,139 @@
-"""Objects: single files, local or gs://, read, written and deleted on a condition.
+"""Objects: one file, local or gs://, read, written and deleted whole, on a condition where asked.
 
-What a program that shares a folder with others needs beside storage's whole-tree transfers:
-read a small file (None where there is none); write a file, or create it only where none is
-(gs:// `ifGenerationMatch=0`, locally a hard link, which fails on an existing name); and delete a
-file only while it still holds the bytes the caller proved it wrote (its SHA-256; on gs:// the
-delete is conditional on the generation that was hashed). Failures raise storage's errors,
-one line naming the URI.
+Everything that handles one object by itself, rather than a tree, goes through here: a run's
+claim (job/results/writer.py), its recorded JSON (job/results/identity.py), the export's files
+beside a run (export/target.py) and the CURRENT.json pointer (job/promotion/pointer.py). A reader
+sees the old file or the new one, never part of one. The condition is stated one of two ways:
+
+- by generation, on gs:// only: `read_version` gives the bytes together with the generation they
+  are of (a newer one landing meanwhile does not mix in); `write` and `delete_if` act only while
+  the live generation is the one stated (0: there is no object), else say they did not.
+- by content, local and gs://: `put(exclusive=True)` creates a file only where there is none
+  (gs:// `ifGenerationMatch=0`, locally a hard link, which fails on an existing name), raising
+  Exists otherwise; `delete_if_unchanged` deletes a file only while it still holds the bytes the
+  caller proved it wrote (their SHA-256; on gs:// the delete is conditional on the generation
+  that was hashed).
+
+Failures raise storage's errors, one line naming the URI.
 """
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 from google.api_core import exceptions as api_exceptions
 
-from storage import (
-    DEFAULT_RETRY_DEADLINE_S,
-    PARTIAL_SUFFIX,
-    REQUEST_TIMEOUT_S,
-    StorageError,
-    _remote,
-    _split,
-    is_remote,
-)
+from storage import files
+from storage.errors import StorageError
+from storage.gcs import DEFAULT_RETRY_DEADLINE_S, REQUEST_TIMEOUT_S, connect
+from storage.uris import is_remote, split
+
+# What a request conditional on a generation meets where that generation is no longer live.
+_REPLACED = (api_exceptions.PreconditionFailed, api_exceptions.NotFound)
 
 
 class Exists(StorageError):
     """An exclusive create found the name taken."""
 
 
+class Version(NamedTuple):
+    """The bytes of a gs:// object and the generation they are of."""
+
+    data: bytes
+    generation: int
+
+
 def read(uri: str, *, retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> bytes | None:
-    """The bytes of the file at uri, or None when there is none (for small files: all in memory)."""
+    """The bytes of the file at uri, or None when there is none (for small files: all in memory).
+    On gs:// they are of one generation; one replaced during the read raises StorageError."""
     if not is_remote(uri):
         path = Path(uri)
         return path.read_bytes() if path.is_file() else None
-    bucket_name, key = _split(uri)
-    with _remote(uri, retry_deadline) as remote:
+    version = read_version(uri, retry_deadline=retry_deadline)
+    return None if version is None else version.data
+
+
+def read_version(uri: str, *, none_if_replaced: bool = False,
+                 retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> Version | None:
+    """The live object at the gs:// uri, or None when there is none. The bytes are those of the
+    generation found first, even if a newer one lands in between; that generation replaced
+    before its bytes are read raises StorageError, or gives None with none_if_replaced (a caller
+    that then treats the object as gone, to look again or to leave it be)."""
+    bucket_name, key = _gs_split(uri)
+    with connect(uri, retry_deadline) as remote:
         blob = remote.client.bucket(bucket_name).get_blob(key, retry=remote.retry)
-        return None if blob is None else blob.download_as_bytes(
-            retry=remote.retry, timeout=REQUEST_TIMEOUT_S, if_generation_match=blob.generation)
+        if blob is None:
+            return None
+        generation = blob.generation  # (the download may reset the blob's properties)
+        try:
+            data = blob.download_as_bytes(retry=remote.retry, timeout=REQUEST_TIMEOUT_S,
+                                          if_generation_match=generation)
+        except _REPLACED:
+            if none_if_replaced:
+                return None
+            raise
+        return Version(data, generation)
+
+
+def write(uri: str, data: bytes | Path, *, if_generation: int | None = None,
+          content_type: str | None = None, retried_is_ours: bool = False,
+          retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> int | None:
+    """Writes data (bytes, or the file at a Path) to the gs:// uri whole, and returns the new
+    generation. With if_generation, only where the live generation is that one (0: where there
+    is no object), else returns None. content_type: the object's (None: the library's guess
+    from a file's name, text/plain for bytes).
+
+    retried_is_ours: a write whose answer was lost is retried by the library, and the retry is
+    then refused by the very condition the first attempt met; so where the object now holds
+    exactly data, the write is taken as this one's own and its generation returned."""
+    bucket_name, key = _gs_split(uri)
+    typed = {} if content_type is None else {"content_type": content_type}
+    with connect(uri, retry_deadline) as remote:
+        blob = remote.client.bucket(bucket_name).blob(key)
+        upload, source = (blob.upload_from_filename, str(data)) if isinstance(data, Path) \
+            else (blob.upload_from_string, data)
+        try:
+            upload(source, **typed, if_generation_match=if_generation, retry=remote.retry,
+                   timeout=REQUEST_TIMEOUT_S)
+            return blob.generation
+        except api_exceptions.PreconditionFailed:
+            pass
+    if retried_is_ours:
+        found = read_version(uri, none_if_replaced=True, retry_deadline=retry_deadline)
+        sent = data.read_bytes() if isinstance(data, Path) else data
+        if found is not None and found.data == sent:
+            return found.generation
+    return None
 
 
 def put(path: Path, uri: str, *, exclusive: bool = False,
         retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> None:
-    """Writes the file at path to uri whole (a reader sees the old file or the new one, never
-    part of one). exclusive: only where uri holds no file yet; Exists otherwise."""
+    """Writes the file at path to uri whole. exclusive: only where uri holds no file yet; Exists
+    otherwise."""
     if not is_remote(uri):
-        target = Path(uri)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + PARTIAL_SUFFIX)
-        shutil.copy2(path, partial)
         try:
-            if exclusive:
-                os.link(partial, target)
-            else:
-                os.replace(partial, target)
+            (files.create_exclusively if exclusive else files.copy_file)(Path(path), Path(uri))
         except FileExistsError:
             raise Exists(f"{uri}: already exists") from None
-        finally:
-            partial.unlink(missing_ok=True)
         return
-    bucket_name, key = _split(uri)
-    with _remote(uri, retry_deadline) as remote:
-        blob = remote.client.bucket(bucket_name).blob(key)
+    if write(uri, Path(path), if_generation=0 if exclusive else None,
+             retry_deadline=retry_deadline) is None:
+        raise Exists(f"{uri}: already exists")
+
+
+def delete_if(uri: str, generation: int, *,
+              retry_deadline: float = DEFAULT_RETRY_DEADLINE_S) -> bool:
+    """Deletes the gs:// object at uri only if its live generation is `generation`; says whether
+    it did."""
+    bucket_name, key = _gs_split(uri)
+    with connect(uri, retry_deadline) as remote:
         try:
-            blob.upload_from_filename(str(path), retry=remote.retry, timeout=REQUEST_TIMEOUT_S,
-                                      **({"if_generation_match": 0} if exclusive else {}))
-        except api_exceptions.PreconditionFailed:
-            raise Exists(f"{uri}: already exists") from None
+            remote.client.bucket(bucket_name).blob(key).delete(
+                if_generation_match=generation, retry=remote.retry, timeout=REQUEST_TIMEOUT_S)
+        except _REPLACED:
+            return False
+        return True
 
 
 def delete_if_unchanged(uri: str, sha256: str, *,
@@ -85,18 +149,15 @@ def delete_if_unchanged(uri: str, sha256: str, *,
                 return False
         path.unlink()
         return True
-    bucket_name, key = _split(uri)
-    with _remote(uri, retry_deadline) as remote:
-        blob = remote.client.bucket(bucket_name).get_blob(key, retry=remote.retry)
-        if blob is None:
-            return False
-        try:
-            content = blob.download_as_bytes(retry=remote.retry, timeout=REQUEST_TIMEOUT_S,
-                                             if_generation_match=blob.generation)
-            if hashlib.sha256(content).hexdigest() != sha256:
-                return False
-            blob.delete(retry=remote.retry, timeout=REQUEST_TIMEOUT_S,
-                        if_generation_match=blob.generation)
-        except (api_exceptions.PreconditionFailed, api_exceptions.NotFound):
-            return False  # replaced or deleted since it was hashed: not the file proved
-    return True
+    # Replaced or deleted since it was hashed: not the file proved, so it stays.
+    found = read_version(uri, none_if_replaced=True, retry_deadline=retry_deadline)
+    if found is None or hashlib.sha256(found.data).hexdigest() != sha256:
+        return False
+    return delete_if(uri, found.generation, retry_deadline=retry_deadline)
+
+
+def _gs_split(uri: str) -> tuple[str, str]:
+    """(bucket, key) of a gs:// uri; a local path is a caller's mistake here, said at once."""
+    if not is_remote(uri):
+        raise ValueError(f"{uri}: generations are of gs:// objects; a local path has none")
+    return split(uri)

@@ -162,7 +162,7 @@ def tiny_vgg16_settings(data_dir: Path, output_dir: Path, cache_dir: Path, **ove
             **overrides}
 
 
-# --- Storage (storage/__init__.py): a GCS emulator on loopback and trees to move through it. ---
+# --- Storage (storage/): a GCS emulator on loopback and trees to move through it. ---
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""storage/__init__.py against a real GCS-compatible server on loopback (see devkit/gcs_emulator.py)."""
+"""storage/: pulls, publishes and owned prefixes against a real GCS-compatible server on loopback
+(see devkit/gcs_emulator.py)."""
 from __future__ import annotations
 
 import json

@@ -40,6 +40,7 @@ from typing import Iterator
 
 import storage
 from common import run_files
+from storage import objects
 
 CLAIM = "WRITER.json"
 HEARTBEAT_S = 20.0
@@ -100,10 +101,10 @@ def remove_leftover_claim(run_uri: str, *,
     wrote is removed: an object that is not one stays."""
     uri = storage.join(run_uri, CLAIM)
     if storage.is_remote(uri):
-        found = storage.read_object(uri, retry_deadline=retry_deadline)
-        if found is None or _holder(found[0]) is None:
+        found = objects.read_version(uri, none_if_replaced=True, retry_deadline=retry_deadline)
+        if found is None or _holder(found.data) is None:
             return False
-        return storage.delete_object_if(uri, found[1], retry_deadline=retry_deadline)
+        return objects.delete_if(uri, found.generation, retry_deadline=retry_deadline)
     path = Path(uri)
     with contextlib.suppress(FileNotFoundError), _opened(path) as descriptor:
         if _holder(path.read_bytes()) is not None and _locked(descriptor, path):
@@ -151,21 +152,22 @@ class RemoteClaim(Claim):
         give_up_at = time.monotonic() + wait_s
         unchanged: tuple[int, float] | None = None  # the holder's generation, first seen when
         while not _complete(run_uri, retry_deadline):
-            found = storage.read_object(claim.uri, retry_deadline=retry_deadline)
-            if found is not None and (unchanged is None or unchanged[0] != found[1]):
+            found = objects.read_version(claim.uri, none_if_replaced=True,
+                                         retry_deadline=retry_deadline)
+            if found is not None and (unchanged is None or unchanged[0] != found.generation):
                 if unchanged is None:
-                    _log_waiting(run_uri, found[0], wait_s)
-                unchanged = (found[1], time.monotonic())
+                    _log_waiting(run_uri, found.data, wait_s)
+                unchanged = (found.generation, time.monotonic())
             stale = found is not None and time.monotonic() - unchanged[1] >= stale_after_s
             if found is None or stale:
-                if claim._write(found[1] if found else 0):
+                if claim._write(found.generation if found else 0):
                     if stale:
                         log.warning("took over the claim on %s of %s, silent for %.0f s",
-                                    run_uri, _holder(found[0]), time.monotonic() - unchanged[1])
+                                    run_uri, _holder(found.data), time.monotonic() - unchanged[1])
                     return claim._start(run_uri)
                 continue  # another process was quicker: look again at once
             if time.monotonic() >= give_up_at:
-                raise _busy(run_uri, found[0], wait_s)
+                raise _busy(run_uri, found.data, wait_s)
             time.sleep(poll_s)
         return None
 
@@ -181,14 +183,11 @@ class RemoteClaim(Claim):
     def _write(self, expected: int) -> bool:
         """Writes the claim where its live generation is `expected`; True when it did. A write
         whose answer was lost and retried is refused as a conflict, yet it is this process's own:
-        the claim then names this process, and is taken to be held."""
-        generation = storage.write_object_if(self.uri, self.content(), expected,
-                                             retry_deadline=self.retry_deadline)
+        the claim then holds exactly what this process wrote, and is taken to be held."""
+        generation = objects.write(self.uri, self.content(), if_generation=expected,
+                                   retried_is_ours=True, retry_deadline=self.retry_deadline)
         if generation is None:
-            found = storage.read_object(self.uri, retry_deadline=self.retry_deadline)
-            if found is None or (_holder(found[0]) or {}).get("writer") != self.token:
-                return False
-            generation = found[1]
+            return False
         self.generation = generation
         return True
 
@@ -221,8 +220,7 @@ class RemoteClaim(Claim):
             if self.taken_by or not self.generation:
                 return
             try:
-                storage.delete_object_if(self.uri, self.generation,
-                                         retry_deadline=self.retry_deadline)
+                objects.delete_if(self.uri, self.generation, retry_deadline=self.retry_deadline)
             except storage.StorageError as error:  # it goes stale, and is taken over later
                 log.warning("could not release the claim %s: %s", self.uri, error)
             self.generation = 0
