@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from job.results import html_report, report
+from job.results import html_images, html_report, report
 
 TWO = ["NORMAL", "PNEUMONIA"]
 TEN = [f"class{i}" for i in range(10)]
@@ -143,7 +143,7 @@ def test_contact_sheet_lists_the_most_confident_mistakes_first(binary, binary_pa
     assert "4 of 12 test images are wrong (at the decision threshold 0.500)" in sheet
     first = re.search(r'src="data:image/jpeg;base64,([^"]+)"', sheet).group(1)
     thumbnail = Image.open(io.BytesIO(base64.b64decode(first)))
-    assert max(thumbnail.size) == html_report.THUMBNAIL_PIXELS  # 200 x 120 shrunk to 96 x 58
+    assert max(thumbnail.size) == html_images.THUMBNAIL_PIXELS  # 200 x 120 shrunk to 96 x 58
 
 
 def test_export_section_says_not_exported_until_there_is_a_report(binary_page):

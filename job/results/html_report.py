@@ -5,7 +5,8 @@ training curves of both phases, the confusion matrix, ROC and precision-recall c
 decision threshold marked (two classes), per-class precision/recall/F1, a contact sheet of the
 test images the model got most confidently wrong, and the export report once there is one. Every
 plot and thumbnail is embedded as a data URI and the style is inline, so the file opens alone,
-from a bucket or a laptop. `render` is pure apart from reading the thumbnails' images.
+from a bucket or a laptop (the plots and thumbnails: job/results/html_images.py). `render` is pure
+apart from reading the thumbnails' images.
 
 The scores shown are metrics.json's (the same numbers, not recomputed); the curves and the contact
 sheet need the final phase's probabilities on the test split, which metrics.json does not keep.
@@ -15,22 +16,19 @@ report added, without the model or TensorFlow.
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
-import html
 import io
 import json
 from pathlib import Path
 
 import numpy as np
-from sklearn import metrics as skm
 
 from edge.runtime import predict_labels
-from job.results import report
+from job.results import html_images, report
+from job.results.html_images import escaped
 
 REPORT = "report.html"
 PREDICTIONS = "test_predictions.json"
-THUMBNAIL_PIXELS = 96
 MISTAKES_SHOWN = 24  # thumbnails on the contact sheet
 SKIPPED_SHOWN = 200  # rows of the skipped-files table; metrics.json lists them all
 SECTIONS = ("data", "audit", "curves", "calibration", "confusion", "roc-pr", "per-class", "mistakes",
@@ -117,8 +115,8 @@ def render(metrics: dict, class_names: list[str], predictions: TestPredictions |
     title = f"Run {metrics.get('run_id', '')}"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_text(title)}</title><style>{STYLE}</style></head><body>"
-            f"<h1>{_text(title)}</h1>{headline(metrics)}{evaluation_warnings(metrics)}"
+            f"<title>{escaped(title)}</title><style>{STYLE}</style></head><body>"
+            f"<h1>{escaped(title)}</h1>{headline(metrics)}{evaluation_warnings(metrics)}"
             f"{''.join(sections)}</body></html>\n")
 
 
@@ -137,7 +135,7 @@ def headline(metrics: dict) -> str:
 
 def evaluation_warnings(metrics: dict) -> str:
     """Under the headline, why some of its figures are less than they seem (job.results.report)."""
-    return "".join(f'<p class="wrong">Evaluation: {_text(warning)}</p>'
+    return "".join(f'<p class="wrong">Evaluation: {escaped(warning)}</p>'
                    for warning in metrics.get("evaluation_warnings") or [])
 
 
@@ -147,7 +145,8 @@ def data_section(metrics: dict, class_names: list[str]) -> str:
     rows = [[name, *(counts[split].get(name, 0) for split in splits)] for name in class_names]
     rows.append(["total", *(sum(counts[split].values()) for split in splits)])
     body = _table(["class", *splits], rows)
-    body += "".join(f'<p class="note">{_text(note)}</p>' for note in metrics.get("data_notes") or [])
+    body += "".join(f'<p class="note">{escaped(note)}</p>'
+                    for note in metrics.get("data_notes") or [])
     skipped = metrics.get("skipped_files") or {}
     body += f"<h3>Skipped files: {len(skipped)}</h3>"
     if skipped:
@@ -168,14 +167,15 @@ def audit_section(metrics: dict, root: Path | None) -> str:
                                           else count] for name, count in counts.items()])
     body += "".join(_note(note) for note in audited.get("notes") or [])
     image = (lambda path: Path(root, path)) if root else (lambda path: None)
-    leaks = [_pair_figure(image(pair["a"]), image(pair["b"]), pair)
+    leaks = [html_images.pair_figure(image(pair["a"]), image(pair["b"]), pair)
              for pair in audited["cross_split_duplicates"]]
     if leaks:
         body += (_note(f"Cross-split duplicates (leaks), most alike first: the first "
                        f"{len(leaks)} of {counts['cross_split_duplicates']}; all in audit.json.")
                  + f'<div class="sheet">{"".join(leaks)}</div>')
-    issues = [_thumbnail_figure(image(issue["path"]), issue["path"], issue["given_label"],
-                                issue["suggested_label"], issue["score"], ("filed", "likely"))
+    issues = [html_images.thumbnail_figure(image(issue["path"]), issue["path"],
+                                           issue["given_label"], issue["suggested_label"],
+                                           issue["score"], ("filed", "likely"))
               for issue in audited["label_issues"]]
     if issues:
         body += (_note(f"Likely label issues, most likely first (the folder's label, the label "
@@ -183,16 +183,6 @@ def audit_section(metrics: dict, root: Path | None) -> str:
                        f"{len(issues)} of {counts['label_issues']}.")
                  + f'<div class="sheet">{"".join(issues)}</div>')
     return body
-
-
-def _pair_figure(first: Path | None, second: Path | None, pair: dict) -> str:
-    images = "".join(f'<img src="data:image/jpeg;base64,{base64.b64encode(data).decode()}" alt="'
-                     f'{_text(name)}">' if data else '<p class="note">(image not available)</p>'
-                     for data, name in ((_thumbnail(first), pair["a"]),
-                                        (_thumbnail(second), pair["b"])))
-    return (f"<figure>{images}<figcaption>{_text(pair['kind'])}, similarity "
-            f"{pair['similarity']:.3f}<br>{_text(pair['a_split'])}: {_text(pair['a'])}<br>"
-            f"{_text(pair['b_split'])}: {_text(pair['b'])}</figcaption></figure>")
 
 
 def curves_section(metrics: dict) -> str:
@@ -210,7 +200,8 @@ def curves_section(metrics: dict) -> str:
             continue
         buffer = io.BytesIO()
         report.plot_history(record["history"], phase.replace("phase", "phase "), buffer)
-        parts.append(_image(buffer.getvalue(), f"{phase} accuracy and loss per epoch"))
+        parts.append(html_images.png_image(buffer.getvalue(),
+                                           f"{phase} accuracy and loss per epoch"))
         epochs = record.get("epochs_run")
         parts.append(_note(f"{epochs} epoch{'' if epochs == 1 else 's'}, {record.get('seconds')} s"))
     return "".join(parts)
@@ -232,27 +223,7 @@ def calibration_section(metrics: dict) -> str:
                    [[name, block[f"{name}_ece_before"], block[f"{name}_ece_after"]]
                     for name in splits])
     diagram = (block.get("reliability") or {}).get("test")
-    return body + (_reliability_plot(diagram) if diagram else "")
-
-
-def _reliability_plot(diagram: dict) -> str:
-    """Accuracy against confidence per bin, before and after calibration, side by side."""
-    pyplot = report.pyplot()
-    figure, axes = pyplot.subplots(1, 2, figsize=(10, 4.2))
-    for axis, when in zip(axes, ("before", "after")):
-        bins = diagram[when]
-        edges = np.linspace(0, 1, len(bins["images"]) + 1)
-        filled = np.asarray(bins["images"]) > 0
-        axis.bar(edges[:-1][filled], np.asarray(bins["accuracy"])[filled],
-                 width=edges[1] - edges[0], align="edge", edgecolor="black", alpha=0.7,
-                 label="accuracy")
-        axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-        axis.scatter(np.asarray(bins["confidence"])[filled], np.asarray(bins["accuracy"])[filled],
-                     color="tab:red", s=12, zorder=3, label="mean confidence")
-        axis.set(xlabel="confidence (top label)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-                 title=f"test, {when} calibration")
-        axis.legend(fontsize=8, loc="upper left")
-    return _figure_image(figure, "reliability diagrams before and after calibration")
+    return body + (html_images.reliability_plot(diagram) if diagram else "")
 
 
 def confusion_section(metrics: dict, class_names: list[str]) -> str:
@@ -260,7 +231,8 @@ def confusion_section(metrics: dict, class_names: list[str]) -> str:
     test = metrics.get("test")
     if not test:
         return _note("no test split: nothing scored")
-    return "".join(_confusion_plot(np.asarray(scores["confusion_matrix"]), class_names, caption)
+    return "".join(html_images.confusion_plot(np.asarray(scores["confusion_matrix"]), class_names,
+                                              caption)
                    for caption, scores in operating_points(test, len(class_names)))
 
 
@@ -281,8 +253,8 @@ def roc_pr_section(class_names: list[str], predictions: TestPredictions | None,
                      f"run has {len(class_names)}.")
     if predictions is None or len(set(predictions.labels.tolist())) < 2:
         return _note("Omitted: no test predictions of both classes recorded for this run.")
-    return _roc_pr_plot(predictions.labels, predictions.probabilities[:, -1], threshold,
-                        class_names[1])
+    return html_images.roc_pr_plot(predictions.labels, predictions.probabilities[:, -1],
+                                   threshold, class_names[1])
 
 
 def per_class_section(metrics: dict) -> str:
@@ -295,7 +267,7 @@ def per_class_section(metrics: dict) -> str:
         rows = [[name, f["precision"], f["recall"], f["f1"], f["support"]]
                 for name, f in scores["per_class"].items()]
         rows.append(["macro", None, scores.get("macro_recall"), scores.get("macro_f1"), None])
-        body += f"<h3>{_text(caption) if len(cases) > 1 else ''}</h3>"
+        body += f"<h3>{escaped(caption) if len(cases) > 1 else ''}</h3>"
         body += _table(["class", "precision", "recall", "F1", "support"], rows)
     return body
 
@@ -308,8 +280,8 @@ def mistakes_section(class_names: list[str], predictions: TestPredictions | None
     if not len(wrong):
         return _note(f"None: every one of the {len(predictions.labels)} test images is right.")
     paths = predictions.image_paths()
-    figures = [_thumbnail_figure(paths[i], predictions.paths[i], class_names[truth],
-                                 class_names[guess], confidence)
+    figures = [html_images.thumbnail_figure(paths[i], predictions.paths[i], class_names[truth],
+                                            class_names[guess], confidence)
                for i, truth, guess, confidence in wrong[:MISTAKES_SHOWN]]
     rule = f"at the decision threshold {threshold:.3f}" if len(class_names) == 2 else "argmax"
     return (_note(f"{len(wrong)} of {len(predictions.labels)} test images are wrong ({rule}); "
@@ -338,8 +310,8 @@ def export_section(export_report: dict | None) -> str:
                      "again with its report here, as export_report.html.")
     status = export_report.get("status", "?")
     body = f'<p>Status: <span class="{"passed" if status == "passed" else "wrong"}">' \
-           f"{_text(status)}</span></p>"
-    body += "".join(f'<p class="wrong">{_text(failure)}</p>'
+           f"{escaped(status)}</span></p>"
+    body += "".join(f'<p class="wrong">{escaped(failure)}</p>'
                     for failure in export_report.get("failed_gates") or [])
     parity = export_report.get("parity") or {}
     tables = [("Parity with the reference "
@@ -350,7 +322,7 @@ def export_section(export_report: dict | None) -> str:
               ("Sizes (bytes)", {"bytes": export_report.get("sizes_bytes") or {}}),
               ("Latency per backend", export_report.get("latency") or {})]
     for caption, rows in tables:
-        body += f"<h3>{_text(caption)}</h3>" + _dict_table(rows)
+        body += f"<h3>{escaped(caption)}</h3>" + _dict_table(rows)
     return body
 
 
@@ -361,8 +333,8 @@ def promotion_section(promotion: dict | None) -> str:
         return _note("No promotion: PROMOTE_URI was not set for this run.")
     status = "promoted" if promotion.get("promoted") else "held back"
     body = (f'<p>Verdict: <span class="{"passed" if promotion.get("promoted") else "wrong"}">'
-            f"{status}</span>. {_text(promotion.get('reason', ''))}</p>"
-            f"<p>int8: {_text(promotion.get('int8', ''))}</p>")
+            f"{status}</span>. {escaped(promotion.get('reason', ''))}</p>"
+            f"<p>int8: {escaped(promotion.get('int8', ''))}</p>")
     champion = promotion.get("champion") or {}
     comparison = promotion.get("comparison")
     if not comparison:
@@ -393,87 +365,12 @@ def _dict_table(rows: dict[str, dict]) -> str:
                                    for name, row in rows.items()])
 
 
-def _confusion_plot(matrix: np.ndarray, class_names: list[str], caption: str) -> str:
-    pyplot = report.pyplot()
-    side = min(12, 3.5 + 0.55 * len(class_names))
-    figure, axis = pyplot.subplots(figsize=(side, side * 0.85))
-    skm.ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(
-        ax=axis, cmap="Blues", colorbar=False, xticks_rotation=45 if len(class_names) > 4 else 0)
-    axis.set_title(f"test, {caption}")
-    return _figure_image(figure, f"confusion matrix {caption}")
-
-
-def _roc_pr_plot(labels: np.ndarray, scores: np.ndarray, threshold: float, positive: str) -> str:
-    """ROC and precision-recall curves of class 1's scores, the decision threshold marked."""
-    pyplot = report.pyplot()
-    figure, (roc, pr) = pyplot.subplots(1, 2, figsize=(11, 4.5))
-    fpr, tpr, _ = skm.roc_curve(labels, scores)
-    precision, recall, _ = skm.precision_recall_curve(labels, scores)
-    chosen = scores >= threshold
-    tp, fp = np.sum(chosen & (labels == 1)), np.sum(chosen & (labels == 0))
-    point = dict(tpr=tp / max(1, np.sum(labels == 1)), fpr=fp / max(1, np.sum(labels == 0)),
-                 precision=tp / max(1, tp + fp))
-    marker = dict(color="tab:red", zorder=3, label=f"decision threshold {threshold:.3f}")
-    roc.plot(fpr, tpr, label=f"AUC {skm.auc(fpr, tpr):.3f}")
-    roc.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    roc.scatter([point["fpr"]], [point["tpr"]], **marker)
-    roc.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({positive})")
-    pr.plot(recall, precision,
-            label=f"average precision {skm.average_precision_score(labels, scores):.3f}")
-    pr.scatter([point["tpr"]], [point["precision"]], **marker)
-    pr.set(xlabel="recall", ylabel="precision", title=f"precision-recall ({positive})")
-    for axis in (roc, pr):
-        axis.legend(fontsize=8, loc="lower left" if axis is pr else "lower right")
-    return _figure_image(figure, "ROC and precision-recall curves")
-
-
-def _thumbnail_figure(path: Path | None, name: str, truth: str, guess: str,
-                      confidence: float, words: tuple[str, str] = ("true", "predicted")) -> str:
-    data = _thumbnail(path)
-    image = (f'<img src="data:image/jpeg;base64,{base64.b64encode(data).decode()}" alt="'
-             f'{_text(name)}">' if data else '<p class="note">(image not available)</p>')
-    return (f"<figure>{image}<figcaption>{words[0]} <b>{_text(truth)}</b>, {words[1]} "
-            f'<span class="wrong">{_text(guess)}</span> ({confidence:.3f})<br>'
-            f'<span class="note">{_text(name)}</span></figcaption></figure>')
-
-
-def _thumbnail(path: Path | None) -> bytes | None:
-    """The image shrunk to THUMBNAIL_PIXELS on its longer side, as JPEG; None if unreadable."""
-    from PIL import Image
-
-    if path is None:
-        return None
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))  # JPEG: decode small
-            small = image.convert("RGB")
-            small.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
-    except (OSError, ValueError):
-        return None
-    buffer = io.BytesIO()
-    small.save(buffer, "JPEG", quality=80)
-    return buffer.getvalue()
-
-
-def _figure_image(figure, alt: str) -> str:
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=80)
-    report.pyplot().close(figure)
-    return _image(buffer.getvalue(), alt)
-
-
-def _image(png: bytes, alt: str) -> str:
-    return (f'<img class="plot" alt="{_text(alt)}" '
-            f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
-
-
 def _section(section_id: str, title: str, body: str) -> str:
-    return f'<section id="{section_id}"><h2>{_text(title)}</h2>{body}</section>'
+    return f'<section id="{section_id}"><h2>{escaped(title)}</h2>{body}</section>'
 
 
 def _table(headers: list[str], rows: list) -> str:
-    head = "".join(f"<th>{_text(h)}</th>" for h in headers)
+    head = "".join(f"<th>{escaped(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{_cell(value)}</td>" for value in row) + "</tr>"
                    for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -483,18 +380,14 @@ def _cell(value) -> str:
     if value is None:
         return ""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return _text(value)
+        return escaped(value)
     if isinstance(value, int):
         return f"{value:,}"
     return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
 
 
 def _note(text: str) -> str:
-    return f'<p class="note">{_text(text)}</p>'
-
-
-def _text(value) -> str:
-    return html.escape(str(value), quote=True)
+    return f'<p class="note">{escaped(text)}</p>'
 
 
 def _relative(path: Path, root: Path) -> str:
