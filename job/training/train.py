@@ -49,6 +49,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
         calibrated = trainer.scorer.calibrate(planned[-1], parts.head.get_layer("probabilities"),
                                               context.chief)
 
+    # Score: metrics.json, with the calibrated scores, the data audit and every worker's part.
     metrics = run_files.run_metrics(config, precision, dataset, whole, pulled,
                                     context.shard.count, trainer.metrics())
     calibration.apply(metrics, calibrated, RECORD_KEY)
@@ -57,6 +58,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
     metrics["workers"] = workers.worker_records(context, dataset, pulled, trainer.records)
     metrics[identity.KEY] = attempt
     log.info("weights digest: %s", distribute.weights_digest(parts.classifier))
+    # Write: the run directory, staged, then published by the chief alone.
     writer.fresh_staging(context.run_dir)  # nothing an earlier attempt left is published
     report.write_json(context.run_dir / audit.FILE, audited)
     run_files.write_run(context.run_dir, config, parts.classifier, dataset.class_names, metrics,
