@@ -27,7 +27,7 @@ SETTINGS = {
     "HEAD_LEARNING_RATE": "0.003",
     "AUGMENT": "0",  # digits are not mirror-symmetric
 }
-# Offline: one phase of HEAD_EPOCHS from random weights, warmed up and decayed (job.training.train.Phase).
+# Offline: one phase of HEAD_EPOCHS from random weights, warmed up and decayed (job.training.phases.Phase).
 # Measured on 2 AVX2 cores (AMD EPYC), 8 epochs: MobileNetV2 0.35 at 32 px, batches of 64, 0.986
 # test accuracy, the job in 72 s (its phase 1 in 55 s); VGG16 at 32 px reached 0.951 after 6
 # epochs but trains at 0.5 batches/s, 10 minutes for the demo.

@@ -44,7 +44,7 @@ def main(environ: Mapping[str, str] = os.environ, argv: Sequence[str] = ()) -> i
     from export.errors import ExportError
     from job.cluster.context import RunContext
     from job.inputs.data import DataError
-    from job.training import train
+    from job.training import setup, train
     from job.training.checkpoint import Preempted, StopSignal
     from storage import StorageError, Unusable, diskspace
 
@@ -52,7 +52,7 @@ def main(environ: Mapping[str, str] = os.environ, argv: Sequence[str] = ()) -> i
     stop.install()
     try:
         context = RunContext.create(config)  # the strategy: before any other TensorFlow op
-        train.validate(config, context)
+        setup.validate(config, context)
         with claimed(config, context) as context:  # one writer per run, released however it ends
             metrics = train.run(config, context, stop)
         gate_failure = None
@@ -65,7 +65,7 @@ def main(environ: Mapping[str, str] = os.environ, argv: Sequence[str] = ()) -> i
     except Preempted as error:
         return _fail(f"preempted: {error}; exit {EXIT_PREEMPTED}, rerun with RUN_ID={config.run_id} "
                      "to resume", EXIT_PREEMPTED)
-    except (ConfigError, DataError, train.SetupError) as error:
+    except (ConfigError, DataError, setup.SetupError) as error:
         return _fail(f"{error.__class__.__name__}: {error}", EXIT_BAD_INPUT)
     except Unusable as error:
         return _fail(f"storage: {error}", EXIT_BAD_INPUT)

@@ -368,7 +368,7 @@ class Config:
     @property
     def from_scratch(self) -> bool:
         """WEIGHTS=none: nothing pretrained to transfer, so every layer trains from the start, in
-        one phase, on the images (job.training.train.phases)."""
+        one phase, on the images (job.training.phases.plan)."""
         return self.weights == "none" and not self.is_hub_backbone
 
     @property

@@ -152,7 +152,7 @@ def test_batch_normalization_learns_statistics_from_scratch_and_keeps_them_when_
         from_scratch):
     base, mode = model.build_base("mobilenet_v2", 0.35, None, 32)
     if from_scratch:
-        model.make_trainable_from_scratch(base)  # what job.training.train does for WEIGHTS=none
+        model.make_trainable_from_scratch(base)  # what job.training.phases does for WEIGHTS=none
     else:
         model.unfreeze_from(base, "block_13_expand")
     parts = model.build_classifier(base, mode, 2, 32, dense_units=0, dropout=0.0)

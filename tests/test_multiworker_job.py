@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # every test here trains on worker processes
 
 
 @pytest.mark.timeout(170)
-@pytest.mark.skipif(not (ROOT / "job" / "train.py").exists(),
+@pytest.mark.skipif(not (ROOT / "job" / "training" / "train.py").exists(),
                     reason="the training job (job/training/train.py, branch main) is not here yet")
 def test_two_job_workers_train_in_sync_and_only_the_chief_publishes(tmp_path, free_ports,
                                                                    tiny_image_tree, cpu_subprocess_env):

@@ -155,7 +155,7 @@ def test_a_log_line_written_while_the_bar_is_up_prints_above_it(clock, terminal)
 
 
 def test_an_epoch_adds_nothing_where_keras_draws_its_bar_and_lines_elsewhere():
-    from job.training.train import EpochProgress  # TensorFlow: imported by this test only
+    from job.training.phases import EpochProgress  # TensorFlow: imported by this test only
 
     callback = EpochProgress("phase 2")
     callback.set_params({"verbose": 1, "epochs": 1, "steps": 50})

@@ -280,7 +280,7 @@ def test_with_export_onnx_a_failed_int8_gate_exits_0_promoted_and_a_failed_float
     import export.pipeline
     from export.errors import GateFailed
     from job import __main__ as entrypoint
-    from job.training import train
+    from job.training import setup, train
 
     config = run_copy(promotion_runs, "first", tmp_path, tmp_path / "production")
     run_dir = tmp_path / "runs-first" / "first"
@@ -293,7 +293,7 @@ def test_with_export_onnx_a_failed_int8_gate_exits_0_promoted_and_a_failed_float
             "files": {passed: {"bytes": 19}}}))
         raise GateFailed(f"{failed}: agreement 0.9 < 0.99")
 
-    monkeypatch.setattr(train, "validate", lambda config, context: None)
+    monkeypatch.setattr(setup, "validate", lambda config, context: None)
     monkeypatch.setattr(train, "run", lambda config, context, stop: {"status": "trained"})
     monkeypatch.setattr(export.pipeline, "export_run", export_failing)
     environ = {"DATA_URI": config.data_uri, "OUTPUT_URI": config.output_uri, "RUN_ID": "first",

@@ -9,11 +9,13 @@ import tensorflow as tf
 
 from common import run_files
 from common.record import RunRecord
+from job.cluster.context import RunContext
 from job.config import Config
 from job.inputs import data
 from job.inputs.features import Features
-from job.training import model, probe, serving, train
+from job.training import model, probe, serving
 from job.training.checkpoint import Checkpoints, StopSignal
+from job.training.phases import Trainer, plan
 from tests.conftest import run_job, tiny_vgg16_settings, write_class_images
 
 
@@ -37,9 +39,11 @@ def phases(tmp_path_factory):
     dataset = data.load_dataset(root / "images", 32, 0.25, 0.0, seed=config.seed)
     parts = model.build_classifier(*model.build_base("vgg16", 1.0, None, 32), 2, 32,
                                    config.dense_units, config.dropout)
-    trainer = train.Trainer(config, dataset, parts, root,
-                            Checkpoints(root / "ckpt", str(root / "ckpt-uri"), "test", StopSignal()))
-    head_phase, fine_tune_phase = train.phases(config)
+    context = RunContext(strategy=tf.distribute.get_strategy(), chief=True, run_dir=root / "run",
+                         checkpoint_dir=root / "ckpt", scratch_dir=root)
+    trainer = Trainer(config, context, dataset, parts,
+                      Checkpoints(root / "ckpt", str(root / "ckpt-uri"), "test", StopSignal()))
+    head_phase, fine_tune_phase = plan(config)
     snapshots = {"start": weights_by_layer(parts.base)}
     head_before = [np.array(w) for w in parts.head.get_weights()]
     trainer.fit(head_phase)

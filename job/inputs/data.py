@@ -72,7 +72,7 @@ def load_dataset(root: Path, image_size: int, validation_split: float, test_spli
     """Discovers, checks and splits the images under root: of each class folder, the files dealt
     to shard (job/inputs/shard.py), all of them by default. A worker that holds only its part of the
     data (a shard, or a pull of one) passes require_every_class=False: a class may have no image
-    in its part, and the check is made on the whole (job/training/train.py)."""
+    in its part, and the check is made on the whole (job/cluster/workers.py)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"DATA_URI {root}: is not a directory of class folders")

@@ -16,12 +16,16 @@ import shutil
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 
 import storage
 from common import run_files
 from storage import diskspace
+
+if TYPE_CHECKING:
+    from job.training.phases import Phase
 
 log = logging.getLogger("job")
 
@@ -53,7 +57,9 @@ class Checkpoints:
     writing (storage.sync_owned).
 
     Every worker of a multi-worker run restores from the URI; only the writer (the chief)
-    mirrors its saves back to it.
+    mirrors its saves back to it. A phase's files take its name ("phase1.weights.h5"); state.json
+    keys its record as logs write the phase ("phase 1"): both as earlier runs wrote them, so
+    those resume.
     """
 
     def __init__(self, local_dir: Path, uri: str, run_id: str, stop: StopSignal,
@@ -65,31 +71,31 @@ class Checkpoints:
         state_file = self.local_dir / "state.json"
         self.state = json.loads(state_file.read_text()) if state_file.exists() else {"phases": {}}
 
-    def finished(self, phase: str) -> dict | None:
+    def finished(self, phase: Phase) -> dict | None:
         """The record of a phase that a previous attempt finished, or None."""
-        return self.state["phases"].get(phase)
+        return self.state["phases"].get(str(phase))
 
-    def restore(self, phase: str, model: keras.Model) -> None:
+    def restore(self, phase: Phase, model: keras.Model) -> None:
         """Loads the weights a finished phase left."""
-        model.load_weights(self.local_dir / f"{phase_key(phase)}.weights.h5")
+        model.load_weights(self.local_dir / f"{phase.name}.weights.h5")
         log.info("%s: finished by an earlier attempt; its weights are restored", phase)
 
-    def finish(self, phase: str, model: keras.Model, record: dict) -> None:
+    def finish(self, phase: Phase, model: keras.Model, record: dict) -> None:
         """Keeps a finished phase's weights and record, then drops its in-progress backup."""
         with diskspace.writing(self.local_dir, diskspace.weights_file_bytes(model),
                                f"{phase}'s weights"):
-            model.save_weights(self.local_dir / f"{phase_key(phase)}.weights.h5")
-        self.state["phases"][phase] = record
+            model.save_weights(self.local_dir / f"{phase.name}.weights.h5")
+        self.state["phases"][str(phase)] = record
         run_files.write_json(self.local_dir / "state.json", self.state)
         shutil.rmtree(self._backup_dir(phase), ignore_errors=True)
         self.sync()
 
-    def callbacks(self, phase: str) -> list[keras.callbacks.Callback]:
+    def callbacks(self, phase: Phase) -> list[keras.callbacks.Callback]:
         """Saves after every epoch and on SIGTERM; restores the phase in progress when fit starts."""
         return [EpochHistory(self._history_file(phase)),
                 PreemptibleBackup(self._backup_dir(phase), self)]
 
-    def history_so_far(self, phase: str) -> dict[str, list[float]]:
+    def history_so_far(self, phase: Phase) -> dict[str, list[float]]:
         """Per-epoch metrics of the epochs of this phase that a previous attempt saved."""
         metadata = self._backup_dir(phase) / "training_metadata.json"
         history_file = self._history_file(phase)
@@ -115,11 +121,11 @@ class Checkpoints:
         if self.writer:
             storage.clear_owned(self.uri, self.run_id, retry_deadline=self.retry_deadline)
 
-    def _backup_dir(self, phase: str) -> Path:
-        return self.local_dir / f"{phase_key(phase)}-backup"
+    def _backup_dir(self, phase: Phase) -> Path:
+        return self.local_dir / f"{phase.name}-backup"
 
-    def _history_file(self, phase: str) -> Path:
-        return self.local_dir / f"{phase_key(phase)}-history.json"
+    def _history_file(self, phase: Phase) -> Path:
+        return self.local_dir / f"{phase.name}-history.json"
 
 
 class PreemptibleBackup(keras.callbacks.BackupAndRestore):
@@ -185,7 +191,3 @@ class EpochHistory(keras.callbacks.Callback):
             values.append(float(value))
         run_files.write_json(self.path, history)
 
-
-def phase_key(phase: str) -> str:
-    """A phase's name in file names and metrics.json: "phase 1" -> "phase1"."""
-    return phase.replace(" ", "")

@@ -261,3 +261,10 @@ def parameter_counts(model: keras.Model) -> dict[str, int]:
     trainable = sum(int(ops.size(w)) for w in model.trainable_weights)
     frozen = sum(int(ops.size(w)) for w in model.non_trainable_weights)
     return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen}
+
+
+def summary(model: keras.Model) -> dict:
+    """Keras' summary of the model as text, and its parameter counts."""
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), line_length=100)
+    return {"text": "\n".join(lines), "parameters": parameter_counts(model)}
