@@ -60,6 +60,16 @@ def test_a_promoted_version_is_complete_and_matches_its_pointer(promotion_runs):
     assert not (promotion_runs["promote_uri"] / "versions" / "swapped").exists()
 
 
+def test_a_promoted_versions_report_has_the_promotion_section_of_its_verdict(promotion_runs):
+    page = (promotion_runs["promote_uri"] / "versions" / "second" / "report.html").read_text()
+    section = page.split('<section id="promotion">')[1].split("</section>")[0]
+    assert "No promotion" not in section
+    assert 'Verdict: <span class="passed">promoted</span>' in section
+    comparison = record(promotion_runs["second"])["comparison"]
+    assert f"exact McNemar p = {comparison['p_value']:.4g}" in section
+    assert "Recall per class" in section
+
+
 # --- In-process: copies of the real runs promoted again, into copies or new PROMOTE_URIs. ---
 
 
@@ -307,3 +317,4 @@ def test_with_export_onnx_a_failed_int8_gate_exits_0_promoted_and_a_failed_float
     else:
         assert "float32 file failed its gate" in verdict["reason"]
         assert not (tmp_path / "production" / "CURRENT.json").exists()
+

@@ -89,7 +89,8 @@ def promote_run(config: Config, scratch_dir: Path, export_uri: str | None) -> di
                                 "force: repair it or roll back (docs/promotion.md)")
         if not verdict["promoted"] or verdict.get("already_current"):
             break
-        staged = staged or stage_version(config, challenger)
+        staged = staged or stage_version(config, challenger, verdict_record(config, challenger,
+                                                                              verdict))
         if switch(config, staged, current, token):
             break
         verdict = held_back(f"CURRENT.json changed {attempt} times while this run compared "
@@ -99,15 +100,20 @@ def promote_run(config: Config, scratch_dir: Path, export_uri: str | None) -> di
                         "comparing again with the new champion")
     if staged is not None:  # published, or held back after all: the cache's copy is done
         shutil.rmtree(staged, ignore_errors=True)
-    record = {**verdict, "run_id": config.run_id, "promote_uri": config.promote_uri,
-              "onnx_float32": challenger.float32, "int8": challenger.int8,
-              "created_utc": versions.utc_now(),
-              "rule": {"max_drop": config.promote_max_drop, "significance": SIGNIFICANCE,
-                       "min_accuracy": config.promote_min_accuracy,
-                       "min_macro_recall": config.promote_min_macro_recall}}
+    record = verdict_record(config, challenger, verdict)
     write_record(config, challenger, record)
     announce(record)
     return record
+
+
+def verdict_record(config: Config, challenger: Challenger, verdict: dict) -> dict:
+    """promotion.json's content: the verdict, what was promoted and the rule applied."""
+    return {**verdict, "run_id": config.run_id, "promote_uri": config.promote_uri,
+            "onnx_float32": challenger.float32, "int8": challenger.int8,
+            "created_utc": versions.utc_now(),
+            "rule": {"max_drop": config.promote_max_drop, "significance": SIGNIFICANCE,
+                     "min_accuracy": config.promote_min_accuracy,
+                     "min_macro_recall": config.promote_min_macro_recall}}
 
 
 def held_back(reason: str, **figures) -> dict:
@@ -255,10 +261,29 @@ def score_champion(champion_dir: Path, current: dict, challenger: Challenger, sc
     return predict_labels(np.concatenate(outputs), current.get("decision_threshold", 0.5))
 
 
-def stage_version(config: Config, challenger: Challenger) -> Path:
-    staging = config.cache_dir / "promotion" / "staging" / config.run_id
-    return versions.stage(staging, challenger.run_dir, challenger.export_dir,
-                          challenger.export_files)
+def stage_version(config: Config, challenger: Challenger, record: dict) -> Path:
+    """The version's files in the cache, its report.html the run's with the Promotion section of
+    the verdict it is published on (should another run switch CURRENT.json first, the comparison
+    made again is the run's promotion.json)."""
+    promotion_dir = config.cache_dir / "promotion"
+    promotion_dir.mkdir(parents=True, exist_ok=True)
+    promoted_report = promotion_dir / html_report.REPORT
+    render_report(config, challenger, record, promoted_report)
+    return versions.stage(promotion_dir / "staging" / config.run_id, challenger.run_dir,
+                          challenger.export_dir, challenger.export_files,
+                          replaced={html_report.REPORT: promoted_report})
+
+
+def render_report(config: Config, challenger: Challenger, record: dict, path: Path) -> None:
+    """The run's report.html, its Promotion section filled in from record, to path."""
+    export_report = None
+    if challenger.export_dir is not None:
+        export_report = json.loads((challenger.export_dir / versions.EXPORT_REPORT).read_text())
+    data_root = storage.local_dir_for(config.data_uri, config.cache_dir / "data")
+    predictions = html_report.read_predictions(challenger.run_dir / html_report.PREDICTIONS,
+                                               data_root)
+    html_report.write_report(path, challenger.metrics, predictions, export_report,
+                             promotion=record)
 
 
 def switch(config: Config, staged: Path, current: dict | None, token: str) -> bool:
@@ -278,14 +303,7 @@ def write_record(config: Config, challenger: Challenger, record: dict) -> None:
     run, made by the process that published it)."""
     run_dir = challenger.run_dir
     report.write_json(run_dir / RECORD, record)
-    export_report = None
-    if challenger.export_dir is not None:
-        export_report = json.loads((challenger.export_dir / versions.EXPORT_REPORT).read_text())
-    data_root = storage.local_dir_for(config.data_uri, config.cache_dir / "data")
-    html_report.write_report(run_dir / html_report.REPORT, challenger.metrics,
-                             html_report.read_predictions(run_dir / html_report.PREDICTIONS,
-                                                          data_root),
-                             export_report, promotion=record)
+    render_report(config, challenger, record, run_dir / html_report.REPORT)
     if storage.is_remote(config.run_uri):  # (a local run directory is run_dir itself)
         for name in (RECORD, html_report.REPORT):
             uri = storage.join(config.run_uri, name)
