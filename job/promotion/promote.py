@@ -129,8 +129,8 @@ def judge(config: Config, challenger: Challenger, current: dict | None,
     if challenger.float32 == "failed its gate":
         return held_back("the ONNX float32 file failed its gate: the edge would have no model")
     if challenger.predicted is None:
-        return held_back("this run has no test_predictions.json (its final phase finished in an "
-                         "earlier attempt), so it cannot be compared")
+        return held_back("this run has no test_predictions.json (no test split), so it cannot "
+                         "be compared")
     own = {"accuracy": float(np.mean(challenger.predicted == challenger.labels)),
            "macro_recall": paired.macro_recall(challenger.labels,
                                                challenger.predicted == challenger.labels,
@@ -222,7 +222,7 @@ def load_challenger(config: Config, export_uri: str | None) -> Challenger:
         export_files = list(export_report.get("files") or {})
         int8 = "included" if ONNX_INT8 in export_files else \
             "held back: " + "; ".join(export_report.get("failed_gates") or ["not written"])
-    if predictions is None:  # its final phase finished in an earlier attempt (README)
+    if predictions is None:  # no test split
         return Challenger(run_dir, metrics, None, None, [], export_dir, export_files, int8)
     data_root = storage.local_dir_for(config.data_uri, config.cache_dir / "data")
     return Challenger(run_dir, metrics, predictions.labels,

@@ -112,10 +112,10 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
                           context.strategy, context.shard, context.chief)
         records, summaries = {}, {}
         for phase in phases(config):
-            records[phase.key] = trainer.fit(phase)
+            records[phase.key] = trainer.fit(phase, final=phase == phases(config)[-1])
             summaries[phase.key] = _summary(parts.classifier)
         final = phases(config)[-1].name
-        calibrated = calibration.calibrate(trainer.scored.get(final), dataset.class_names,
+        calibrated = calibration.calibrate(trainer.scored[final], dataset.class_names,
                                            parts.head.get_layer("probabilities"), context.chief,
                                            context.strategy)
         if calibrated.test_probabilities is not None:
@@ -410,12 +410,16 @@ class Trainer:
         # Per phase name: its labels and probabilities as scored, which calibration refits.
         self.scored: dict[str, calibration.Scored] = {}
 
-    def fit(self, phase: Phase) -> dict:
+    def fit(self, phase: Phase, final: bool = False) -> dict:
         """Trains one phase and returns its record, or restores it when an earlier attempt of
-        the run finished it."""
+        the run finished it. The final phase restored is scored again (the whole classifier on
+        the images), so that calibration, test_predictions.json and promotion have its
+        probabilities as in a run never stopped."""
         finished = self.checkpoints.finished(phase.name)
         if finished:
             self.checkpoints.restore(phase.name, self.parts.classifier)
+            if final:
+                self.evaluate(phase.name, self.features.for_scoring())
             return finished
         if phase.from_scratch:
             model.make_trainable_from_scratch(self.parts.base)
@@ -626,8 +630,7 @@ def _log_cache_plan(plan: budget.CachePlan, config: Config) -> None:
 def final_test_predictions(data_root: Path, trainer: Trainer,
                            final: Phase) -> html_report.TestPredictions | None:
     """The final phase's test probabilities with the test images' paths (relative to the data
-    root, as the export finds them again); None without a test split, or when an earlier attempt
-    of the run finished the final phase, so this process never scored it. (Of a cluster's run,
+    root, as the export finds them again); None without a test split. (Of a cluster's run,
     the chief has only its own shard's images under data_root: the report shows the others'
     names without a thumbnail until the export, which has them all, renders it again.)"""
     probabilities = trainer.test_probabilities.get(final.name)
