@@ -65,6 +65,9 @@ class Config:
     seed: int = 42
     mixed_precision: str = "auto"
     class_weights: str = "auto"
+    # DROP_CROSS_SPLIT_DUPLICATES: leave out of training the images whose bytes equal a validation
+    # or test image's (exact leaks, job/inputs/audit.py). Off: the audit lists them, removes nothing.
+    drop_cross_split_duplicates: bool = False
     model_uri: str = ""
     checkpoint_uri: str = ""
     tensorboard_uri: str = ""
@@ -153,6 +156,7 @@ class Config:
             seed=env.integer("SEED", 42, minimum=0),
             mixed_precision=env.choice("MIXED_PRECISION", "auto", MIXED_PRECISION_MODES),
             class_weights=env.choice("CLASS_WEIGHTS", "auto", ("auto", "off")),
+            drop_cross_split_duplicates=env.flag("DROP_CROSS_SPLIT_DUPLICATES", False),
             model_uri=env.uri("AIP_MODEL_DIR", _join(run_uri, "saved_model")),
             checkpoint_uri=(_join(checkpoint_base, run_id) if checkpoint_base
                             else _join(run_uri, DEFAULT_CHECKPOINT_FOLDER)),

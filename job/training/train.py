@@ -97,6 +97,9 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
         return {"status": ALREADY_COMPLETE, "run_uri": config.run_uri}
     precision = set_up_keras(config, context)
     dataset, pulled = load_data(config, context)
+    dropped = None
+    if config.drop_cross_split_duplicates:
+        dataset, dropped = audit.drop_cross_split_duplicates(dataset, context.strategy)
     whole = WholeData.of(dataset, context)
 
     with context.strategy.scope():  # variables (model, optimizers, metrics) mirrored across replicas
@@ -126,7 +129,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
     audited = audit.audit_run(dataset, trainer.features.pooled_features() if config.solves_probe
                               else None, (records["phase1"].get("probe") or {}).get("C"),
                               trainer.class_weights is not None, config.seed, whole.counts,
-                              whole.skipped, context.strategy)
+                              whole.skipped, context.strategy, dropped)
     metrics[audit.KEY] = audit.summary(audited)
     metrics["workers"] = worker_records(context, dataset, pulled, records)
     metrics[identity.KEY] = attempt
