@@ -251,6 +251,10 @@ class Config:
         "TTA", settings.switch(), False,
         help="1: score validation and test on the mean prediction of each image and its "
              "horizontal flip; metrics.json also keeps the scores without TTA (without_tta)")
+    drop_cross_split_duplicates: bool = setting(
+        "DROP_CROSS_SPLIT_DUPLICATES", settings.switch(), False,
+        help="1: leave out of training the images whose bytes equal a validation or test image's "
+             "(the audit's exact leaks), listed in audit.json; 0: the audit removes nothing")
     validation_split: float = setting(
         "VALIDATION_SPLIT", settings.fraction(open_high=True), 0.2,
         help="share of the training images held out for validation when there is no "

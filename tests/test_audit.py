@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +60,24 @@ def test_label_issues_find_misfiled_images_most_likely_first():
     assert [issue["score"] for issue in issues] == sorted((i["score"] for i in issues), reverse=True)
 
 
+def test_dropping_cross_split_duplicates_leaves_the_exact_leaks_out_of_training(
+        xray_with_leaks_and_misfiled, caplog):
+    from job.inputs import data
+
+    dataset = data.load_dataset(xray_with_leaks_and_misfiled["root"], 96, 0.2, 0.1, seed=42)
+    with caplog.at_level("INFO", logger="job"):
+        kept, dropped = audit.drop_cross_split_duplicates(dataset, strategy=None)
+    assert sorted((entry["path"], entry["same_bytes_as"]) for entry in dropped) == sorted(
+        xray_with_leaks_and_misfiled["leaks"])
+    assert len(kept.train) == len(dataset.train) - len(dropped)
+    assert not any(Path(path).name.startswith("leak") for path in kept.train.paths)
+    assert (kept.validation, kept.test) == (dataset.validation, dataset.test)
+    lines = [record.getMessage() for record in caplog.records if "DROP_CROSS" in record.getMessage()]
+    assert lines == [f"audit: DROP_CROSS_SPLIT_DUPLICATES=1: {len(dropped)} training image(s) "
+                     "dropped, their bytes those of a validation or test image (listed in "
+                     "audit.json)"]
+
+
 def test_a_real_runs_audit_lists_the_leaks_and_the_misfiled_images(audited_run):
     result = audited_run["result"]
     assert result.returncode == 0, result.stderr[-3000:]
@@ -73,6 +92,14 @@ def test_a_real_runs_audit_lists_the_leaks_and_the_misfiled_images(audited_run):
     assert audit.FILE in json.loads((run_dir / "MANIFEST.json").read_text())["files"]
     lines = [line for line in result.stderr.splitlines() if "INFO job: audit: " in line]
     assert len(lines) == 1 and "cross-split duplicates (leaks: " in lines[0]
+
+
+def test_a_run_that_keeps_its_leaks_says_the_audit_removed_nothing_naming_the_setting(audited_run):
+    line = next(line for line in audited_run["result"].stderr.splitlines()
+                if "INFO job: audit: " in line)
+    assert "removed nothing (DROP_CROSS_SPLIT_DUPLICATES=1 drops the exact leaks" in line
+    found = json.loads((audited_run["run_dir"] / audit.FILE).read_text())
+    assert found["dropped_from_training"] is None
 
 
 def test_a_real_runs_report_shows_the_leaks_and_label_issues(audited_run):

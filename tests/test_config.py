@@ -226,3 +226,9 @@ def test_a_promote_uri_overlapping_the_runs_is_refused_naming_both():
     with pytest.raises(ConfigError, match="OUTPUT_URI/RUN_ID .* and PROMOTE_URI"):
         Config.from_env({"DATA_URI": "/data", "OUTPUT_URI": "gs://b/runs", "RUN_ID": "r1",
                          "PROMOTE_URI": "gs://b/runs"})
+
+
+def test_cross_split_duplicates_stay_in_training_unless_drop_cross_split_duplicates_is_set():
+    assert not Config.from_env({"DATA_URI": "/data"}).drop_cross_split_duplicates
+    assert Config.from_env({"DATA_URI": "/data",
+                            "DROP_CROSS_SPLIT_DUPLICATES": "1"}).drop_cross_split_duplicates

@@ -60,6 +60,16 @@ def test_a_promoted_version_is_complete_and_matches_its_pointer(promotion_runs):
     assert not (promotion_runs["promote_uri"] / "versions" / "swapped").exists()
 
 
+def test_a_promoted_versions_report_has_the_promotion_section_of_its_verdict(promotion_runs):
+    page = (promotion_runs["promote_uri"] / "versions" / "second" / "report.html").read_text()
+    section = page.split('<section id="promotion">')[1].split("</section>")[0]
+    assert "No promotion" not in section
+    assert 'Verdict: <span class="passed">promoted</span>' in section
+    comparison = record(promotion_runs["second"])["comparison"]
+    assert f"exact McNemar p = {comparison['p_value']:.4g}" in section
+    assert "Recall per class" in section
+
+
 # --- In-process: copies of the real runs promoted again, into copies or new PROMOTE_URIs. ---
 
 
@@ -307,3 +317,34 @@ def test_with_export_onnx_a_failed_int8_gate_exits_0_promoted_and_a_failed_float
     else:
         assert "float32 file failed its gate" in verdict["reason"]
         assert not (tmp_path / "production" / "CURRENT.json").exists()
+
+
+def test_a_run_resumed_after_its_final_phase_is_compared_on_its_test_images(tmp_path):
+    """SIGTERM while the run writes its files (every phase checkpointed): the rerun restores the
+    final phase, scores it again and is promoted on its test images, calibrated as usual."""
+    import signal
+
+    from job.training.checkpoint import EXIT_PREEMPTED
+    from tests.conftest import (run_job, start_job, tiny_vgg16_settings,
+                                write_class_images)
+    from tests.test_resume import stop_when_logged
+
+    images = write_class_images(tmp_path / "images", ["a", "b"], per_class=40, size=32)
+    settings = tiny_vgg16_settings(images, tmp_path / "out", tmp_path / "cache",
+                                   FINE_TUNE_EPOCHS="1", PROMOTE_URI=str(tmp_path / "production"))
+    process = start_job(settings, tmp_path / "first.log")
+    stop_when_logged(process, tmp_path / "first.log", "weights digest:", signal.SIGTERM)
+    assert process.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "first.log").read_text()[-3000:]
+
+    rerun = run_job(settings)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "phase 2: finished by an earlier attempt" in rerun.stderr
+    run_dir = tmp_path / "out" / "tiny"
+    verdict = record(run_dir)
+    assert verdict["promoted"], verdict["reason"]
+    assert verdict["challenger_figures"]["accuracy"] > 0.5  # two classes of unlike brightness
+    predictions = json.loads((run_dir / "test_predictions.json").read_text())
+    assert predictions["paths"] and len(predictions["paths"]) == len(predictions["labels"])
+    calibration = json.loads((run_dir / "metrics.json").read_text())["calibration"]
+    assert "earlier attempt" not in calibration.get("skipped", "")
+    assert json.loads((tmp_path / "production" / "CURRENT.json").read_text())["run_id"] == "tiny"

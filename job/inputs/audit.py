@@ -10,7 +10,9 @@ Built from what the run already has, with no extra pass through the network:
   an image is flagged when another class's probability reaches that class's mean
   self-confidence while its own label's does not win; score 1 - p(given label), highest first;
 - the class balance and the skipped files, as metrics.json has them.
-It informs and removes nothing. Features exist only for runs whose phase 1 is the linear probe
+It informs and removes nothing, unless DROP_CROSS_SPLIT_DUPLICATES is on: then, before training,
+drop_cross_split_duplicates leaves out the training images whose bytes equal a validation or test
+image's, and audit.json lists them under "dropped_from_training". Features exist only for runs whose phase 1 is the linear probe
 (DENSE_UNITS=0, pretrained base): other runs get the exact duplicates alone, and say so. Without
 CACHE_FEATURES the test images have no pooled features: their near duplicates are not sought.
 
@@ -60,6 +62,37 @@ def file_digests(paths: list[str]) -> list[str]:
     """SHA-256 of each file (hashlib releases the GIL: a thread pool reads them in parallel)."""
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         return list(pool.map(run_files.sha256, paths))
+
+
+def drop_cross_split_duplicates(dataset: data.DataSet,
+                                strategy) -> tuple[data.DataSet, list[dict]]:
+    """The data set without the training images whose bytes equal a validation or test image's
+    (of any worker's shard), and those images of every worker: their path and the held-out image
+    they repeat, relative to the data root; their number logged in one line."""
+    held_out = {}
+    for name in ("validation", "test"):
+        split = getattr(dataset, name)
+        for text in distribute.gather_texts(
+                [f"{digest}\t{_relative(path, dataset.root)}"
+                 for path, digest in zip(split.paths, file_digests(split.paths))], strategy):
+            digest, path = text.split("\t")
+            held_out.setdefault(digest, path)
+    train, dropped, kept = dataset.train, [], data.Split([], [])
+    for path, label, digest in zip(train.paths, train.labels, file_digests(train.paths)):
+        if digest in held_out:
+            dropped.append(f"{_relative(path, dataset.root)}\t{held_out[digest]}")
+        else:
+            kept.paths.append(path)
+            kept.labels.append(label)
+    dropped = [dict(zip(("path", "same_bytes_as"), text.split("\t")))
+               for text in distribute.gather_texts(dropped, strategy)]
+    log.info("audit: DROP_CROSS_SPLIT_DUPLICATES=1: %d training image(s) dropped, their bytes "
+             "those of a validation or test image (listed in %s)", len(dropped), FILE)
+    return dataclasses.replace(dataset, train=kept), dropped
+
+
+def _relative(path: str, root: Path) -> str:
+    return Path(path).relative_to(root).as_posix()
 
 
 def duplicate_pairs(images: Images, threshold: float = NEAR_DUPLICATE_COSINE) -> list[dict]:
@@ -146,7 +179,7 @@ def collect(dataset, pooled: dict[str, tuple[np.ndarray, np.ndarray]] | None,
     for name in data.SPLITS:
         split = getattr(dataset, name)
         texts = distribute.gather_texts(
-            [f"{Path(path).relative_to(dataset.root).as_posix()}\t{digest}"
+            [f"{_relative(path, dataset.root)}\t{digest}"
              for path, digest in zip(split.paths, file_digests(split.paths))], strategy)
         split_labels = distribute.gather_rows(np.asarray(split.labels, np.int32), strategy)
         own = (pooled or {}).get(name)
@@ -169,13 +202,15 @@ def collect(dataset, pooled: dict[str, tuple[np.ndarray, np.ndarray]] | None,
 
 def audit_run(dataset, pooled: dict[str, tuple[np.ndarray, np.ndarray]] | None,
               probe_c: float | None, balanced: bool, seed: int, counts: dict, skipped: dict,
-              strategy) -> dict:
-    """The run's audit (collect, then audit), timed whole and logged in one line."""
+              strategy, dropped: list[dict] | None = None) -> dict:
+    """The run's audit (collect, then audit), timed whole and logged in one line; dropped: what
+    drop_cross_split_duplicates left out of training (None: DROP_CROSS_SPLIT_DUPLICATES off)."""
     started = time.perf_counter()
     images = collect(dataset, pooled, strategy)
     collected = time.perf_counter() - started
     audited = audit(images, dataset.class_names, probe_c if pooled else None, balanced, seed,
                     counts, skipped)
+    audited["dropped_from_training"] = dropped
     audited["seconds"] = round(time.perf_counter() - started, 2)
     audited["seconds_by_step"]["hashing_and_gathering"] = round(collected, 2)
     log_line(audited)
@@ -231,8 +266,12 @@ def log_line(audited: dict) -> None:
     counts = summary(audited)["counts"]
     exact = sum(pair["kind"] == "exact" for pair in audited["cross_split_duplicates"])
     issues = "not sought" if counts["label_issues"] is None else counts["label_issues"]
+    dropped = audited.get("dropped_from_training")
+    removed = ("removed nothing (DROP_CROSS_SPLIT_DUPLICATES=1 drops the exact leaks from "
+               "training)" if dropped is None else f"{len(dropped)} exact leak(s) dropped from "
+               "training (DROP_CROSS_SPLIT_DUPLICATES=1)")
     log.info("audit: %d cross-split duplicates (leaks: %d exact, %d near), %d within a split, %d "
-             "across classes; likely label issues: %s; in %.1f s (%s)",
+             "across classes; likely label issues: %s; %s; in %.1f s (%s)",
              counts["cross_split_duplicates"], exact, counts["cross_split_duplicates"] - exact,
-             counts["within_split_duplicates"], counts["cross_class_duplicates"], issues,
+             counts["within_split_duplicates"], counts["cross_class_duplicates"], issues, removed,
              audited["seconds"], FILE)

@@ -87,6 +87,11 @@ class Features:
             return self._cached(self.parts.head, head=True)
         return self._online(augmentation_seed)
 
+    def for_scoring(self) -> PhaseInputs:
+        """Inputs that score the whole classifier on the decoded images, with no frozen layers'
+        outputs computed: how a phase that an earlier attempt finished is scored again."""
+        return self._online(self.config.seed)
+
     @property
     def fine_tunes_cached(self) -> bool:
         return self.plan.cached.get("phase2", False)

@@ -89,7 +89,8 @@ def promote_run(config: Config, scratch_dir: Path, export_uri: str | None) -> di
                                 "force: repair it or roll back (docs/promotion.md)")
         if not verdict["promoted"] or verdict.get("already_current"):
             break
-        staged = staged or stage_version(config, challenger)
+        staged = staged or stage_version(config, challenger, verdict_record(config, challenger,
+                                                                              verdict))
         if switch(config, staged, current, token):
             break
         verdict = held_back(f"CURRENT.json changed {attempt} times while this run compared "
@@ -99,15 +100,20 @@ def promote_run(config: Config, scratch_dir: Path, export_uri: str | None) -> di
                         "comparing again with the new champion")
     if staged is not None:  # published, or held back after all: the cache's copy is done
         shutil.rmtree(staged, ignore_errors=True)
-    record = {**verdict, "run_id": config.run_id, "promote_uri": config.promote_uri,
-              "onnx_float32": challenger.float32, "int8": challenger.int8,
-              "created_utc": versions.utc_now(),
-              "rule": {"max_drop": config.promote_max_drop, "significance": SIGNIFICANCE,
-                       "min_accuracy": config.promote_min_accuracy,
-                       "min_macro_recall": config.promote_min_macro_recall}}
+    record = verdict_record(config, challenger, verdict)
     write_record(config, challenger, record)
     announce(record)
     return record
+
+
+def verdict_record(config: Config, challenger: Challenger, verdict: dict) -> dict:
+    """promotion.json's content: the verdict, what was promoted and the rule applied."""
+    return {**verdict, "run_id": config.run_id, "promote_uri": config.promote_uri,
+            "onnx_float32": challenger.float32, "int8": challenger.int8,
+            "created_utc": versions.utc_now(),
+            "rule": {"max_drop": config.promote_max_drop, "significance": SIGNIFICANCE,
+                     "min_accuracy": config.promote_min_accuracy,
+                     "min_macro_recall": config.promote_min_macro_recall}}
 
 
 def held_back(reason: str, **figures) -> dict:
@@ -123,8 +129,8 @@ def judge(config: Config, challenger: Challenger, current: dict | None,
     if challenger.float32 == "failed its gate":
         return held_back("the ONNX float32 file failed its gate: the edge would have no model")
     if challenger.predicted is None:
-        return held_back("this run has no test_predictions.json (its final phase finished in an "
-                         "earlier attempt), so it cannot be compared")
+        return held_back("this run has no test_predictions.json (no test split), so it cannot "
+                         "be compared")
     own = {"accuracy": float(np.mean(challenger.predicted == challenger.labels)),
            "macro_recall": paired.macro_recall(challenger.labels,
                                                challenger.predicted == challenger.labels,
@@ -216,7 +222,7 @@ def load_challenger(config: Config, export_uri: str | None) -> Challenger:
         export_files = list(export_report.get("files") or {})
         int8 = "included" if ONNX_INT8 in export_files else \
             "held back: " + "; ".join(export_report.get("failed_gates") or ["not written"])
-    if predictions is None:  # its final phase finished in an earlier attempt (README)
+    if predictions is None:  # no test split
         return Challenger(run_dir, metrics, None, None, [], export_dir, export_files, int8)
     data_root = storage.local_dir_for(config.data_uri, config.cache_dir / "data")
     return Challenger(run_dir, metrics, predictions.labels,
@@ -255,10 +261,27 @@ def score_champion(champion_dir: Path, current: dict, challenger: Challenger, sc
     return predict_labels(np.concatenate(outputs), current.get("decision_threshold", 0.5))
 
 
-def stage_version(config: Config, challenger: Challenger) -> Path:
-    staging = config.cache_dir / "promotion" / "staging" / config.run_id
-    return versions.stage(staging, challenger.run_dir, challenger.export_dir,
-                          challenger.export_files)
+def stage_version(config: Config, challenger: Challenger, record: dict) -> Path:
+    """The version's files in the cache, its report.html the run's with the Promotion section of
+    the verdict it is published on (should another run switch CURRENT.json first, the comparison
+    made again is the run's promotion.json)."""
+    promotion_dir = config.cache_dir / "promotion"
+    promotion_dir.mkdir(parents=True, exist_ok=True)
+    promoted_report = promotion_dir / run_files.RUN_PAGE
+    render_report(config, challenger, record, promoted_report)
+    return versions.stage(promotion_dir / "staging" / config.run_id, challenger.run_dir,
+                          challenger.export_dir, challenger.export_files,
+                          replaced={run_files.RUN_PAGE: promoted_report})
+
+
+def render_report(config: Config, challenger: Challenger, record: dict, path: Path) -> None:
+    """The run's report.html, its Promotion section filled in from record, to path."""
+    export_report = None
+    if challenger.export_dir is not None:
+        export_report = json.loads((challenger.export_dir / run_files.EXPORT_REPORT).read_text())
+    data_root = storage.local_dir_for(config.data_uri, config.cache_dir / "data")
+    predictions = run_page.read_predictions(challenger.run_dir / run_files.PREDICTIONS, data_root)
+    run_page.write_page(path, challenger.metrics, predictions, export_report, promotion=record)
 
 
 def switch(config: Config, staged: Path, current: dict | None, token: str) -> bool:
@@ -278,13 +301,7 @@ def write_record(config: Config, challenger: Challenger, record: dict) -> None:
     run, made by the process that published it)."""
     run_dir = challenger.run_dir
     run_files.write_json(run_dir / run_files.PROMOTION, record)
-    export_report = None
-    if challenger.export_dir is not None:
-        export_report = json.loads((challenger.export_dir / run_files.EXPORT_REPORT).read_text())
-    data_root = storage.local_dir_for(config.data_uri, config.cache_dir / "data")
-    run_page.write_page(run_dir / run_files.RUN_PAGE, challenger.metrics,
-                        run_page.read_predictions(run_dir / run_files.PREDICTIONS, data_root),
-                        export_report, promotion=record)
+    render_report(config, challenger, record, run_dir / run_files.RUN_PAGE)
     if storage.is_remote(config.run_uri):  # (a local run directory is run_dir itself)
         for name in (run_files.PROMOTION, run_files.RUN_PAGE):
             uri = storage.join(config.run_uri, name)

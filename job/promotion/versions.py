@@ -91,14 +91,16 @@ def fetch_verified(current: dict, promote_uri: str, cache_dir: Path, deadline: f
     return local
 
 
-def stage(staging: Path, run_dir: Path, export_dir: Path | None, export_files: list[str]) -> Path:
-    """The version's files in staging, MANIFEST.json last: the run's, and the export's passed
-    models (export_files), its report and its self-test folder."""
+def stage(staging: Path, run_dir: Path, export_dir: Path | None, export_files: list[str],
+          replaced: dict[str, Path] | None = None) -> Path:
+    """The version's files in staging, MANIFEST.json last: the run's (those named in replaced
+    taken from the path given there instead), and the export's passed models (export_files), its
+    report and its self-test folder."""
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     for name in RUN_FILES:
-        _copy(run_dir / name, staging / name)
+        _copy((replaced or {}).get(name, run_dir / name), staging / name)
     if export_dir is not None:
         for name in [*export_files, run_files.EXPORT_REPORT, SELFTEST]:
             _copy(export_dir / name, staging / name)

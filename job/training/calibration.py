@@ -121,13 +121,9 @@ def fold(output_layer, temperature: float) -> None:
     output_layer.set_weights([kernel / temperature, bias / temperature])
 
 
-def skip_reason(scored: Scored | None, class_names: list[str]) -> str | None:
-    """Why T stays 1, or None: no scored predictions in this process (an earlier attempt
-    finished the final phase), or too few validation images to fit T on. In all, not per class:
+def skip_reason(scored: Scored, class_names: list[str]) -> str | None:
+    """Why T stays 1, or None: too few validation images to fit T on. In all, not per class:
     one T is fitted on the whole split (clothing10's 341 include 12 skirts, and fit well)."""
-    if scored is None:
-        return ("the final phase was finished by an earlier attempt of the run, so its "
-                "validation probabilities are not at hand")
     images = len(scored.labels.get("validation", []))
     needed = scoring.MIN_THRESHOLD_IMAGES * len(class_names)
     if images < needed:
@@ -136,7 +132,7 @@ def skip_reason(scored: Scored | None, class_names: list[str]) -> str | None:
     return None
 
 
-def calibrate(scored: Scored | None, class_names: list[str], output_layer, chief: bool,
+def calibrate(scored: Scored, class_names: list[str], output_layer, chief: bool,
               strategy) -> Calibrated:
     """Fits T on validation (the chief's T on every worker), folds it into output_layer and
     rescores; T = 1 with a warning where skip_reason says so."""

@@ -74,7 +74,7 @@ class Scorer:
         """Temperature scaling of the final phase's predictions, folded into output_layer
         (job/training/calibration.py); the calibrated test probabilities become the final
         phase's."""
-        calibrated = calibration.calibrate(self.scored.get(final.name), self.dataset.class_names,
+        calibrated = calibration.calibrate(self.scored[final.name], self.dataset.class_names,
                                            output_layer, chief, self.strategy)
         if calibrated.test_probabilities is not None:
             self.test_probabilities[final.name] = calibrated.test_probabilities
@@ -82,9 +82,7 @@ class Scorer:
 
     def test_predictions(self, final: Phase) -> run_page.TestPredictions | None:
         """The final phase's test probabilities with the test images' paths (relative to the data
-        root, as the export finds them again); None without a test split, or when an earlier
-        attempt of the run finished the final phase, so this process never scored it. (Of a
-        cluster's run, the chief has only its own shard's images under the data root: the report
+        root, as the export finds them again); None without a test split. (Of a cluster's run, the chief has only its own shard's images under the data root: the report
         shows the others' names without a thumbnail until the export, which has them all,
         renders it again.)"""
         probabilities = self.test_probabilities.get(final.name)

@@ -116,12 +116,16 @@ class Trainer:
         self.records: dict[str, dict] = {}
         self.summaries: dict[str, dict] = {}
 
-    def fit(self, phase: Phase) -> dict:
+    def fit(self, phase: Phase, final: bool = False) -> dict:
         """Trains one phase and returns its record, or restores it when an earlier attempt of
-        the run finished it."""
+        the run finished it. The final phase restored is scored again (the whole classifier on
+        the images), so that calibration, test_predictions.json and promotion have its
+        probabilities as in a run never stopped."""
         record = self.checkpoints.finished(phase)
         if record:
             self.checkpoints.restore(phase, self.parts.classifier)
+            if final:
+                self.scorer.evaluate(phase, self.features.for_scoring())
         else:
             self.unfreeze(phase)
             inputs = self.features.for_phase(phase.fine_tunes, phase.augmentation_seed)

@@ -36,6 +36,9 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
         return {"status": ALREADY_COMPLETE, "run_uri": config.run_uri}
     precision = setup.set_up_keras(config, context)
     dataset, pulled = setup.load_data(config, context)
+    dropped = None
+    if config.drop_cross_split_duplicates:
+        dataset, dropped = audit.drop_cross_split_duplicates(dataset, context.strategy)
     whole = workers.WholeData.of(dataset, context)
 
     with context.strategy.scope():  # variables (model, optimizers, metrics) on every replica
@@ -48,7 +51,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
         planned = phases.plan(config)
         reporter = tuning.Reporter(config, context.chief)  # a tuning trial's figure, each phase
         for phase in planned:  # fit the head; then unfreeze, recompile and fine-tune
-            reporter.report(phase.name, trainer.fit(phase))
+            reporter.report(phase.name, trainer.fit(phase, final=phase == planned[-1]))
         calibrated = trainer.scorer.calibrate(planned[-1], parts.head.get_layer("probabilities"),
                                               context.chief)
 
@@ -59,7 +62,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
     reporter.report(tuning.FINAL, metrics)  # the published figure, which the study takes
     if reporter.on:
         metrics[tuning.KEY] = reporter.record()
-    audited = audit_run(config, context, whole, trainer)
+    audited = audit_run(config, context, whole, trainer, dropped)
     metrics[audit.KEY] = audit.summary(audited)
     metrics["workers"] = workers.worker_records(context, dataset, pulled, trainer.records)
     metrics[identity.KEY] = attempt
@@ -68,7 +71,7 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
     writer.fresh_staging(context.run_dir)  # nothing an earlier attempt left is published
     run_files.write_json(context.run_dir / audit.FILE, audited)
     outputs.write_run(context.run_dir, config, parts.classifier, dataset.class_names, metrics,
-                        trainer.summaries, trainer.scorer.test_predictions(planned[-1]))
+                      trainer.summaries, trainer.scorer.test_predictions(planned[-1]))
     if not context.chief:
         context.discard_throwaways()
         log.info("worker done; the chief publishes the run")
@@ -78,11 +81,12 @@ def run(config: Config, context: RunContext, stop: StopSignal | None = None) -> 
 
 
 def audit_run(config: Config, context: RunContext, whole: workers.WholeData,
-              trainer: phases.Trainer) -> dict:
+              trainer: phases.Trainer, dropped: list | None) -> dict:
     """audit.json (job/inputs/audit.py), from the pooled features phase 1's probe fitted on, if
-    it was one, and the C it chose."""
+    it was one, and the C it chose; dropped: the exact leaks DROP_CROSS_SPLIT_DUPLICATES left
+    out of training (None when it is off)."""
     probe = trainer.records["phase1"].get("probe") or {}
     return audit.audit_run(trainer.dataset,
                            trainer.features.pooled_features() if config.solves_probe else None,
                            probe.get("C"), trainer.class_weights is not None, config.seed,
-                           whole.counts, whole.skipped, context.strategy)
+                           whole.counts, whole.skipped, context.strategy, dropped)
