@@ -25,7 +25,7 @@ from job.results import report, writer
 from tests.conftest import (
     ROOT,
     job_environment,
-    run_job,
+    run_in_process,
     start_job,
     tiny_vgg16_settings,
     write_class_images,
@@ -205,7 +205,7 @@ def test_an_upload_never_lands_over_a_run_completed_after_its_listing(gcs_bucket
     staged_b = staged_run(tmp_path, "B")
     with gcs_emulator.FaultyProxy(gcs_endpoint, delay_s=1.0) as slow_link:
         b = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from job import storage, report; "
+            [sys.executable, "-c", "import storage; from job.results import report; "
              f"storage.publish_tree({str(staged_b)!r}, {run_uri!r}, last=report.MANIFEST)"],
             cwd=ROOT, env=job_environment({"STORAGE_EMULATOR_HOST": slow_link.url}),
             stderr=subprocess.PIPE, text=True)
@@ -290,10 +290,10 @@ def test_a_rerun_of_a_complete_run_clears_its_checkpoints_and_leftover_claim(
     bucket.blob(f"runs/r1/{writer.CLAIM}").upload_from_string(
         json.dumps({"writer": "gone/1/x", "host": "gone", "pid": 1, "at": 0}))
     started = time.monotonic()
-    result = run_job({"DATA_URI": str(tmp_path / "never-read"), "OUTPUT_URI":
-                      f"gs://{gcs_bucket}/runs", "RUN_ID": "r1", "WEIGHTS": "none",
-                      "CACHE_DIR": str(tmp_path / "cache"), "STORAGE_EMULATOR_HOST": gcs_endpoint},
-                     timeout=300)
+    result = run_in_process("job", {
+        "DATA_URI": str(tmp_path / "never-read"), "OUTPUT_URI": f"gs://{gcs_bucket}/runs",
+        "RUN_ID": "r1", "WEIGHTS": "none", "CACHE_DIR": str(tmp_path / "cache"),
+        "STORAGE_EMULATOR_HOST": gcs_endpoint})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already complete" in result.stderr and time.monotonic() - started < 60
     assert {blob.name: blob.download_as_bytes() for blob in gcs_client.list_blobs(gcs_bucket)} \
