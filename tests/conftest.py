@@ -666,8 +666,33 @@ def run_in_process(module: str, env: dict[str, str]) -> subprocess.CompletedProc
         root.setLevel(level)
         for name, own_level in own_levels.items():
             logging.getLogger(name).setLevel(own_level)
+        logging.captureWarnings(False)  # so that the next main captures them again
         warnings.showwarning = showwarning
         signal.signal(signal.SIGTERM, sigterm)
         keras.mixed_precision.set_dtype_policy("float32")
         keras.backend.clear_session()
     return subprocess.CompletedProcess(["python", "-m", module], code, "", stderr.getvalue())
+
+
+# The OTHER files of a folder the tiny run checkpoints into: another run's checkpoint, a user's file.
+CHECKPOINT_FOLDER_BEFORE = {"older-run/state.json": b"another run's checkpoint",
+                            "notes.txt": b"the user's"}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The job end to end (its main, in this process): VGG16 with random weights at 32x32, both
+    phases, 3 classes, one file that is not an image; CHECKPOINT_URI a local folder that already
+    holds CHECKPOINT_FOLDER_BEFORE. Shared by the tests that read what a run writes."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    images = write_class_images(root / "images", ["cat", "dog", "fox"], per_class=14)
+    (images / "dog" / "broken.jpg").write_text("not a jpeg")
+    checkpoints = root / "checkpoints"
+    for name, content in CHECKPOINT_FOLDER_BEFORE.items():
+        (checkpoints / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkpoints / name).write_bytes(content)
+    settings = tiny_vgg16_settings(images, root / "out", root / "cache",
+                                   CHECKPOINT_URI=str(checkpoints))
+    result = run_in_process("job", settings)
+    return {"result": result, "run_dir": root / "out" / "tiny", "settings": settings,
+            "checkpoints": checkpoints}

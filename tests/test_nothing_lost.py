@@ -20,8 +20,7 @@ import pytest
 import storage
 from devkit import gcs_emulator
 from job.training.checkpoint import EXIT_PREEMPTED
-from tests.conftest import (ROOT, job_environment, run_in_process, tiny_vgg16_settings,
-                            write_class_images)
+from tests.conftest import CHECKPOINT_FOLDER_BEFORE, ROOT, job_environment, run_in_process
 from tests.test_storage import object_contents, tree_contents, upload_tree
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
@@ -72,19 +71,11 @@ def test_checkpoint_prefix_holding_files_the_job_did_not_write_is_refused_at_sta
     assert object_contents(gcs_client, bucket) == before
 
 
-def test_a_completed_run_leaves_an_existing_local_checkpoint_folder_as_it_was(tmp_path):
-    images = write_class_images(tmp_path / "images", ["a", "b"], per_class=10, size=32)
-    shared = tmp_path / "checkpoints"
-    (shared / "older-run").mkdir(parents=True)
-    (shared / "older-run" / "state.json").write_text("another run's checkpoint")
-    (shared / "notes.txt").write_text("the user's")
-    before = tree_contents(shared)
-    result = run_in_process("job", tiny_vgg16_settings(
-        images, tmp_path / "out", tmp_path / "cache", CHECKPOINT_URI=str(shared), HEAD_EPOCHS="1",
-        FINE_TUNE_EPOCHS="1"))
+def test_a_completed_run_leaves_an_existing_local_checkpoint_folder_as_it_was(tiny_run):
+    result, shared = tiny_run["result"], tiny_run["checkpoints"]  # the shared tiny run's
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "checkpoints" in result.stderr and (tmp_path / "out" / "tiny" / "MANIFEST.json").exists()
-    assert tree_contents(shared) == before and not (shared / "tiny").exists()
+    assert "checkpoints" in result.stderr and (tiny_run["run_dir"] / "MANIFEST.json").exists()
+    assert tree_contents(shared) == CHECKPOINT_FOLDER_BEFORE and not (shared / "tiny").exists()
 
 
 @pytest.mark.parametrize("variable", ["CHECKPOINT_URI", "DATA_URI", "OUTPUT_URI"])

@@ -93,17 +93,6 @@ def test_saved_model_predicts_what_the_in_memory_model_predicts(phases, tmp_path
     np.testing.assert_allclose(served, classifier.predict(images, verbose=0), atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """The job end to end (its main, in this process): VGG16 with random weights at 32x32, both phases, 3 classes."""
-    root = tmp_path_factory.mktemp("tiny-run")
-    images = write_class_images(root / "images", ["cat", "dog", "fox"], per_class=14)
-    (images / "dog" / "broken.jpg").write_text("not a jpeg")
-    settings = tiny_vgg16_settings(images, root / "out", root / "cache")
-    result = run_in_process("job", settings)
-    return {"result": result, "run_dir": root / "out" / "tiny", "settings": settings}
-
-
 def test_job_exits_0_solves_the_probe_and_logs_one_line_per_fine_tuning_epoch(tiny_run):
     result = tiny_run["result"]
     assert result.returncode == 0, result.stderr[-3000:]
