@@ -303,18 +303,21 @@ def gate_outputs(flipped: int, images: int = 200) -> tuple[dict, np.ndarray]:
             "tensorflow_float32_rebuild": float32}, labels
 
 
-def train_run(tmp_path_factory, data: Path, name: str, **env) -> Path:
+def train_run(tmp_path_factory, data: Path, name: str, in_a_process: bool = False, **env) -> Path:
+    """The run directory of a job run on data, in this process unless in_a_process (then its
+    stderr.log holds every line the process printed)."""
     out = tmp_path_factory.mktemp(f"run-{name}")
-    result = run_job({"DATA_URI": str(data), "OUTPUT_URI": str(out), "RUN_ID": name,
-                      "CACHE_DIR": str(out / "cache"), "BATCH_SIZE": "16", **env})
+    settings = {"DATA_URI": str(data), "OUTPUT_URI": str(out), "RUN_ID": name,
+                "CACHE_DIR": str(out / "cache"), "BATCH_SIZE": "16", **env}
+    result = run_job(settings) if in_a_process else run_in_process("job", settings)
     assert result.returncode == 0, result.stderr[-3000:]
     (out / "stderr.log").write_text(result.stderr)  # beside the run, not in it
     return out / name
 
 
 def export_run(run_dir: Path, **env) -> tuple[int, dict, str]:
-    """(exit code, export_report.json, stderr) of `python -m export` on a run."""
-    result = run_module("export", {"RUN_URI": str(run_dir), "CACHE_DIR": str(run_dir.parent / "cache"),
+    """(exit code, export_report.json, stderr) of the export of a run, run in this process."""
+    result = run_in_process("export", {"RUN_URI": str(run_dir), "CACHE_DIR": str(run_dir.parent / "cache"),
                                    **EXPORT_SETTINGS, **env})
     report_path = Path(env.get("EXPORT_URI", run_dir)) / "export_report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
@@ -328,7 +331,8 @@ def vgg16_exported_by_job(tmp_path_factory, xray_small) -> Path:
     The head trains long and fast enough for confident probabilities: int8 agreement is only
     meaningful when few images sit at the decision threshold.
     """
-    return train_run(tmp_path_factory, xray_small, "vgg16", BACKBONE="vgg16", WEIGHTS=random_vgg16_weights(),
+    return train_run(tmp_path_factory, xray_small, "vgg16", in_a_process=True,
+                     BACKBONE="vgg16", WEIGHTS=random_vgg16_weights(),
                      IMAGE_SIZE="32", HEAD_EPOCHS="12", HEAD_LEARNING_RATE="0.01", PATIENCE="12",
                      FINE_TUNE_EPOCHS="1", EXPORT_ONNX="1", LOG_FORMAT="json", **EXPORT_SETTINGS)
 
@@ -468,7 +472,8 @@ def int8_gate_that_fails(monkeypatch):
 # start `python -m job` or `python -m export`, or train) or uses the environment made for a
 # TensorFlow worker process, or a module that takes long to build: new tests are marked without a
 # decorator.
-SLOW_HELPERS = {"run_job", "run_module", "start_job", "train_run", "export_run", "job_environment"}
+SLOW_HELPERS = {"run_job", "run_module", "start_job", "train_run", "export_run", "job_environment",
+                "run_in_process"}
 SLOW_FIXTURES = {"cpu_subprocess_env", "hub_feature_vector"}
 
 
@@ -593,11 +598,11 @@ def audited_run(xray_with_leaks_and_misfiled, mobilenet_v2_035_weights, tmp_path
     """The cheapest real run with a linear probe: MobileNetV2 0.35 with its real weights at 96 px,
     phase 1 only (the probe), on xray_with_leaks_and_misfiled."""
     out = tmp_path_factory.mktemp("audited-run")
-    result = run_job({"DATA_URI": str(xray_with_leaks_and_misfiled["root"]),
-                      "OUTPUT_URI": str(out / "out"), "RUN_ID": "audit",
-                      "CACHE_DIR": str(out / "cache"), "BACKBONE": "mobilenet_v2", "ALPHA": "0.35",
-                      "WEIGHTS": str(mobilenet_v2_035_weights), "IMAGE_SIZE": "96",
-                      "FINE_TUNE_EPOCHS": "0"})
+    result = run_in_process("job", {"DATA_URI": str(xray_with_leaks_and_misfiled["root"]),
+                                    "OUTPUT_URI": str(out / "out"), "RUN_ID": "audit",
+                                    "CACHE_DIR": str(out / "cache"), "BACKBONE": "mobilenet_v2",
+                                    "ALPHA": "0.35", "WEIGHTS": str(mobilenet_v2_035_weights),
+                                    "IMAGE_SIZE": "96", "FINE_TUNE_EPOCHS": "0"})
     return {"result": result, "run_dir": out / "out" / "audit", **xray_with_leaks_and_misfiled}
 
 
@@ -625,3 +630,69 @@ def xray_serving_model(xray_dir, mobilenet_v2_035_weights, tmp_path_factory) -> 
     path = tmp_path_factory.mktemp("serving") / "saved_model"
     serving.export(parts.classifier, str(path), classes, threshold=0.4)
     return {"path": path, "classes": classes, "size": size, "threshold": 0.4}
+
+
+# --- Runs in this process: `python -m job` and `python -m export` without a new interpreter. ---
+
+
+def run_in_process(module: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """What run_module returns, from `module.__main__.main(env)` ("job" or "export") called in
+    this process: the ten seconds of a fresh interpreter importing TensorFlow saved, for the runs
+    whose test reads only their outputs and log lines (a test of the process itself, its signals
+    or every line it prints, starts one with run_module). env is also the process's environment
+    while main runs (STORAGE_EMULATOR_HOST, for one, is read from there), and stderr holds the log
+    lines. What main sets for its process is put back afterwards: the environment, the root
+    logger, Python warnings, the SIGTERM handler and Keras' global state."""
+    import contextlib
+    import io
+    import signal
+
+    import keras
+
+    entrypoint = importlib.import_module(f"{module}.__main__")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    own_levels = {name: logging.getLogger(name).level for name in OWN_LOGGERS}
+    showwarning, sigterm = warnings.showwarning, signal.getsignal(signal.SIGTERM)
+    stderr, environ = io.StringIO(), dict(os.environ)
+    try:
+        os.environ.update(env)
+        with contextlib.redirect_stderr(stderr):
+            code = entrypoint.main(dict(env))
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, own_level in own_levels.items():
+            logging.getLogger(name).setLevel(own_level)
+        logging.captureWarnings(False)  # so that the next main captures them again
+        warnings.showwarning = showwarning
+        signal.signal(signal.SIGTERM, sigterm)
+        keras.mixed_precision.set_dtype_policy("float32")
+        keras.backend.clear_session()
+    return subprocess.CompletedProcess(["python", "-m", module], code, "", stderr.getvalue())
+
+
+# The OTHER files of a folder the tiny run checkpoints into: another run's checkpoint, a user's file.
+CHECKPOINT_FOLDER_BEFORE = {"older-run/state.json": b"another run's checkpoint",
+                            "notes.txt": b"the user's"}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The job end to end (its main, in this process): VGG16 with random weights at 32x32, both
+    phases, 3 classes, one file that is not an image; CHECKPOINT_URI a local folder that already
+    holds CHECKPOINT_FOLDER_BEFORE. Shared by the tests that read what a run writes."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    images = write_class_images(root / "images", ["cat", "dog", "fox"], per_class=14)
+    (images / "dog" / "broken.jpg").write_text("not a jpeg")
+    checkpoints = root / "checkpoints"
+    for name, content in CHECKPOINT_FOLDER_BEFORE.items():
+        (checkpoints / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkpoints / name).write_bytes(content)
+    settings = tiny_vgg16_settings(images, root / "out", root / "cache",
+                                   CHECKPOINT_URI=str(checkpoints))
+    result = run_in_process("job", settings)
+    return {"result": result, "run_dir": root / "out" / "tiny", "settings": settings,
+            "checkpoints": checkpoints}

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from job.inputs import data
-from tests.conftest import ROOT, job_environment, run_job, tiny_vgg16_settings, write_class_images
+from tests.conftest import (ROOT, job_environment, run_in_process, run_job, tiny_vgg16_settings,
+                            write_class_images)
 
 
 def save(path, mode="RGB", size=(40, 30), fmt=None, **options):
@@ -202,8 +203,8 @@ def test_the_job_records_skipped_files_and_finishes_without_a_traceback(junk_tre
 
 def test_data_uri_that_is_a_file_is_a_one_line_error(tmp_path):
     (tmp_path / "photo.jpg").write_bytes(b"x")
-    result = run_job(tiny_vgg16_settings(tmp_path / "photo.jpg", tmp_path / "out", tmp_path / "cache"),
-                     timeout=120)
+    result = run_in_process("job", tiny_vgg16_settings(tmp_path / "photo.jpg", tmp_path / "out",
+                                                       tmp_path / "cache"))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if " ERROR job: " in line]

@@ -8,7 +8,7 @@ import pytest
 
 from job.config import Config, ConfigError
 from job.inputs.budget import CacheBudget, available_bytes
-from tests.conftest import run_job, tiny_vgg16_settings, write_class_images
+from tests.conftest import run_in_process, tiny_vgg16_settings, write_class_images
 from tests.test_train import cached_features
 
 
@@ -63,9 +63,9 @@ def test_a_phase_whose_cache_does_not_fit_trains_online(tmp_path):
 
 def test_a_run_over_its_cache_budget_trains_online_and_records_why(tmp_path):
     images = write_class_images(tmp_path / "images", ["a", "b"], per_class=8)
-    result = run_job(tiny_vgg16_settings(images, tmp_path / "out", tmp_path / "cache",
-                                         CACHE_BUDGET="1KB", HEAD_EPOCHS="1",
-                                         FINE_TUNE_EPOCHS="1"))
+    result = run_in_process("job", tiny_vgg16_settings(
+        images, tmp_path / "out", tmp_path / "cache", CACHE_BUDGET="1KB", HEAD_EPOCHS="1",
+        FINE_TUNE_EPOCHS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "tiny" / "metrics.json").read_text())
     assert metrics["cache"]["cached"] == {"phase1": False, "phase2": False}

@@ -1,7 +1,6 @@
 """A full disk: checked before the large writes (h5py crashes the process on one), and ended with
 one line naming the path and the space, exit 2, wherever it is met."""
 import errno
-import json
 
 import keras
 import numpy as np

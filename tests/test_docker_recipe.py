@@ -74,8 +74,6 @@ def replay(stage: str, root: Path) -> tuple[Path, dict[str, str], Path]:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(not (ROOT / "job" / "training" / "train.py").exists(),
-                    reason="the training job (job/training/train.py, branch main) is not here yet")
 def test_training_image_recipe_trains_a_tiny_run_to_a_manifest(tmp_path, tiny_image_tree):
     workdir, env, venv = replay("train", tmp_path)
     # What the ENTRYPOINT gets from the Job's ConfigMap, `docker run -e` style.

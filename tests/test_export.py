@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from export.int8.quantize import MIXED_16BIT, RECIPES, UINT8
-from tests.conftest import EXPORT_SETTINGS, export_run, gate_outputs, run_module, run_record
+from tests.conftest import EXPORT_SETTINGS, export_run, gate_outputs, run_in_process, run_record
 
 
 def _assert_gates_passed(report: dict) -> None:
@@ -404,7 +404,7 @@ def test_failed_gate_exits_1_writes_a_failed_report_and_withholds_the_models(
     target = tmp_path / "export"
     code = entrypoint.main({"RUN_URI": str(vgg16_exported_by_job), "EXPORT_URI": str(target),
                             "CACHE_DIR": str(tmp_path / "cache"), "INT8": "0",
-                            "LATENCY_RUNS": "2"})
+                            "LATENCY_RUNS": "1", "PARITY_IMAGES": "60"})  # the gate fails anyway
     assert code == 1
     report = json.loads((target / "export_report.json").read_text())
     assert report["status"] == "failed"
@@ -415,7 +415,7 @@ def test_failed_gate_exits_1_writes_a_failed_report_and_withholds_the_models(
 def test_incomplete_run_exits_2_naming_it(vgg16_exported_by_job, tmp_path):
     run = tmp_path / "half-run"
     shutil.copytree(vgg16_exported_by_job, run, ignore=shutil.ignore_patterns("MANIFEST.json"))
-    result = run_module("export", {"RUN_URI": str(run), "CACHE_DIR": str(tmp_path / "cache")})
+    result = run_in_process("export", {"RUN_URI": str(run), "CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode == 2
     assert f"RUN_URI={run}: no MANIFEST.json" in result.stderr
 

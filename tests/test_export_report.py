@@ -10,12 +10,12 @@ import json
 import numpy as np
 import pytest
 
+from common.run_files import write_manifest
 from export.config import ExportConfig
 from export.errors import BadInput
+from export.export_report import build_report
 from export.formats import FLOAT32_MODEL, INT8_MODEL, REBUILD, Verdict, export_formats, judge
 from export.pipeline import RUN_FILES, read_run, warn_if_int8_is_slower
-from export.export_report import build_report
-from common.run_files import write_manifest
 from tests.conftest import gate_outputs, run_record
 
 SETTINGS = ExportConfig(run_uri="/runs/run", export_uri="/exports/run")

@@ -23,7 +23,7 @@ def signature_variables(saved_model, signature: str = "serving_default") -> dict
 
 @pytest.fixture(scope="module")
 def hub_run(tmp_path_factory, xray_dir, hub_feature_vector):
-    """`python -m job` on the module: 64 px, one epoch per phase, 16 training X-rays per class;
+    """The job (its main, in this process) on the module: 64 px, one epoch per phase, 16 training X-rays per class;
     then, in the same process (EXPORT_ONNX=1, one TensorFlow start fewer), the float32 export."""
     data = link_slice(xray_dir, tmp_path_factory.mktemp("xray-hub"),
                       {"train": 16, "validation": 8, "test": 16})

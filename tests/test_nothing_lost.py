@@ -13,14 +13,13 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 import storage
 from devkit import gcs_emulator
 from edge.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
-from tests.conftest import ROOT, job_environment, run_job, tiny_vgg16_settings, write_class_images
+from tests.conftest import CHECKPOINT_FOLDER_BEFORE, ROOT, job_environment, run_in_process
 from tests.test_storage import object_contents, tree_contents, upload_tree
 
 
@@ -61,26 +60,19 @@ def test_checkpoint_uri_equal_to_output_uri_is_refused_and_the_bucket_kept(
 def test_checkpoint_prefix_holding_files_the_job_did_not_write_is_refused_at_start(
         completed_runs, gcs_client, gcs_endpoint, tmp_path):
     bucket, before = completed_runs
-    result = run_job({"DATA_URI": str(tmp_path), "OUTPUT_URI": f"gs://{bucket}/new-runs",
-                      "CHECKPOINT_URI": f"gs://{bucket}/runs", "RUN_ID": "nightly-1",
-                      "STORAGE_EMULATOR_HOST": gcs_endpoint, "WEIGHTS": "none"}, timeout=120)
+    result = run_in_process("job", {
+        "DATA_URI": str(tmp_path), "OUTPUT_URI": f"gs://{bucket}/new-runs",
+        "CHECKPOINT_URI": f"gs://{bucket}/runs", "RUN_ID": "nightly-1",
+        "STORAGE_EMULATOR_HOST": gcs_endpoint, "WEIGHTS": "none"})
     assert_one_line_exit(result, EXIT_BAD_INPUT, "CHECKPOINT_URI", "did not write")
     assert object_contents(gcs_client, bucket) == before
 
 
-def test_a_completed_run_leaves_an_existing_local_checkpoint_folder_as_it_was(tmp_path):
-    images = write_class_images(tmp_path / "images", ["a", "b"], per_class=10, size=32)
-    shared = tmp_path / "checkpoints"
-    (shared / "older-run").mkdir(parents=True)
-    (shared / "older-run" / "state.json").write_text("another run's checkpoint")
-    (shared / "notes.txt").write_text("the user's")
-    before = tree_contents(shared)
-    result = run_job(tiny_vgg16_settings(images, tmp_path / "out", tmp_path / "cache",
-                                         CHECKPOINT_URI=str(shared), HEAD_EPOCHS="1",
-                                         FINE_TUNE_EPOCHS="1"))
+def test_a_completed_run_leaves_an_existing_local_checkpoint_folder_as_it_was(tiny_run):
+    result, shared = tiny_run["result"], tiny_run["checkpoints"]  # the shared tiny run's
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "checkpoints" in result.stderr and (tmp_path / "out" / "tiny" / "MANIFEST.json").exists()
-    assert tree_contents(shared) == before and not (shared / "tiny").exists()
+    assert "checkpoints" in result.stderr and (tiny_run["run_dir"] / "MANIFEST.json").exists()
+    assert tree_contents(shared) == CHECKPOINT_FOLDER_BEFORE and not (shared / "tiny").exists()
 
 
 @pytest.mark.parametrize("variable", ["CHECKPOINT_URI", "DATA_URI", "OUTPUT_URI"])
@@ -108,8 +100,8 @@ def test_local_places_that_overlap_are_refused_with_exit_2(settings, main_in_pro
 def test_a_cache_dir_holding_other_files_is_refused_untouched(tmp_path):
     (tmp_path / "home" / "photos").mkdir(parents=True)
     (tmp_path / "home" / "photos" / "cat.jpg").write_bytes(b"jpeg")
-    result = run_job({"DATA_URI": str(tmp_path / "absent"), "CACHE_DIR": str(tmp_path / "home")},
-                     timeout=120)
+    result = run_in_process("job", {"DATA_URI": str(tmp_path / "absent"),
+                                    "CACHE_DIR": str(tmp_path / "home")})
     assert_one_line_exit(result, EXIT_BAD_INPUT, "CACHE_DIR", "did not write")
     assert tree_contents(tmp_path / "home") == {"photos/cat.jpg": b"jpeg"}
 
@@ -207,12 +199,12 @@ def test_a_dead_endpoint_fails_the_pull_within_its_deadline_keeping_finished_fil
 
 def test_a_job_whose_endpoint_is_dead_exits_1_within_storage_deadline(tmp_path):
     started = time.monotonic()
-    result = run_job({"DATA_URI": "gs://bucket/data", "CACHE_DIR": str(tmp_path / "cache"),
-                      "OUTPUT_URI": str(tmp_path / "out"), "WEIGHTS": "none",
-                      "STORAGE_DEADLINE": "3", "STORAGE_EMULATOR_HOST":
-                          f"http://127.0.0.1:{gcs_emulator.free_port()}"}, timeout=120)
+    result = run_in_process("job", {
+        "DATA_URI": "gs://bucket/data", "CACHE_DIR": str(tmp_path / "cache"),
+        "OUTPUT_URI": str(tmp_path / "out"), "WEIGHTS": "none", "STORAGE_DEADLINE": "3",
+        "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{gcs_emulator.free_port()}"})
     assert_one_line_exit(result, EXIT_FAILED, "gs://bucket", "still failing after retrying for 3 s")
-    assert time.monotonic() - started < 60  # start-up (TensorFlow) plus the 3 s
+    assert time.monotonic() - started < 60  # the 3 s, and the retries' last backoff
 
 
 def test_sigterm_during_the_pull_exits_75_within_10_s_keeping_finished_downloads(
@@ -254,13 +246,14 @@ def test_sigterm_during_the_pull_exits_75_within_10_s_keeping_finished_downloads
 def test_a_setting_that_cannot_work_exits_2_before_the_data_is_read(settings, words, tmp_path):
     settings = {"DATA_URI": str(tmp_path / "never-read"), "CACHE_DIR": str(tmp_path / "cache"),
                 "OUTPUT_URI": str(tmp_path / "out"), **settings}
-    result = run_job(settings, timeout=120)
+    result = run_in_process("job", settings)
     assert_one_line_exit(result, EXIT_BAD_INPUT, *words)
     assert "never-read" not in result.stderr  # it failed before looking at the data
 
 
 def test_weights_missing_from_the_bucket_exit_2(gcs_bucket, gcs_endpoint, tmp_path):
-    result = run_job({"DATA_URI": str(tmp_path / "never-read"), "CACHE_DIR": str(tmp_path / "c"),
-                      "OUTPUT_URI": str(tmp_path / "out"), "STORAGE_EMULATOR_HOST": gcs_endpoint,
-                      "WEIGHTS": f"gs://{gcs_bucket}/vgg16.h5"}, timeout=120)
+    result = run_in_process("job", {
+        "DATA_URI": str(tmp_path / "never-read"), "CACHE_DIR": str(tmp_path / "c"),
+        "OUTPUT_URI": str(tmp_path / "out"), "STORAGE_EMULATOR_HOST": gcs_endpoint,
+        "WEIGHTS": f"gs://{gcs_bucket}/vgg16.h5"})
     assert_one_line_exit(result, EXIT_BAD_INPUT, "WEIGHTS", "no such object")

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, write_class_images
 from edge import predict
 from edge.runtime import open_model
+from tests.conftest import ROOT, write_class_images
 
 HEAVY = ("tensorflow", "keras", "tf2onnx", "tf_keras", "sklearn")
 
@@ -38,8 +38,8 @@ def image_folder(xray_small, tmp_path) -> Path:
 
 
 def test_predictor_gives_the_saved_model_labels_on_real_images(model_path, image_folder, tmp_path):
-    from export.measure import saved_model_predictor
     from edge.images import load_images
+    from export.measure import saved_model_predictor
 
     output = tmp_path / "predictions.json"
     assert predict.main([str(model_path), str(image_folder), "--output", str(output)]) == 0

@@ -324,9 +324,8 @@ def test_a_run_resumed_after_its_final_phase_is_compared_on_its_test_images(tmp_
     final phase, scores it again and is promoted on its test images, calibrated as usual."""
     import signal
 
-    from job.training.checkpoint import EXIT_PREEMPTED
-    from tests.conftest import (run_job, start_job, tiny_vgg16_settings,
-                                write_class_images)
+    from edge.exit_codes import EXIT_PREEMPTED
+    from tests.conftest import run_job, start_job, tiny_vgg16_settings, write_class_images
     from tests.test_resume import stop_when_logged
 
     images = write_class_images(tmp_path / "images", ["a", "b"], per_class=40, size=32)

@@ -11,7 +11,7 @@ import pytest
 from edge.exit_codes import EXIT_BAD_INPUT, EXIT_PREEMPTED
 from job.config import Config, ConfigError
 from job.results import identity
-from tests.conftest import run_job, start_job, tiny_vgg16_settings, write_class_images
+from tests.conftest import run_in_process, start_job, tiny_vgg16_settings, write_class_images
 from tests.test_nothing_lost import assert_one_line_exit
 from tests.test_storage import tree_contents
 
@@ -47,17 +47,14 @@ def finished_metrics(settings):
     return json.loads(open(f"{run_dir}/metrics.json").read()), run_dir
 
 
-def test_sigterm_in_phase_2_saves_and_the_restart_resumes_there(slow_run, tmp_path):
-    log_path = tmp_path / "first.log"
-    process = start_job(slow_run, log_path)
-    sent = stop_when_logged(process, log_path, "phase 2 epoch 2/", signal.SIGTERM)
-    assert process.wait(timeout=60) == EXIT_PREEMPTED
-    assert time.monotonic() - sent < 30  # inside Kubernetes' default grace period
-    first = log_path.read_text()
+def test_sigterm_in_phase_2_saves_and_the_restart_resumes_there(interrupted_run, resumed_run):
+    first = interrupted_run["log"]
+    assert interrupted_run["seconds_to_exit"] < 30  # inside Kubernetes' default grace period
     assert "preempted: SIGTERM during epoch" in first and "rerun with RUN_ID=tiny" in first
-    assert not (tmp_path / "out" / "tiny" / "WRITER.json").exists()  # its claim released
+    run_uri = Path(interrupted_run["settings"]["OUTPUT_URI"], "tiny")
+    assert not (run_uri / "WRITER.json").exists()  # its claim released
 
-    second = run_job(slow_run)
+    settings, second = resumed_run
     assert second.returncode == 0, second.stderr[-3000:]
     assert "phase 1: finished by an earlier attempt" in second.stderr
     assert "phase 1: linear probe" not in second.stderr  # phase 1 is not redone, nor its features
@@ -65,13 +62,13 @@ def test_sigterm_in_phase_2_saves_and_the_restart_resumes_there(slow_run, tmp_pa
     assert f"phase 2: resuming at epoch {saved + 1} from the checkpoint" in second.stderr
     assert second.stderr.count("phase 2 epoch ") == FINE_TUNE_EPOCHS - saved
 
-    metrics, run_dir = finished_metrics(slow_run)
+    metrics, run_dir = finished_metrics(settings)
     assert metrics["phase1"]["probe"]["C"] > 0  # phase 1's record, kept from the first attempt
     assert metrics["phase2"]["epochs_run"] == FINE_TUNE_EPOCHS
     assert len(metrics["phase2"]["history"]["val_loss"]) == FINE_TUNE_EPOCHS
     manifest = json.loads(open(f"{run_dir}/MANIFEST.json").read())["files"]
     assert {"metrics.json", "labels.txt", "saved_model/saved_model.pb"} <= set(manifest)
-    assert not (tmp_path / "out" / "tiny" / "checkpoints").exists()  # cleared once complete
+    assert not Path(run_dir, "checkpoints").exists()  # cleared once complete
 
 
 def test_sigkill_in_phase_2_resumes_from_the_last_completed_epoch(slow_run, tmp_path):
@@ -80,7 +77,7 @@ def test_sigkill_in_phase_2_resumes_from_the_last_completed_epoch(slow_run, tmp_
     stop_when_logged(process, log_path, "phase 2 epoch 3/", signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL
 
-    second = run_job(slow_run)
+    second = run_in_process("job", slow_run)
     assert second.returncode == 0, second.stderr[-3000:]
     resumed_at = int(second.stderr.split("phase 2: resuming at epoch ")[1].split()[0])
     assert resumed_at in (3, 4)  # the kill may land before or after epoch 3's checkpoint
@@ -90,8 +87,8 @@ def test_sigkill_in_phase_2_resumes_from_the_last_completed_epoch(slow_run, tmp_
 
 
 def test_a_new_run_id_starts_fresh(slow_run):
-    first = run_job({**slow_run, "FINE_TUNE_EPOCHS": "0"})
-    second = run_job({**slow_run, "FINE_TUNE_EPOCHS": "0", "RUN_ID": "other"})
+    first = run_in_process("job", {**slow_run, "FINE_TUNE_EPOCHS": "0"})
+    second = run_in_process("job", {**slow_run, "FINE_TUNE_EPOCHS": "0", "RUN_ID": "other"})
     assert first.returncode == second.returncode == 0
     assert "finished by an earlier attempt" not in second.stderr
     assert "phase 1: linear probe on" in second.stderr
@@ -101,13 +98,15 @@ def test_a_new_run_id_starts_fresh(slow_run):
 
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory) -> dict:
-    """The settings of a run stopped by SIGTERM in phase 2 (exit 75), its checkpoints kept."""
+    """A `python -m job` stopped by SIGTERM in phase 2 (exit 75), its checkpoints kept: its
+    settings, its log and the seconds from the signal to its exit."""
     root = tmp_path_factory.mktemp("interrupted")
     settings = slow_settings(root)
     process = start_job(settings, root / "first.log")
-    stop_when_logged(process, root / "first.log", "phase 2 epoch 2/", signal.SIGTERM)
+    sent = stop_when_logged(process, root / "first.log", "phase 2 epoch 2/", signal.SIGTERM)
     assert process.wait(timeout=60) == EXIT_PREEMPTED
-    return settings
+    return {"settings": settings, "log": (root / "first.log").read_text(),
+            "seconds_to_exit": time.monotonic() - sent}
 
 
 def copy_of_run(settings: dict, root: Path) -> dict:
@@ -120,8 +119,8 @@ def copy_of_run(settings: dict, root: Path) -> dict:
 @pytest.fixture(scope="module")
 def resumed_run(interrupted_run, tmp_path_factory) -> tuple[dict, object]:
     """A copy of the interrupted run rerun with its own data and settings: (settings, result)."""
-    settings = copy_of_run(interrupted_run, tmp_path_factory.mktemp("resumed"))
-    return settings, run_job(settings)
+    settings = copy_of_run(interrupted_run["settings"], tmp_path_factory.mktemp("resumed"))
+    return settings, run_in_process("job", settings)
 
 
 def other_images(root: Path) -> Path:
@@ -130,12 +129,12 @@ def other_images(root: Path) -> Path:
 
 def test_an_unfinished_run_rerun_on_other_data_exits_2_naming_data_uri_and_restores_nothing(
         interrupted_run, tmp_path):
-    settings = copy_of_run(interrupted_run, tmp_path)
+    settings = copy_of_run(interrupted_run["settings"], tmp_path)
     checkpoints = Path(settings["OUTPUT_URI"], "tiny", "checkpoints")
     before = tree_contents(checkpoints)
     other = other_images(tmp_path)
     started = time.monotonic()
-    result = run_job({**settings, "DATA_URI": str(other)})
+    result = run_in_process("job", {**settings, "DATA_URI": str(other)})
     print(f"refused in {time.monotonic() - started:.1f} s")
     assert_one_line_exit(result, EXIT_BAD_INPUT, "RUN_ID=tiny: its checkpoints",
                          f"recorded DATA_URI={settings['DATA_URI']} (60 files",
@@ -162,7 +161,7 @@ def test_a_complete_run_rerun_on_other_data_exits_2_and_is_left_as_it_was(resume
     before = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")}
     other = other_images(tmp_path)
     started = time.monotonic()
-    result = run_job({**settings, "DATA_URI": str(other), "WEIGHTS": "none"})
+    result = run_in_process("job", {**settings, "DATA_URI": str(other), "WEIGHTS": "none"})
     print(f"refused in {time.monotonic() - started:.1f} s")
     assert_one_line_exit(result, EXIT_BAD_INPUT, f"RUN_ID=tiny: its run at {run_dir}",
                          f"this attempt has DATA_URI={other} (60 files", "WEIGHTS=none")
@@ -177,7 +176,7 @@ def test_a_run_rerun_with_another_backbone_weights_or_image_size_is_refused_nami
         complete, change, interrupted_run, resumed_run):
     """In-process, against the records of the real runs above: the refusal comes before anything
     is read or built."""
-    settings = resumed_run[0] if complete else interrupted_run
+    settings = resumed_run[0] if complete else interrupted_run["settings"]
     name = next(iter(change))
     with pytest.raises(ConfigError, match=f"{name}=.*; this attempt has {name}={change[name]}"):
         identity.check_rerun(Config.from_env({**settings, **change}))

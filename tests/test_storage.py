@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ import storage
 from devkit import gcs_emulator
 from job.inputs.shard import Shard
 from storage import StorageError
-from tests.conftest import random_vgg16_weights
+from tests.conftest import random_vgg16_weights, run_in_process
 
 QUICK = {"retry_deadline": 5.0}
 REPO = Path(__file__).resolve().parents[1]
@@ -402,14 +399,13 @@ def test_job_reads_and_writes_gs_uris_publishes_the_marker_last_and_deletes_only
         bucket.blob(name).upload_from_string(name.encode())
     others = object_contents(gcs_client, gcs_bucket, "runs/") | object_contents(
         gcs_client, gcs_bucket, "ckpt/")
-    env = {**os.environ, "STORAGE_EMULATOR_HOST": gcs_endpoint,
+    env = {"STORAGE_EMULATOR_HOST": gcs_endpoint,
            "DATA_URI": f"gs://{gcs_bucket}/data", "OUTPUT_URI": f"gs://{gcs_bucket}/runs",
            "CHECKPOINT_URI": f"gs://{gcs_bucket}/ckpt",
            "RUN_ID": "e2e", "CACHE_DIR": str(tmp_path / "cache"), "BACKBONE": "vgg16",
            "WEIGHTS": random_vgg16_weights(), "IMAGE_SIZE": "32", "BATCH_SIZE": "8", "HEAD_EPOCHS": "1",
-           "FINE_TUNE_EPOCHS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    job = subprocess.run([sys.executable, "-m", "job"], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+           "FINE_TUNE_EPOCHS": "1"}
+    job = run_in_process("job", env)
     assert job.returncode == 0, job.stderr[-3000:]
     generations = {blob.name: blob.generation
                    for blob in gcs_client.list_blobs(gcs_bucket, prefix="runs/e2e/")}

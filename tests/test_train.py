@@ -16,7 +16,7 @@ from job.inputs.features import Features
 from job.training import model, probe, serving
 from job.training.checkpoint import Checkpoints, StopSignal
 from job.training.phases import Trainer, plan
-from tests.conftest import run_job, tiny_vgg16_settings, write_class_images
+from tests.conftest import run_in_process, run_job, tiny_vgg16_settings, write_class_images
 
 
 def weights_by_layer(base):
@@ -97,17 +97,6 @@ def test_saved_model_predicts_what_the_in_memory_model_predicts(phases, tmp_path
     np.testing.assert_allclose(served, classifier.predict(images, verbose=0), atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """`python -m job` end to end: VGG16 with random weights at 32x32, both phases, 3 classes."""
-    root = tmp_path_factory.mktemp("tiny-run")
-    images = write_class_images(root / "images", ["cat", "dog", "fox"], per_class=14)
-    (images / "dog" / "broken.jpg").write_text("not a jpeg")
-    settings = tiny_vgg16_settings(images, root / "out", root / "cache")
-    result = run_job(settings)
-    return {"result": result, "run_dir": root / "out" / "tiny", "settings": settings}
-
-
 def test_job_exits_0_solves_the_probe_and_logs_one_line_per_fine_tuning_epoch(tiny_run):
     result = tiny_run["result"]
     assert result.returncode == 0, result.stderr[-3000:]
@@ -183,7 +172,7 @@ def test_model_summary_counts_trainable_and_frozen_parameters(tiny_run):
 def test_a_completed_run_is_left_untouched(tiny_run):
     run_dir = tiny_run["run_dir"]
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
-    result = run_job(tiny_run["settings"], timeout=120)
+    result = run_in_process("job", tiny_run["settings"])
     assert result.returncode == 0
     assert "already complete" in result.stderr
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
@@ -241,9 +230,9 @@ def test_tta_caches_the_flipped_images(tmp_path):
 
 def test_augmented_binary_run_trains_both_phases_through_the_frozen_base(tmp_path):
     images = write_class_images(tmp_path / "images", ["no", "yes"], per_class=10)
-    result = run_job(tiny_vgg16_settings(images, tmp_path / "out", tmp_path / "cache",
-                                         AUGMENT="1", CACHE_FEATURES="0", TTA="1",
-                                         HEAD_EPOCHS="1", FINE_TUNE_EPOCHS="1"))
+    result = run_in_process("job", tiny_vgg16_settings(
+        images, tmp_path / "out", tmp_path / "cache", AUGMENT="1", CACHE_FEATURES="0", TTA="1",
+        HEAD_EPOCHS="1", FINE_TUNE_EPOCHS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "tiny" / "metrics.json").read_text())
     assert metrics["phase1"]["cached"] is False and metrics["phase2"]["cached"] is False
@@ -258,9 +247,9 @@ def test_augmented_binary_run_trains_both_phases_through_the_frozen_base(tmp_pat
 
 def test_weights_none_trains_every_layer_from_scratch_in_one_phase_on_the_images(tmp_path):
     images = write_class_images(tmp_path / "images", ["a", "b"], per_class=8)
-    result = run_job(tiny_vgg16_settings(images, tmp_path / "out", tmp_path / "cache",
-                                         WEIGHTS="none", HEAD_EPOCHS="2", FINE_TUNE_EPOCHS="1",
-                                         PATIENCE="5"))
+    result = run_in_process("job", tiny_vgg16_settings(
+        images, tmp_path / "out", tmp_path / "cache", WEIGHTS="none", HEAD_EPOCHS="2",
+        FINE_TUNE_EPOCHS="1", PATIENCE="5"))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "tiny" / "metrics.json").read_text())
     assert metrics["phase2"] is None
@@ -284,7 +273,7 @@ def test_imagenet_weights_that_cannot_be_downloaded_fail_fast_naming_weights(tmp
 @pytest.mark.slow
 def test_real_xrays_with_pretrained_mobilenet_v2_beat_chance_clearly(xray_subset, mobilenet_v2_weights,
                                                                      tmp_path):
-    result = run_job({
+    result = run_in_process("job", {
         "DATA_URI": str(xray_subset), "OUTPUT_URI": str(tmp_path / "out"), "RUN_ID": "xray",
         "CACHE_DIR": str(tmp_path / "cache"), "BACKBONE": "mobilenet_v2", "ALPHA": "0.5",
         "WEIGHTS": str(mobilenet_v2_weights), "IMAGE_SIZE": "160", "HEAD_EPOCHS": "15",

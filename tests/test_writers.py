@@ -23,14 +23,8 @@ import storage
 from common import run_files
 from devkit import gcs_emulator
 from job.results import writer
-from tests.conftest import (
-    ROOT,
-    job_environment,
-    run_job,
-    start_job,
-    tiny_vgg16_settings,
-    write_class_images,
-)
+from tests.conftest import (ROOT, job_environment, run_job, start_job, tiny_vgg16_settings,
+                            write_class_images)
 from tests.test_storage import tree_contents
 from tests.writer_process import write_run
 
