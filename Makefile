@@ -20,8 +20,10 @@ setup:
 demo:
 	$(PY) -m demo
 
+# pytest-xdist: one worker per core, each test file on one worker (its module fixtures built
+# once); while one worker trains, the other's tests wait on subprocesses, storage and sleeps.
 test:
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 test-fast:
 	$(PY) -m pytest -m "not slow"
