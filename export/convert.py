@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import run_files
 from common.record import RunRecord
 from export.errors import BadInput, ExportError
 
@@ -52,7 +53,7 @@ def rebuild_float32(run_dir: Path, record: RunRecord):
         base, mode = job_model.build_base(record.backbone, record.alpha, None, record.image_size)
         parts = job_model.build_classifier(base, mode, len(record.classes), record.image_size,
                                            record.dense_units, record.dropout)
-    trained = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    trained = keras.saving.load_model(run_dir / run_files.KERAS_MODEL, compile=False)
     source = trained.get_weights()
     try:
         parts.classifier.set_weights(source)
@@ -88,8 +89,9 @@ def saved_model_as_float32(run_dir: Path, record: RunRecord):
     images = keras.Input((size, size, 3), name=INPUT_NAME)
     from job.training.serving import PIXELS_SIGNATURE
 
-    served = keras.layers.TFSMLayer(str(run_dir / "saved_model"), call_endpoint=PIXELS_SIGNATURE,
-                                    trainable=False, name="saved_model")
+    served = keras.layers.TFSMLayer(str(run_dir / run_files.SAVED_MODEL),
+                                    call_endpoint=PIXELS_SIGNATURE, trainable=False,
+                                    name="saved_model")
     return keras.Model(images, served(images), name="classifier")
 
 

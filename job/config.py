@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import storage
-from common import settings
+from common import run_files, settings
 from common.cache_dir import DEFAULT_CACHE_DIR
 from common.settings import ConfigError, Invalid, Parser, Rule, setting
 from job.cluster import distribute
@@ -277,7 +277,7 @@ class Config:
              "of the smallest; off")
     model_uri: str = setting(
         "AIP_MODEL_DIR", URI,
-        Rule(lambda config: storage.join(config.run_uri, "saved_model"),
+        Rule(lambda config: storage.join(config.run_uri, run_files.SAVED_MODEL),
              "OUTPUT_URI/RUN_ID/saved_model"),
         help="where the SavedModel is published (Vertex AI sets it)")
     # A CHECKPOINT_URI (or Vertex AI's AIP_CHECKPOINT_DIR) holds one prefix per run,
@@ -435,7 +435,7 @@ def _refuse_overlaps(config: Config) -> None:
         places["PROMOTE_URI"] = config.promote_uri
     if config.checkpoint_uri == storage.join(config.run_uri, DEFAULT_CHECKPOINT_FOLDER):
         del places["CHECKPOINT_URI/RUN_ID"]
-    if config.model_uri == storage.join(config.run_uri, "saved_model"):
+    if config.model_uri == storage.join(config.run_uri, run_files.SAVED_MODEL):
         del places["AIP_MODEL_DIR"]
     names = list(places)
     for index, first in enumerate(names):

@@ -243,7 +243,7 @@ def score_champion(champion_dir: Path, current: dict, challenger: Challenger, sc
     from job.training import serving
 
     try:
-        serve = tf.saved_model.load(str(champion_dir / "saved_model")).signatures[
+        serve = tf.saved_model.load(str(champion_dir / run_files.SAVED_MODEL)).signatures[
             serving.PIXELS_SIGNATURE]  # float32 pixels: every run's SavedModel has it
     except Exception as error:  # a SavedModel that passed its checksums yet does not load
         raise versions.ChampionUnusable(f"its SavedModel does not load ({error})") from None

@@ -76,17 +76,17 @@ def write_run(work_dir: Path, config: Config, classifier: keras.Model, class_nam
     summaries: the model's summary after each phase, by the phase's name."""
     diskspace.require(work_dir, diskspace.model_files_bytes(classifier),
                       "the run's saved_model/ and model.keras")
-    serving.export(classifier, str(work_dir / "saved_model"), class_names,
+    serving.export(classifier, str(work_dir / run_files.SAVED_MODEL), class_names,
                    metrics["decision_threshold"])
-    classifier.save(work_dir / "model.keras")
-    (work_dir / "labels.txt").write_text("\n".join(class_names) + "\n")
+    classifier.save(work_dir / run_files.KERAS_MODEL)
+    (work_dir / run_files.LABELS).write_text("\n".join(class_names) + "\n")
     for phase in ("phase1", "phase2"):
         if (metrics.get(phase) or {}).get("history"):  # a phase solved as a probe has no epochs
             plots.plot_history(metrics[phase]["history"], phase.replace("phase", "phase "),
                                 work_dir / f"curves_{phase}.png")
     (work_dir / "model_summary.txt").write_text("\n\n".join(
         f"== after {phase} ==\n{s['text']}\n{s['parameters']}" for phase, s in summaries.items()))
-    run_files.write_json(work_dir / "metrics.json", metrics)
+    run_files.write_json(work_dir / run_files.METRICS, metrics)
     if predictions is not None:
         run_page.write_predictions(work_dir / run_files.PREDICTIONS, predictions)
     run_page.write_page(work_dir / run_files.RUN_PAGE, metrics, predictions)
@@ -99,8 +99,8 @@ def publish_run(config: Config, context: RunContext, checkpoints: Checkpoints) -
     staging folder."""
     deadline = config.storage_deadline
     writer.publish(context.claim, context.run_dir, config.run_uri, retry_deadline=deadline)
-    if config.model_uri != storage.join(config.run_uri, "saved_model"):
-        storage.publish_tree(context.run_dir / "saved_model", config.model_uri,
+    if config.model_uri != storage.join(config.run_uri, run_files.SAVED_MODEL):
+        storage.publish_tree(context.run_dir / run_files.SAVED_MODEL, config.model_uri,
                              retry_deadline=deadline)
     log.info("run complete: %s", config.run_uri)
     checkpoints.clear()

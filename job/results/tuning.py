@@ -21,6 +21,7 @@ from pathlib import Path
 import hypertune
 
 import storage
+from common import run_files
 from job.config import Config, ConfigError
 from storage import objects
 
@@ -78,7 +79,7 @@ def report_complete(config: Config, chief: bool) -> None:
     the metric file lived on the machine that was lost, and the study needs a report."""
     if not (config.reports_tuning_metric and chief):
         return
-    content = objects.read(storage.join(config.run_uri, "metrics.json"),
+    content = objects.read(storage.join(config.run_uri, run_files.METRICS),
                            retry_deadline=config.storage_deadline)
     metrics = json.loads(content) if content else {}
     Reporter(config, chief).report(FINAL, metrics)
