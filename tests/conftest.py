@@ -1,7 +1,6 @@
 """Shared fixtures: paths to the real data in ../shared, temporary data trees, and servers on loopback."""
 from __future__ import annotations
 
-import atexit
 import functools
 import importlib
 import json
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from PIL import Image
 
 from devkit import gcs_emulator
@@ -31,7 +31,30 @@ MOBILENET_V2_050 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf
 MOBILENET_V2_035 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 
 
-@functools.cache
+# Files the test processes of one session share: pytest-xdist's workers inherit the folder that
+# the first process (the controller, or the only one) makes, and it is removed when that one ends.
+SHARED_TEMP = "TESTS_SHARED_TEMP"
+
+
+def pytest_configure(config):
+    if SHARED_TEMP not in os.environ:
+        os.environ[SHARED_TEMP] = tempfile.mkdtemp(prefix="tests-shared-")
+        config.add_cleanup(functools.partial(shutil.rmtree, os.environ[SHARED_TEMP],
+                                             ignore_errors=True))
+
+
+def built_once(name: str, build):
+    """build()'s result (JSON), built by the first test process that asks and read back by the
+    others: pytest-xdist's workers otherwise build each session fixture once each, and the runs
+    several test files read would be trained twice. A file lock lets one build while the others
+    wait (pytest-xdist's recipe for session fixtures)."""
+    record = Path(os.environ[SHARED_TEMP]) / f"{name}.json"
+    with FileLock(f"{record}.lock"):
+        if not record.is_file():
+            record.write_text(json.dumps(build()))
+        return json.loads(record.read_text())
+
+
 def random_vgg16_weights() -> str:
     """A VGG16 conv base's random weights as a .weights.h5 file, made once per test session.
 
@@ -39,15 +62,17 @@ def random_vgg16_weights() -> str:
     scratch in one phase, so the tests of transfer learning's two phases load these. Drawn right
     after Keras is seeded with the job's default SEED, 42, as the job then draws its own random
     base: a run with SEED=42 starts from the same weights either way."""
-    import keras
+    path = Path(os.environ[SHARED_TEMP]) / "vgg16-random.weights.h5"
 
-    folder = Path(tempfile.mkdtemp(prefix="random-vgg16-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    keras.utils.set_random_seed(42)
-    path = folder / "vgg16-random.weights.h5"
-    keras.applications.VGG16(include_top=False, weights=None).save_weights(path)
-    keras.backend.clear_session()
-    return str(path)
+    def build() -> str:
+        import keras
+
+        keras.utils.set_random_seed(42)
+        keras.applications.VGG16(include_top=False, weights=None).save_weights(path)
+        keras.backend.clear_session()
+        return str(path)
+
+    return built_once("random_vgg16_weights", build)
 
 
 def require_shared(path: Path) -> Path:
@@ -331,10 +356,11 @@ def vgg16_exported_by_job(tmp_path_factory, xray_small) -> Path:
     The head trains long and fast enough for confident probabilities: int8 agreement is only
     meaningful when few images sit at the decision threshold.
     """
-    return train_run(tmp_path_factory, xray_small, "vgg16", in_a_process=True,
-                     BACKBONE="vgg16", WEIGHTS=random_vgg16_weights(),
-                     IMAGE_SIZE="32", HEAD_EPOCHS="12", HEAD_LEARNING_RATE="0.01", PATIENCE="12",
-                     FINE_TUNE_EPOCHS="1", EXPORT_ONNX="1", LOG_FORMAT="json", **EXPORT_SETTINGS)
+    return Path(built_once("vgg16_exported_by_job", lambda: str(train_run(
+        tmp_path_factory, xray_small, "vgg16", in_a_process=True,
+        BACKBONE="vgg16", WEIGHTS=random_vgg16_weights(),
+        IMAGE_SIZE="32", HEAD_EPOCHS="12", HEAD_LEARNING_RATE="0.01", PATIENCE="12",
+        FINE_TUNE_EPOCHS="1", EXPORT_ONNX="1", LOG_FORMAT="json", **EXPORT_SETTINGS))))
 
 
 @pytest.fixture(scope="session")
@@ -346,14 +372,17 @@ def mobilenet_run(tmp_path_factory, xray_small, mobilenet_v2_weights) -> Path:
     training images ends more confident than the default linear probe's: the int8 tests compare
     labels away from the threshold and need 200 of the 300 test images there (the probe's head
     left 166)."""
-    return train_run(tmp_path_factory, xray_small, "mobilenet", BACKBONE="mobilenet_v2", ALPHA="0.5",
-                     WEIGHTS=str(mobilenet_v2_weights), IMAGE_SIZE="96", HEAD_EPOCHS="6",
-                     FINE_TUNE_EPOCHS="3", BATCH_SIZE="32", DENSE_UNITS="256", DROPOUT="0.5")
+    return Path(built_once("mobilenet_run", lambda: str(train_run(
+        tmp_path_factory, xray_small, "mobilenet", BACKBONE="mobilenet_v2", ALPHA="0.5",
+        WEIGHTS=str(mobilenet_v2_weights), IMAGE_SIZE="96", HEAD_EPOCHS="6",
+        FINE_TUNE_EPOCHS="3", BATCH_SIZE="32", DENSE_UNITS="256", DROPOUT="0.5"))))
 
 
 @pytest.fixture(scope="session")
-def mobilenet_export(mobilenet_run) -> tuple[int, dict, str]:
-    return export_run(mobilenet_run)
+def mobilenet_export(mobilenet_run, tmp_path_factory) -> tuple[int, dict, str]:
+    """The MobileNetV2 run's export into its run directory: (exit code, report, stderr)."""
+    return tuple(built_once("mobilenet_export",
+                            lambda: export_run(mobilenet_run)))
 
 
 @pytest.fixture(scope="session")
@@ -684,15 +713,23 @@ def tiny_run(tmp_path_factory):
     """The job end to end (its main, in this process): VGG16 with random weights at 32x32, both
     phases, 3 classes, one file that is not an image; CHECKPOINT_URI a local folder that already
     holds CHECKPOINT_FOLDER_BEFORE. Shared by the tests that read what a run writes."""
-    root = tmp_path_factory.mktemp("tiny-run")
-    images = write_class_images(root / "images", ["cat", "dog", "fox"], per_class=14)
-    (images / "dog" / "broken.jpg").write_text("not a jpeg")
-    checkpoints = root / "checkpoints"
-    for name, content in CHECKPOINT_FOLDER_BEFORE.items():
-        (checkpoints / name).parent.mkdir(parents=True, exist_ok=True)
-        (checkpoints / name).write_bytes(content)
-    settings = tiny_vgg16_settings(images, root / "out", root / "cache",
-                                   CHECKPOINT_URI=str(checkpoints))
-    result = run_in_process("job", settings)
-    return {"result": result, "run_dir": root / "out" / "tiny", "settings": settings,
-            "checkpoints": checkpoints}
+    def build() -> dict:
+        root = tmp_path_factory.mktemp("tiny-run")
+        images = write_class_images(root / "images", ["cat", "dog", "fox"], per_class=14)
+        (images / "dog" / "broken.jpg").write_text("not a jpeg")
+        checkpoints = root / "checkpoints"
+        for name, content in CHECKPOINT_FOLDER_BEFORE.items():
+            (checkpoints / name).parent.mkdir(parents=True, exist_ok=True)
+            (checkpoints / name).write_bytes(content)
+        settings = tiny_vgg16_settings(images, root / "out", root / "cache",
+                                       CHECKPOINT_URI=str(checkpoints))
+        result = run_in_process("job", settings)
+        return {"returncode": result.returncode, "stderr": result.stderr, "root": str(root),
+                "settings": settings}
+
+    built = built_once("tiny_run", build)
+    root = Path(built["root"])
+    return {"result": subprocess.CompletedProcess(["python", "-m", "job"], built["returncode"],
+                                                  "", built["stderr"]),
+            "run_dir": root / "out" / "tiny", "settings": built["settings"],
+            "checkpoints": root / "checkpoints"}
