@@ -6,7 +6,9 @@ What is not replayed, and why: the base image itself (this interpreter stands in
 major.minor must equal the base image tag's), the non-root user (needs root; infra/ checks
 runAsNonRoot), and the CUDA layer (`--no-deps -r requirements-gpu.txt`: NVIDIA libraries only,
 which change no Python dependency and need a GPU to be exercised). pip's cache is left on, unlike
-in the image (PIP_NO_CACHE_DIR there keeps layers small), so a second run does not download again.
+in the image (PIP_NO_CACHE_DIR there keeps layers small), so a second run does not download again;
+and pip does not byte-compile what it installs (--no-compile): the image's .pyc files only make
+its imports faster, and compiling TensorFlow's took a third of the replay's install.
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ def replay(stage: str, root: Path) -> tuple[Path, dict[str, str], Path]:
     for command in pip_runs:
         if CUDA_LAYER in command:
             continue
-        command = command.replace("--no-cache-dir ", "").replace("/tmp/", f"{fs}/tmp/")
+        command = command.replace("--no-cache-dir ", "--no-compile ").replace("/tmp/", f"{fs}/tmp/")
         result = subprocess.run(["sh", "-c", command], env={**os.environ, **env}, cwd=root,
                                 capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
