@@ -60,6 +60,23 @@ def test_label_issues_find_misfiled_images_most_likely_first():
     assert [issue["score"] for issue in issues] == sorted((i["score"] for i in issues), reverse=True)
 
 
+def test_label_issues_fit_their_folds_on_one_blas_thread(monkeypatch):
+    """A second OpenBLAS thread spins between lbfgs's small products: 15x the CPU on 2 loaded cores."""
+    from threadpoolctl import threadpool_info
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append([pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"])
+        return cross_val_predict(*args, **kwargs)
+
+    cross_val_predict = audit.cross_val_predict
+    monkeypatch.setattr(audit, "cross_val_predict", recording)
+    rng = np.random.default_rng(2)
+    audit.label_issues(rng.normal(0, 1, (40, 4)), np.repeat([0, 1], 20), 1.0, False, seed=0)
+    assert seen and all(threads == 1 for threads in seen[0])
+
+
 def test_dropping_cross_split_duplicates_leaves_the_exact_leaks_out_of_training(
         xray_with_leaks_and_misfiled, caplog):
     from job.inputs import data

@@ -51,6 +51,23 @@ def test_the_strength_kept_scores_best_on_validation_of_the_grid():
     assert fitted.validation_accuracy > 0.6  # far above chance (1/3)
 
 
+def test_the_grid_is_fitted_on_one_blas_thread(monkeypatch):
+    """A second OpenBLAS thread spins between lbfgs's small products: 7x the wall on 2 loaded cores."""
+    from threadpoolctl import threadpool_info
+
+    seen = []
+
+    class Recording(probe.LogisticRegression):
+        def fit(self, *args, **kwargs):
+            seen.append({pool["num_threads"] for pool in threadpool_info()
+                         if pool["user_api"] == "blas"})
+            return super().fit(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "LogisticRegression", Recording)
+    probe.fit(blobs(2, 20, seed=1), blobs(2, 20, seed=2), balanced=False)
+    assert len(seen) == len(probe.C_GRID) and all(threads == {1} for threads in seen)
+
+
 def test_balanced_weights_raise_the_recall_of_a_rare_class():
     features, labels = blobs(2, 200, seed=1, spread=3.0)
     rare = np.concatenate([np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)[:20]])

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from threadpoolctl import threadpool_limits
 
 from common import run_files
 from job.cluster import distribute
@@ -155,9 +156,14 @@ def label_issues(features: np.ndarray, labels: np.ndarray, c: float, balanced: b
                                     class_weight="balanced" if balanced else None)
     probabilities = np.zeros((len(labels), len(counts)))
     present = np.flatnonzero(counts)
-    probabilities[:, present] = cross_val_predict(
-        regression, (features - mean) / scale, labels,
-        cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method="predict_proba")
+    # One BLAS thread: lbfgs multiplies small matrices (images x features x classes) hundreds of
+    # times, and OpenBLAS's second thread spins waiting for work between them; beside TensorFlow's
+    # pools and other processes on a loaded 2-core machine that took 15x the CPU (intel_scenes:
+    # 22.5 s wall, 16 s CPU against 2.3 s, 1.1 s), flagging the same images (docs/training.md).
+    with threadpool_limits(1, user_api="blas"):
+        probabilities[:, present] = cross_val_predict(
+            regression, (features - mean) / scale, labels,
+            cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method="predict_proba")
     self_confidence = probabilities[np.arange(len(labels)), labels]
     thresholds = np.array([self_confidence[labels == k].mean() if counts[k] else np.inf
                            for k in range(len(counts))])

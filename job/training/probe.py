@@ -23,6 +23,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
+from threadpoolctl import threadpool_limits
 
 C_GRID = [float(f"{c:.3g}") for c in np.logspace(-4, 2, 10)]  # inverse L2 strengths tried
 
@@ -60,14 +61,18 @@ def fit(train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.n
     scale = float(np.sqrt(np.mean((train[0] - mean) ** 2))) or 1.0  # 1: constant features
     features, validation_features = (train[0] - mean) / scale, (validation[0] - mean) / scale
     fitted, unconverged = {}, []
-    for c in C_GRID:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            fitted[c] = LogisticRegression(C=c, max_iter=2000,
-                                           class_weight="balanced" if balanced else None
-                                           ).fit(features, train[1])
-        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-            unconverged.append(c)
+    # One BLAS thread: lbfgs multiplies small matrices hundreds of times per C, and OpenBLAS's
+    # second thread spins between them; on 2 loaded cores the grid took 122 s wall, 36 s CPU on
+    # intel_scenes against 17 s, 2.8 s on one thread, choosing the same C (docs/training.md).
+    with threadpool_limits(1, user_api="blas"):
+        for c in C_GRID:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                fitted[c] = LogisticRegression(C=c, max_iter=2000,
+                                               class_weight="balanced" if balanced else None
+                                               ).fit(features, train[1])
+            if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+                unconverged.append(c)
 
     def rank(c: float) -> tuple[float, float]:
         probabilities = fitted[c].predict_proba(validation_features)
