@@ -15,20 +15,17 @@ from tests.conftest import run_in_process, start_job, tiny_vgg16_settings, write
 from tests.test_nothing_lost import assert_one_line_exit
 from tests.test_storage import tree_contents
 
-FINE_TUNE_EPOCHS = 6
+FINE_TUNE_EPOCHS = 4  # stopped after epoch 2 (SIGTERM) or 3 (SIGKILL): one epoch left to land in
 
 
 def slow_settings(root: Path) -> dict:
-    """Settings for a run whose phase 2 epochs take about a second: the whole base trains uncached."""
+    """Settings for a run whose phase 2 epochs take a second or more, long enough for a signal
+    sent after an epoch's line to land in the next: the base runs uncached (CACHE_FEATURES=0) at
+    48 px in every step, and block 5 trains."""
     images = write_class_images(root / "images", ["a", "b"], per_class=30, size=48)
     return tiny_vgg16_settings(images, root / "out", root / "cache", IMAGE_SIZE="48",
                                FINE_TUNE_EPOCHS=str(FINE_TUNE_EPOCHS),
-                               CACHE_FEATURES="0", PATIENCE="100", FINE_TUNE_FROM="block4_conv1")
-
-
-@pytest.fixture
-def slow_run(tmp_path):
-    return slow_settings(tmp_path)
+                               CACHE_FEATURES="0", PATIENCE="100", FINE_TUNE_FROM="block5_conv1")
 
 
 def stop_when_logged(process, log_path, line: str, sig: int, timeout: float = 300) -> float:
@@ -71,25 +68,34 @@ def test_sigterm_in_phase_2_saves_and_the_restart_resumes_there(interrupted_run,
     assert not Path(run_dir, "checkpoints").exists()  # cleared once complete
 
 
-def test_sigkill_in_phase_2_resumes_from_the_last_completed_epoch(slow_run, tmp_path):
+def test_sigkill_in_phase_2_resumes_from_the_last_completed_epoch(interrupted_run, tmp_path):
+    """A copy of the interrupted run (epochs 1-2 saved) rerun as a process, which resumes at
+    epoch 3 and is killed once it logs it: phase 1 is not trained again for this test."""
+    settings = copy_of_run(interrupted_run["settings"], tmp_path)
     log_path = tmp_path / "first.log"
-    process = start_job(slow_run, log_path)
+    process = start_job(settings, log_path)
     stop_when_logged(process, log_path, "phase 2 epoch 3/", signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL
+    assert "phase 2: resuming at epoch 3" in log_path.read_text()
 
-    second = run_in_process("job", slow_run)
+    second = run_in_process("job", settings)
     assert second.returncode == 0, second.stderr[-3000:]
     resumed_at = int(second.stderr.split("phase 2: resuming at epoch ")[1].split()[0])
     assert resumed_at in (3, 4)  # the kill may land before or after epoch 3's checkpoint
     assert second.stderr.count("phase 2 epoch ") == FINE_TUNE_EPOCHS - resumed_at + 1
-    metrics, _ = finished_metrics(slow_run)
+    metrics, _ = finished_metrics(settings)
     assert metrics["phase2"]["epochs_run"] == FINE_TUNE_EPOCHS
 
 
-def test_a_new_run_id_starts_fresh(slow_run):
-    first = run_in_process("job", {**slow_run, "FINE_TUNE_EPOCHS": "0"})
-    second = run_in_process("job", {**slow_run, "FINE_TUNE_EPOCHS": "0", "RUN_ID": "other"})
-    assert first.returncode == second.returncode == 0
+def test_a_new_run_id_starts_fresh(interrupted_run, tmp_path):
+    """Beside a copy of the interrupted run and of its cache, whose checkpoints hold its finished
+    phase 1 (a run that completed would have cleared them): another RUN_ID restores none of it."""
+    settings = copy_of_run(interrupted_run["settings"], tmp_path)
+    shutil.copytree(interrupted_run["settings"]["CACHE_DIR"], settings["CACHE_DIR"], symlinks=True)
+    assert Path(settings["OUTPUT_URI"], "tiny", "checkpoints", "state.json").is_file()
+    assert Path(settings["CACHE_DIR"], "checkpoints", "tiny", "state.json").is_file()
+    second = run_in_process("job", {**settings, "FINE_TUNE_EPOCHS": "0", "RUN_ID": "other"})
+    assert second.returncode == 0, second.stderr[-3000:]
     assert "finished by an earlier attempt" not in second.stderr
     assert "phase 1: linear probe on" in second.stderr
 
