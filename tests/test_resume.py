@@ -1,6 +1,7 @@
 """Nothing lost: a run stopped by SIGTERM or killed outright resumes where it was, with the same
 RUN_ID, and only on the data and settings it was started with (job/results/identity.py)."""
 import json
+import re
 import shutil
 import signal
 import time
@@ -15,7 +16,9 @@ from tests.conftest import run_in_process, start_job, tiny_vgg16_settings, write
 from tests.test_nothing_lost import assert_one_line_exit
 from tests.test_storage import tree_contents
 
-FINE_TUNE_EPOCHS = 4  # stopped after epoch 2 (SIGTERM) or 3 (SIGKILL): one epoch left to land in
+# SIGTERM after epoch 1's line, SIGKILL after the next epoch's: an epoch left for either to land in
+# late (in the epoch after the one expected) and the run still unfinished.
+FINE_TUNE_EPOCHS = 4
 
 
 def slow_settings(root: Path) -> dict:
@@ -44,20 +47,34 @@ def finished_metrics(settings):
     return json.loads(open(f"{run_dir}/metrics.json").read()), run_dir
 
 
-def test_sigterm_in_phase_2_saves_and_the_restart_resumes_there(interrupted_run, resumed_run):
+def phase_2_epochs(log: str) -> list[int]:
+    return [int(epoch) for epoch in re.findall(r"phase 2 epoch (\d+)/", log)]
+
+
+def test_sigterm_in_phase_2_saves_and_the_restart_resumes_there(interrupted_run, killed_restart,
+                                                                 resumed_run):
+    """The restart is the process the SIGKILL test kills later; the run is finished after it."""
     first = interrupted_run["log"]
     assert interrupted_run["seconds_to_exit"] < 30  # inside Kubernetes' default grace period
     assert "preempted: SIGTERM during epoch" in first and "rerun with RUN_ID=tiny" in first
     run_uri = Path(interrupted_run["settings"]["OUTPUT_URI"], "tiny")
     assert not (run_uri / "WRITER.json").exists()  # its claim released
 
+    restart = killed_restart["log"]
+    assert "phase 1: finished by an earlier attempt" in restart
+    assert "phase 1: linear probe" not in restart  # phase 1 is not redone, nor its features
+    saved = interrupted_run["saved"]
+    assert f"phase 2: resuming at epoch {saved + 1} from the checkpoint" in restart
+    assert phase_2_epochs(restart)[0] == saved + 1
+
     settings, second = resumed_run
     assert second.returncode == 0, second.stderr[-3000:]
     assert "phase 1: finished by an earlier attempt" in second.stderr
-    assert "phase 1: linear probe" not in second.stderr  # phase 1 is not redone, nor its features
-    saved = int(first.split("SIGTERM during epoch ")[1].split(";")[0]) - 1
-    assert f"phase 2: resuming at epoch {saved + 1} from the checkpoint" in second.stderr
-    assert second.stderr.count("phase 2 epoch ") == FINE_TUNE_EPOCHS - saved
+    assert "phase 1: linear probe" not in second.stderr
+    # Between them the restart and the last attempt trained each epoch after the saved ones,
+    # none before (the killed epoch again, where its checkpoint was not written).
+    assert set(phase_2_epochs(restart) + phase_2_epochs(second.stderr)) == \
+        set(range(saved + 1, FINE_TUNE_EPOCHS + 1))
 
     metrics, run_dir = finished_metrics(settings)
     assert metrics["phase1"]["probe"]["C"] > 0  # phase 1's record, kept from the first attempt
@@ -68,21 +85,15 @@ def test_sigterm_in_phase_2_saves_and_the_restart_resumes_there(interrupted_run,
     assert not Path(run_dir, "checkpoints").exists()  # cleared once complete
 
 
-def test_sigkill_in_phase_2_resumes_from_the_last_completed_epoch(interrupted_run, tmp_path):
-    """A copy of the interrupted run (epochs 1-2 saved) rerun as a process, which resumes at
-    epoch 3 and is killed once it logs it: phase 1 is not trained again for this test."""
-    settings = copy_of_run(interrupted_run["settings"], tmp_path)
-    log_path = tmp_path / "first.log"
-    process = start_job(settings, log_path)
-    stop_when_logged(process, log_path, "phase 2 epoch 3/", signal.SIGKILL)
-    assert process.wait(timeout=60) == -signal.SIGKILL
-    assert "phase 2: resuming at epoch 3" in log_path.read_text()
-
-    second = run_in_process("job", settings)
+def test_sigkill_in_phase_2_resumes_from_the_last_completed_epoch(killed_restart, resumed_run):
+    """The restart of the interrupted run, killed once it logged an epoch, rerun to the end."""
+    killed_after = killed_restart["killed_after_epoch"]
+    settings, second = resumed_run
     assert second.returncode == 0, second.stderr[-3000:]
     resumed_at = int(second.stderr.split("phase 2: resuming at epoch ")[1].split()[0])
-    assert resumed_at in (3, 4)  # the kill may land before or after epoch 3's checkpoint
-    assert second.stderr.count("phase 2 epoch ") == FINE_TUNE_EPOCHS - resumed_at + 1
+    # the kill may land before or after the checkpoint of the epoch it followed
+    assert resumed_at in (killed_after, killed_after + 1)
+    assert phase_2_epochs(second.stderr) == list(range(resumed_at, FINE_TUNE_EPOCHS + 1))
     metrics, _ = finished_metrics(settings)
     assert metrics["phase2"]["epochs_run"] == FINE_TUNE_EPOCHS
 
@@ -105,14 +116,15 @@ def test_a_new_run_id_starts_fresh(interrupted_run, tmp_path):
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory) -> dict:
     """A `python -m job` stopped by SIGTERM in phase 2 (exit 75), its checkpoints kept: its
-    settings, its log and the seconds from the signal to its exit."""
+    settings, its log, the seconds from the signal to its exit and the phase 2 epochs it saved."""
     root = tmp_path_factory.mktemp("interrupted")
     settings = slow_settings(root)
     process = start_job(settings, root / "first.log")
-    sent = stop_when_logged(process, root / "first.log", "phase 2 epoch 2/", signal.SIGTERM)
+    sent = stop_when_logged(process, root / "first.log", "phase 2 epoch 1/", signal.SIGTERM)
     assert process.wait(timeout=60) == EXIT_PREEMPTED
-    return {"settings": settings, "log": (root / "first.log").read_text(),
-            "seconds_to_exit": time.monotonic() - sent}
+    log = (root / "first.log").read_text()
+    return {"settings": settings, "log": log, "seconds_to_exit": time.monotonic() - sent,
+            "saved": int(log.split("SIGTERM during epoch ")[1].split(";")[0]) - 1}
 
 
 def copy_of_run(settings: dict, root: Path) -> dict:
@@ -123,9 +135,24 @@ def copy_of_run(settings: dict, root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def resumed_run(interrupted_run, tmp_path_factory) -> tuple[dict, object]:
-    """A copy of the interrupted run rerun with its own data and settings: (settings, result)."""
-    settings = copy_of_run(interrupted_run["settings"], tmp_path_factory.mktemp("resumed"))
+def killed_restart(interrupted_run, tmp_path_factory) -> dict:
+    """A copy of the interrupted run restarted as a process, killed by SIGKILL once it logged the
+    first epoch it trained: its settings, its log and that epoch."""
+    root = tmp_path_factory.mktemp("restarted")
+    settings = copy_of_run(interrupted_run["settings"], root)
+    epoch = interrupted_run["saved"] + 1
+    process = start_job(settings, root / "restart.log")
+    stop_when_logged(process, root / "restart.log", f"phase 2 epoch {epoch}/", signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    return {"settings": settings, "log": (root / "restart.log").read_text(),
+            "killed_after_epoch": epoch}
+
+
+@pytest.fixture(scope="module")
+def resumed_run(killed_restart) -> tuple[dict, object]:
+    """The killed restart's run rerun, in this process, with its own data and settings, to the
+    end: (settings, result)."""
+    settings = killed_restart["settings"]
     return settings, run_in_process("job", settings)
 
 
