@@ -14,31 +14,24 @@ from pathlib import Path
 import pytest
 
 from devkit.datasets import link_slice
-from tests.conftest import random_vgg16_weights, run_in_process
+from tests.conftest import run_in_process
 from tests.test_multiworker import run_workers, worker_tf_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # every test here trains on worker processes
 
 
-@pytest.mark.timeout(170)
-def test_two_job_workers_train_in_sync_and_only_the_chief_publishes(tmp_path, free_ports,
-                                                                   tiny_image_tree, cpu_subprocess_env):
-    runs = []
-    for index, tf_config in enumerate(worker_tf_configs(free_ports(2))):
-        env = {**cpu_subprocess_env, "TF_CONFIG": tf_config, "DATA_URI": str(tiny_image_tree),
-               "OUTPUT_URI": str(tmp_path / f"out{index}"), "CACHE_DIR": str(tmp_path / f"cache{index}"),
-               "RUN_ID": "mw", "BACKBONE": "vgg16", "WEIGHTS": random_vgg16_weights(), "IMAGE_SIZE": "32",
-               "HEAD_EPOCHS": "1", "FINE_TUNE_EPOCHS": "1", "BATCH_SIZE": "4"}
-        runs.append(([sys.executable, "-m", "job"], env))
-    results = run_workers(runs, timeout=150)
-    for result in results:
-        assert result.returncode == 0, result.stderr[-4000:]
-        assert "MultiWorkerMirroredStrategy, 2 replica(s) in sync" in result.stderr
-    digests = [re.findall(r"weights digest: ([0-9a-f]{64})", r.stderr) for r in results]
+@pytest.mark.timeout(800)
+def test_two_job_workers_train_in_sync_and_only_the_chief_publishes(sharded_and_alone):
+    """On the sharded run below (each worker given its own OUTPUT_URI, so that one written by
+    worker 1 would show); both workers exited 0 there."""
+    _, _, logs, outputs = sharded_and_alone
+    for log in logs:
+        assert "MultiWorkerMirroredStrategy, 2 replica(s) in sync" in log
+    digests = [re.findall(r"weights digest: ([0-9a-f]{64})", log) for log in logs]
     assert len(digests[0]) == 1 and digests[0] == digests[1]
-    assert (tmp_path / "out0" / "mw" / "MANIFEST.json").is_file()
-    assert not (tmp_path / "out1").exists()
+    assert (outputs[0] / "sharded" / "MANIFEST.json").is_file()
+    assert not outputs[1].exists()
 
 
 # --- The job itself on two workers: each pulls and runs through its frozen layers half the data.
@@ -71,9 +64,9 @@ def xray_bucket(gcs_emulator_url, xray_dir, tmp_path_factory) -> str:
 
 
 def job_run(tmp: Path, name: str, data_uri: str, env: dict, batch_size: int,
-            tf_config: str | None = None):
-    """(command, environment) of one `python -m job` process of a run written under tmp."""
-    settings = {**env, **SHARDED_SETTINGS, "DATA_URI": data_uri, "OUTPUT_URI": str(tmp / "out"),
+            tf_config: str | None = None, output: str = "out"):
+    """(command, environment) of one `python -m job` process of a run written under tmp/output."""
+    settings = {**env, **SHARDED_SETTINGS, "DATA_URI": data_uri, "OUTPUT_URI": str(tmp / output),
                 "CACHE_DIR": str(tmp / f"cache-{name}"), "BATCH_SIZE": str(batch_size)}
     if tf_config:
         settings["TF_CONFIG"] = tf_config
@@ -82,14 +75,16 @@ def job_run(tmp: Path, name: str, data_uri: str, env: dict, batch_size: int,
 
 @pytest.fixture(scope="module")
 def sharded_and_alone(tmp_path_factory, xray_bucket, gcs_emulator_url, mobilenet_v2_035_weights,
-                      free_ports) -> tuple[dict, dict, list[str]]:
-    """metrics.json of the same run on two workers and on one, and the two workers' logs."""
+                      free_ports) -> tuple[dict, dict, list[str], list[Path]]:
+    """metrics.json of the same run on two workers and on one, the two workers' logs and the
+    OUTPUT_URI each worker was given (the chief's first)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CONFIG", "CLUSTER_SPEC"))}
     env.update(CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT),
                STORAGE_EMULATOR_HOST=gcs_emulator_url, WEIGHTS=str(mobilenet_v2_035_weights))
     two, one = tmp_path_factory.mktemp("two-workers"), tmp_path_factory.mktemp("one-worker")
+    outputs = [two / "out0", two / "out1"]
     workers = run_workers([job_run(two, f"worker{index}", xray_bucket, env, PER_REPLICA_BATCH,
-                                   tf_config)
+                                   tf_config, outputs[index].name)
                            for index, tf_config in enumerate(worker_tf_configs(free_ports(2)))],
                           timeout=420)
     for result in workers:
@@ -97,14 +92,14 @@ def sharded_and_alone(tmp_path_factory, xray_bucket, gcs_emulator_url, mobilenet
     _, settings = job_run(one, "alone", xray_bucket, env, 2 * PER_REPLICA_BATCH)
     alone = run_in_process("job", settings)  # in this process: one TensorFlow start fewer
     assert alone.returncode == 0, alone.stderr[-4000:]
-    metrics = [json.loads((tmp / "out" / "sharded" / "metrics.json").read_text())
-               for tmp in (two, one)]
-    return metrics[0], metrics[1], [result.stderr for result in workers]
+    metrics = [json.loads((out / "sharded" / "metrics.json").read_text())
+               for out in (outputs[0], one / "out")]
+    return metrics[0], metrics[1], [result.stderr for result in workers], outputs
 
 
 @pytest.mark.timeout(800)
 def test_each_of_two_workers_pulls_and_extracts_half_of_the_training_images(sharded_and_alone):
-    sharded, _, _ = sharded_and_alone
+    sharded, *_ = sharded_and_alone
     workers = sharded["workers"]
     assert len(workers) == 2 and sharded["record"]["data_shards"] == 2
     total = sum(worker["train_images"] for worker in workers)
@@ -121,14 +116,14 @@ def test_each_of_two_workers_pulls_and_extracts_half_of_the_training_images(shar
 
 
 def test_two_workers_end_with_the_same_weights(sharded_and_alone):
-    _, _, logs = sharded_and_alone
+    _, _, logs, _ = sharded_and_alone
     digests = [line.rsplit(" ", 1)[-1] for log in logs for line in log.splitlines()
                if "weights digest:" in line]
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
 def test_two_workers_score_the_whole_test_split_as_one_worker_does(sharded_and_alone):
-    sharded, alone, _ = sharded_and_alone
+    sharded, alone, *_ = sharded_and_alone
     assert sharded["class_counts"] == alone["class_counts"]
     assert sharded["test"]["accuracy"] == pytest.approx(alone["test"]["accuracy"], abs=0.02)
     assert sum(sharded["class_counts"]["test"].values()) == 200

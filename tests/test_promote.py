@@ -325,7 +325,7 @@ def test_a_run_resumed_after_its_final_phase_is_compared_on_its_test_images(tmp_
     import signal
 
     from edge.exit_codes import EXIT_PREEMPTED
-    from tests.conftest import run_job, start_job, tiny_vgg16_settings, write_class_images
+    from tests.conftest import run_in_process, start_job, tiny_vgg16_settings, write_class_images
     from tests.test_resume import stop_when_logged
 
     images = write_class_images(tmp_path / "images", ["a", "b"], per_class=40, size=32)
@@ -335,7 +335,7 @@ def test_a_run_resumed_after_its_final_phase_is_compared_on_its_test_images(tmp_
     stop_when_logged(process, tmp_path / "first.log", "weights digest:", signal.SIGTERM)
     assert process.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "first.log").read_text()[-3000:]
 
-    rerun = run_job(settings)
+    rerun = run_in_process("job", settings)  # the stop needs a process; the rerun does not
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "phase 2: finished by an earlier attempt" in rerun.stderr
     run_dir = tmp_path / "out" / "tiny"

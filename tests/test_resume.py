@@ -1,6 +1,7 @@
 """Nothing lost: a run stopped by SIGTERM or killed outright resumes where it was, with the same
 RUN_ID, and only on the data and settings it was started with (job/results/identity.py)."""
 import json
+import re
 import shutil
 import signal
 import time
@@ -15,20 +16,19 @@ from tests.conftest import run_in_process, start_job, tiny_vgg16_settings, write
 from tests.test_nothing_lost import assert_one_line_exit
 from tests.test_storage import tree_contents
 
-FINE_TUNE_EPOCHS = 6
+# SIGTERM after epoch 1's line, SIGKILL after the next epoch's: an epoch left for either to land in
+# late (in the epoch after the one expected) and the run still unfinished.
+FINE_TUNE_EPOCHS = 4
 
 
 def slow_settings(root: Path) -> dict:
-    """Settings for a run whose phase 2 epochs take about a second: the whole base trains uncached."""
+    """Settings for a run whose phase 2 epochs take a second or more, long enough for a signal
+    sent after an epoch's line to land in the next: the base runs uncached (CACHE_FEATURES=0) at
+    48 px in every step, and block 5 trains."""
     images = write_class_images(root / "images", ["a", "b"], per_class=30, size=48)
     return tiny_vgg16_settings(images, root / "out", root / "cache", IMAGE_SIZE="48",
                                FINE_TUNE_EPOCHS=str(FINE_TUNE_EPOCHS),
-                               CACHE_FEATURES="0", PATIENCE="100", FINE_TUNE_FROM="block4_conv1")
-
-
-@pytest.fixture
-def slow_run(tmp_path):
-    return slow_settings(tmp_path)
+                               CACHE_FEATURES="0", PATIENCE="100", FINE_TUNE_FROM="block5_conv1")
 
 
 def stop_when_logged(process, log_path, line: str, sig: int, timeout: float = 300) -> float:
@@ -47,20 +47,34 @@ def finished_metrics(settings):
     return json.loads(open(f"{run_dir}/metrics.json").read()), run_dir
 
 
-def test_sigterm_in_phase_2_saves_and_the_restart_resumes_there(interrupted_run, resumed_run):
+def phase_2_epochs(log: str) -> list[int]:
+    return [int(epoch) for epoch in re.findall(r"phase 2 epoch (\d+)/", log)]
+
+
+def test_sigterm_in_phase_2_saves_and_the_restart_resumes_there(interrupted_run, killed_restart,
+                                                                 resumed_run):
+    """The restart is the process the SIGKILL test kills later; the run is finished after it."""
     first = interrupted_run["log"]
     assert interrupted_run["seconds_to_exit"] < 30  # inside Kubernetes' default grace period
     assert "preempted: SIGTERM during epoch" in first and "rerun with RUN_ID=tiny" in first
     run_uri = Path(interrupted_run["settings"]["OUTPUT_URI"], "tiny")
     assert not (run_uri / "WRITER.json").exists()  # its claim released
 
+    restart = killed_restart["log"]
+    assert "phase 1: finished by an earlier attempt" in restart
+    assert "phase 1: linear probe" not in restart  # phase 1 is not redone, nor its features
+    saved = interrupted_run["saved"]
+    assert f"phase 2: resuming at epoch {saved + 1} from the checkpoint" in restart
+    assert phase_2_epochs(restart)[0] == saved + 1
+
     settings, second = resumed_run
     assert second.returncode == 0, second.stderr[-3000:]
     assert "phase 1: finished by an earlier attempt" in second.stderr
-    assert "phase 1: linear probe" not in second.stderr  # phase 1 is not redone, nor its features
-    saved = int(first.split("SIGTERM during epoch ")[1].split(";")[0]) - 1
-    assert f"phase 2: resuming at epoch {saved + 1} from the checkpoint" in second.stderr
-    assert second.stderr.count("phase 2 epoch ") == FINE_TUNE_EPOCHS - saved
+    assert "phase 1: linear probe" not in second.stderr
+    # Between them the restart and the last attempt trained each epoch after the saved ones,
+    # none before (the killed epoch again, where its checkpoint was not written).
+    assert set(phase_2_epochs(restart) + phase_2_epochs(second.stderr)) == \
+        set(range(saved + 1, FINE_TUNE_EPOCHS + 1))
 
     metrics, run_dir = finished_metrics(settings)
     assert metrics["phase1"]["probe"]["C"] > 0  # phase 1's record, kept from the first attempt
@@ -71,25 +85,28 @@ def test_sigterm_in_phase_2_saves_and_the_restart_resumes_there(interrupted_run,
     assert not Path(run_dir, "checkpoints").exists()  # cleared once complete
 
 
-def test_sigkill_in_phase_2_resumes_from_the_last_completed_epoch(slow_run, tmp_path):
-    log_path = tmp_path / "first.log"
-    process = start_job(slow_run, log_path)
-    stop_when_logged(process, log_path, "phase 2 epoch 3/", signal.SIGKILL)
-    assert process.wait(timeout=60) == -signal.SIGKILL
-
-    second = run_in_process("job", slow_run)
+def test_sigkill_in_phase_2_resumes_from_the_last_completed_epoch(killed_restart, resumed_run):
+    """The restart of the interrupted run, killed once it logged an epoch, rerun to the end."""
+    killed_after = killed_restart["killed_after_epoch"]
+    settings, second = resumed_run
     assert second.returncode == 0, second.stderr[-3000:]
     resumed_at = int(second.stderr.split("phase 2: resuming at epoch ")[1].split()[0])
-    assert resumed_at in (3, 4)  # the kill may land before or after epoch 3's checkpoint
-    assert second.stderr.count("phase 2 epoch ") == FINE_TUNE_EPOCHS - resumed_at + 1
-    metrics, _ = finished_metrics(slow_run)
+    # the kill may land before or after the checkpoint of the epoch it followed
+    assert resumed_at in (killed_after, killed_after + 1)
+    assert phase_2_epochs(second.stderr) == list(range(resumed_at, FINE_TUNE_EPOCHS + 1))
+    metrics, _ = finished_metrics(settings)
     assert metrics["phase2"]["epochs_run"] == FINE_TUNE_EPOCHS
 
 
-def test_a_new_run_id_starts_fresh(slow_run):
-    first = run_in_process("job", {**slow_run, "FINE_TUNE_EPOCHS": "0"})
-    second = run_in_process("job", {**slow_run, "FINE_TUNE_EPOCHS": "0", "RUN_ID": "other"})
-    assert first.returncode == second.returncode == 0
+def test_a_new_run_id_starts_fresh(interrupted_run, tmp_path):
+    """Beside a copy of the interrupted run and of its cache, whose checkpoints hold its finished
+    phase 1 (a run that completed would have cleared them): another RUN_ID restores none of it."""
+    settings = copy_of_run(interrupted_run["settings"], tmp_path)
+    shutil.copytree(interrupted_run["settings"]["CACHE_DIR"], settings["CACHE_DIR"], symlinks=True)
+    assert Path(settings["OUTPUT_URI"], "tiny", "checkpoints", "state.json").is_file()
+    assert Path(settings["CACHE_DIR"], "checkpoints", "tiny", "state.json").is_file()
+    second = run_in_process("job", {**settings, "FINE_TUNE_EPOCHS": "0", "RUN_ID": "other"})
+    assert second.returncode == 0, second.stderr[-3000:]
     assert "finished by an earlier attempt" not in second.stderr
     assert "phase 1: linear probe on" in second.stderr
 
@@ -99,14 +116,15 @@ def test_a_new_run_id_starts_fresh(slow_run):
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory) -> dict:
     """A `python -m job` stopped by SIGTERM in phase 2 (exit 75), its checkpoints kept: its
-    settings, its log and the seconds from the signal to its exit."""
+    settings, its log, the seconds from the signal to its exit and the phase 2 epochs it saved."""
     root = tmp_path_factory.mktemp("interrupted")
     settings = slow_settings(root)
     process = start_job(settings, root / "first.log")
-    sent = stop_when_logged(process, root / "first.log", "phase 2 epoch 2/", signal.SIGTERM)
+    sent = stop_when_logged(process, root / "first.log", "phase 2 epoch 1/", signal.SIGTERM)
     assert process.wait(timeout=60) == EXIT_PREEMPTED
-    return {"settings": settings, "log": (root / "first.log").read_text(),
-            "seconds_to_exit": time.monotonic() - sent}
+    log = (root / "first.log").read_text()
+    return {"settings": settings, "log": log, "seconds_to_exit": time.monotonic() - sent,
+            "saved": int(log.split("SIGTERM during epoch ")[1].split(";")[0]) - 1}
 
 
 def copy_of_run(settings: dict, root: Path) -> dict:
@@ -117,9 +135,24 @@ def copy_of_run(settings: dict, root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def resumed_run(interrupted_run, tmp_path_factory) -> tuple[dict, object]:
-    """A copy of the interrupted run rerun with its own data and settings: (settings, result)."""
-    settings = copy_of_run(interrupted_run["settings"], tmp_path_factory.mktemp("resumed"))
+def killed_restart(interrupted_run, tmp_path_factory) -> dict:
+    """A copy of the interrupted run restarted as a process, killed by SIGKILL once it logged the
+    first epoch it trained: its settings, its log and that epoch."""
+    root = tmp_path_factory.mktemp("restarted")
+    settings = copy_of_run(interrupted_run["settings"], root)
+    epoch = interrupted_run["saved"] + 1
+    process = start_job(settings, root / "restart.log")
+    stop_when_logged(process, root / "restart.log", f"phase 2 epoch {epoch}/", signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    return {"settings": settings, "log": (root / "restart.log").read_text(),
+            "killed_after_epoch": epoch}
+
+
+@pytest.fixture(scope="module")
+def resumed_run(killed_restart) -> tuple[dict, object]:
+    """The killed restart's run rerun, in this process, with its own data and settings, to the
+    end: (settings, result)."""
+    settings = killed_restart["settings"]
     return settings, run_in_process("job", settings)
 
 
