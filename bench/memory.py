@@ -46,7 +46,7 @@ def peak_rss_of_job(data_dir: Path, work: Path, args: argparse.Namespace) -> dic
             "peak_rss_mib": round(peak_kib / 1024, 1), "wall": wall}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=290, help="N/2: training images per class")
     parser.add_argument("--image-size", type=int, default=224)
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--weights", default=str(WEIGHTS), help="a Keras .h5 file, or none")
     parser.add_argument("--data", type=Path, default=DATA,
                         help="class folders under train/validation/test")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.data.is_dir():
         raise SystemExit(f"data not found at {args.data}")
     runs = []
