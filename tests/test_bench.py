@@ -43,8 +43,10 @@ def script_arguments(trees: dict[str, Path], work: Path) -> dict[str, list[str]]
         # whose 4,608-input convolutions GPTQ rounds (export/int8/rounding.py) in a minute.
         "inference": ["--models", "mobilenet_v2_050_224", "--image-size", "32",
                       "--latency-runs", "2", "--data", split, "--images-per-class", "8,3,2"],
+        # Phase 1 alone, one epoch: the script reads only peak RSS, wall time and the counts.
         "memory": ["--backbone", "vgg16", "--weights", random_vgg16_weights(), "--image-size", "32",
-                   "--per-class", "2", "--data", split],
+                   "--per-class", "2", "--data", split, "--set", "HEAD_EPOCHS=1",
+                   "--set", "FINE_TUNE_EPOCHS=0"],
         # Class folders without split folders: the job and the probe each split them, seeded.
         "quality": ["--data", flat, "--subset", "12", "--seeds", "7", "--backbone", "vgg16",
                     "--weights", random_vgg16_weights(), "--ablations", "default",
