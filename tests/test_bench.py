@@ -1,13 +1,14 @@
 """Smoke tests of the bench/ scripts: each runs end to end on tiny generated images and prints
 the JSON it promises, so none can rot unnoticed between the hand runs that fill docs/benchmarks.md.
 
-Tiny means VGG16 with random weights at 32x32, one or two epochs, a handful of images: the
-figures mean nothing, the keys and the code paths behind them are what is checked. The scripts
-whose work is a `python -m job` or `python -m export` process of their own (inference, memory,
-quality) run as their users run them (`python -m bench.<script>`), all started side by side when
-the module's first test starts; the others run their main in this process meanwhile, so that
-TensorFlow starts once for them all. test_inference_refuses_a_run_that_is_not_finished starts one
-more as a user does.
+Tiny means 32x32 (VGG16 with random weights; inference's MobileNetV2 with its real ones), one or
+two epochs, a handful of images: the figures mean nothing, the keys and the code paths behind
+them are what is checked. The scripts whose work is `python -m job` or `python -m export`
+processes of their own (inference, memory) run as their users run them (`python -m
+bench.<script>`), started side by side when the module's first test starts; the others run their
+main in this process meanwhile, so that TensorFlow starts once for them all (quality's job runs
+still start processes: a fresh one per run is what it measures).
+test_inference_refuses_a_run_that_is_not_finished starts one more as a user does.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from tests.conftest import ROOT, random_vgg16_weights, write_class_images
 TINY_JOB = ["--set", "IMAGE_SIZE=32", "--set", "HEAD_EPOCHS=1", "--set", "FINE_TUNE_EPOCHS=1",
             "--set", "BATCH_SIZE=8"]
 # Started as processes by the module's first test: their time is their job and export processes'.
-AS_PROCESSES = {"inference", "memory", "quality"}
+AS_PROCESSES = {"inference", "memory"}
 
 
 def script_arguments(trees: dict[str, Path], work: Path) -> dict[str, list[str]]:
@@ -91,7 +92,7 @@ def bench_arguments(bench_root) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def bench_runs(request, bench_root, bench_arguments):
+def bench_runs(request, bench_root):
     """Starts the selected scripts of AS_PROCESSES at once, before the module's first test; yields
     name -> (process, stdout file, stderr file)."""
     selected = {item.originalname.removeprefix("test_") for item in request.session.items
@@ -100,7 +101,8 @@ def bench_runs(request, bench_root, bench_arguments):
            "CUDA_VISIBLE_DEVICES": ""}
     env.pop("STORAGE_EMULATOR_HOST", None)
     runs = {}
-    for name in sorted(selected & AS_PROCESSES):
+    for name in sorted(selected & AS_PROCESSES):  # none: no arguments made, no VGG16 weights drawn
+        bench_arguments = request.getfixturevalue("bench_arguments")
         stdout, stderr = bench_root / f"{name}.json", bench_root / f"{name}.log"
         # A session of its own: memory.py's /usr/bin/time and the jobs under it stop with it.
         process = subprocess.Popen([sys.executable, "-m", f"bench.{name}", *bench_arguments[name]],
@@ -207,6 +209,32 @@ def test_serving_decode(bench_arguments):
 
 
 @pytest.mark.slow
+def test_quality(bench_arguments, bench_root):
+    result = main_output(bench_arguments, "quality")
+    assert {"backbone", "alpha", "subset_per_class", "settings", "c_grid", "rows"} <= set(result)
+    assert result["subset_per_class"] == 12 and result["settings"]["IMAGE_SIZE"] == "32"
+    (row,) = result["rows"]
+    assert row["seed"] == 7 and row["classes"] == ["cats", "dogs"]
+    assert sum(row["images"].values()) == 24  # the subset: 12 per class, split by the job's rule
+    probe = row["probe"]
+    assert probe["C"] in result["c_grid"]
+    for split in ("validation", "test"):
+        assert {"accuracy", "macro_recall", "roc_auc", "accuracy_at_threshold"} <= set(probe[split])
+    assert probe["wall_seconds"] > 0
+    run = row["runs"]["default"]
+    assert "exit_code" not in run, run.get("log_tail")
+    assert {"wall_seconds", "decision_threshold", "phase1", "phase2"} <= set(run)
+    versus = run["versus_probe"]
+    assert {"accuracy", "macro_recall", "roc_auc", "accuracy_at_threshold", "accuracy_tta",
+            "error_ratio", "error_ratio_at_threshold"} <= set(versus)
+    assert versus["same_split_counts"] is True
+    assert versus["error_ratio"] is None or versus["error_ratio"] >= 0
+    (metrics_file,) = (bench_root / "quality").glob("*/out/default-seed7/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["config"]["seed"] == 7  # --seeds reaches the job as SEED
+
+
+@pytest.mark.slow
 def test_inference(bench_runs, mobilenet_v2_weights):
     result = output(bench_runs, "inference")
     assert set(result) == {"cpus", "load_average", "mobilenet_v2_050_224"}
@@ -247,32 +275,6 @@ def test_memory(bench_runs):
     assert [run["train_images"] for run in result["runs"]] == [4, 16]
     assert all(run["peak_rss_mib"] > 0 and run["wall"] for run in result["runs"])
     assert result["rss_ratio_4x_data"] > 0
-
-
-@pytest.mark.slow
-def test_quality(bench_runs, bench_root):
-    result = output(bench_runs, "quality")
-    assert {"backbone", "alpha", "subset_per_class", "settings", "c_grid", "rows"} <= set(result)
-    assert result["subset_per_class"] == 12 and result["settings"]["IMAGE_SIZE"] == "32"
-    (row,) = result["rows"]
-    assert row["seed"] == 7 and row["classes"] == ["cats", "dogs"]
-    assert sum(row["images"].values()) == 24  # the subset: 12 per class, split by the job's rule
-    probe = row["probe"]
-    assert probe["C"] in result["c_grid"]
-    for split in ("validation", "test"):
-        assert {"accuracy", "macro_recall", "roc_auc", "accuracy_at_threshold"} <= set(probe[split])
-    assert probe["wall_seconds"] > 0
-    run = row["runs"]["default"]
-    assert "exit_code" not in run, run.get("log_tail")
-    assert {"wall_seconds", "decision_threshold", "phase1", "phase2"} <= set(run)
-    versus = run["versus_probe"]
-    assert {"accuracy", "macro_recall", "roc_auc", "accuracy_at_threshold", "accuracy_tta",
-            "error_ratio", "error_ratio_at_threshold"} <= set(versus)
-    assert versus["same_split_counts"] is True
-    assert versus["error_ratio"] is None or versus["error_ratio"] >= 0
-    (metrics_file,) = (bench_root / "quality").glob("*/out/default-seed7/metrics.json")
-    metrics = json.loads(metrics_file.read_text())
-    assert metrics["config"]["seed"] == 7  # --seeds reaches the job as SEED
 
 
 def test_link_slice(tmp_path):
