@@ -101,7 +101,7 @@ def export_and_time(run_dir: Path, work: Path, latency_runs: int, settings: dict
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latency-runs", type=int, default=100)
     parser.add_argument("--models", default=",".join(MODELS),
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, action="append", default=[],
                         help="a finished run directory to export and time as it is, instead of "
                              "training a short run (repeatable; --models none then trains nothing)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     names = [] if args.models == "none" else args.models.split(",")
     unknown = sorted(set(names) - set(MODELS))
     if unknown:

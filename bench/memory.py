@@ -4,10 +4,11 @@ Runs `python -m job` under /usr/bin/time -v on two slices of the real chest X-ra
 size, same settings) and prints JSON with each run's peak RSS and their ratio. The pipeline
 streams decoded images through on-disk caches, so the ratio should stay near 1. MobileNetV2
 alpha 0.5 with the real weights from ../shared by default; --backbone, --weights (a .h5 file or
-none) and --data (class folders under train/validation/test) run it on something else.
+none) and --data (class folders under train/validation/test) run it on something else; --set
+changes a job setting of both runs (HEAD_EPOCHS=2 and FINE_TUNE_EPOCHS=1 unless set).
 
     python -m bench.memory [--per-class 290] [--image-size 224] [--backbone mobilenet_v2]
-        [--weights FILE|none] [--data DIR]
+        [--weights FILE|none] [--data DIR] [--set NAME=VALUE ...]
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def peak_rss_of_job(data_dir: Path, work: Path, args: argparse.Namespace) -> dic
     env = {**os.environ, "DATA_URI": str(data_dir), "OUTPUT_URI": str(work / "out"),
            "RUN_ID": "memory", "CACHE_DIR": str(work / "cache"), "BACKBONE": args.backbone,
            "ALPHA": "0.5", "WEIGHTS": weights, "IMAGE_SIZE": str(args.image_size),
-           "HEAD_EPOCHS": "2", "FINE_TUNE_EPOCHS": "1", "PYTHONPATH": str(REPO)}
+           "HEAD_EPOCHS": "2", "FINE_TUNE_EPOCHS": "1", "PYTHONPATH": str(REPO), **args.settings}
     result = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "job"], env=env,
                             cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
@@ -46,7 +47,7 @@ def peak_rss_of_job(data_dir: Path, work: Path, args: argparse.Namespace) -> dic
             "peak_rss_mib": round(peak_kib / 1024, 1), "wall": wall}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=290, help="N/2: training images per class")
     parser.add_argument("--image-size", type=int, default=224)
@@ -54,7 +55,13 @@ def main() -> None:
     parser.add_argument("--weights", default=str(WEIGHTS), help="a Keras .h5 file, or none")
     parser.add_argument("--data", type=Path, default=DATA,
                         help="class folders under train/validation/test")
-    args = parser.parse_args()
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a job setting of both runs, e.g. --set FINE_TUNE_EPOCHS=0 (repeatable)")
+    args = parser.parse_args(argv)
+    malformed = [item for item in args.set if "=" not in item]
+    if malformed:
+        parser.error(f"--set {malformed[0]!r}: expected NAME=VALUE")
+    args.settings = dict(item.split("=", 1) for item in args.set)
     if not args.data.is_dir():
         raise SystemExit(f"data not found at {args.data}")
     runs = []

@@ -86,12 +86,12 @@ def variants(classifier, size: int, work: Path) -> dict:
     return found
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="vgg16", choices=["vgg16", "mobilenet_v2"])
     parser.add_argument("--image-size", type=int, default=150)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     size = args.image_size
     keras.utils.set_random_seed(0)
     base, mode = model.build_base(args.backbone, 0.5, None, size)

@@ -86,8 +86,8 @@ ABLATIONS = {
 }
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="quality-"))
     base_env = {"BACKBONE": args.backbone, "ALPHA": args.alpha, "TTA": "1",
                 "WEIGHTS": args.weights if args.weights in ("none", "imagenet")
@@ -107,7 +107,7 @@ def main() -> None:
     print(json.dumps(table, indent=2))
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", action="append", required=True,
                         help="class-per-folder images (with or without train/validation/test); "
@@ -123,7 +123,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", default="", help="where runs go (default: a temporary folder)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a job setting for every run, e.g. --set AUGMENT_VIEWS=4 (repeatable)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.data = [item for value in args.data for item in value.split(",") if item]
     args.ablations = args.ablations.split(",")
     unknown = sorted(set(args.ablations) - set(ABLATIONS))

@@ -140,11 +140,11 @@ def check(metrics_path: Path) -> dict:
                                    if key.endswith("seconds")} for worker in workers]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measured", type=Path, help="JSON of this machine's figures (MEASURED)")
     parser.add_argument("--check", type=Path, nargs="*", default=[], help="runs' metrics.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     measured = {**MEASURED, **(json.loads(args.measured.read_text()) if args.measured else {})}
     vgg = vgg16_figures()
     table = [predict(images, workers, vgg, measured, STATED)

@@ -59,13 +59,13 @@ def run_figures(run_dir: Path, paths: list[Path], batch: int = 32) -> dict:
             "max_probability_diff": float(np.abs(by_bytes - by_pixels).max())}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="", help="comma-separated data set folders")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--run", type=Path, help="a run directory (with saved_model/)")
     parser.add_argument("--run-data", type=Path, help="the data set folder the run's classes are from")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     report = {"pixels": {Path(folder).name: pixel_figures(test_images(Path(folder)), args.size)
                          for folder in filter(None, args.data.split(","))}}
     if args.run:

@@ -193,7 +193,7 @@ def bench_steps(split, size, backbone, repeats, policies) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="mobilenet_v2", choices=["mobilenet_v2", "vgg16"])
     parser.add_argument("--images", type=int, default=256)
@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="dtype policies of steps")
     parser.add_argument("--data", type=Path, default=XRAY_TRAIN, help="a folder of class folders")
     parser.add_argument("--image-size", type=int, default=0, help="default: the backbone's")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.data.is_dir():
         raise SystemExit(f"data not found at {args.data}")
     size = args.image_size or default_image_size(args.backbone)

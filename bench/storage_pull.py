@@ -36,14 +36,14 @@ BUCKET = "bench"
 PREFIX = "chest_xray"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--objects", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--max-workers", type=int, default=storage.DEFAULT_MAX_WORKERS)
     parser.add_argument("--data", type=Path, default=DATA, help="a folder of images, nested or not")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     source = args.data.resolve()
     images = sorted(path for path in source.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
     images = images[:args.objects]
