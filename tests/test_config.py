@@ -7,7 +7,7 @@ import pytest
 
 from export.config import ExportConfig
 from job.config import Config, ConfigError
-from tests.conftest import run_job
+from tests.conftest import run_in_process
 
 
 def config(**env) -> Config:
@@ -177,8 +177,9 @@ def test_bad_value_exits_2_with_one_line_before_any_work(tmp_path, main_in_proce
 
 
 def test_fine_tune_from_naming_no_layer_exits_2_before_touching_data(tmp_path):
-    result = run_job({"DATA_URI": str(tmp_path / "absent"), "FINE_TUNE_FROM": "block9_conv1",
-                      "WEIGHTS": "none", "IMAGE_SIZE": "32"}, timeout=120)
+    result = run_in_process("job", {"DATA_URI": str(tmp_path / "absent"),
+                                    "FINE_TUNE_FROM": "block9_conv1", "WEIGHTS": "none",
+                                    "IMAGE_SIZE": "32"})
     assert result.returncode == 2
     assert "FINE_TUNE_FROM='block9_conv1' names no layer of vgg16" in result.stderr
     assert "block5_conv1" in result.stderr

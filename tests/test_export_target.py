@@ -17,6 +17,8 @@ from tests.conftest import EXPORT_FILES, checksums, export_in_process, manifest_
 # recipes, whatever the images: on fewer of them, as its verdict does not depend on them.
 GATE_FAILS = {"INT8_MIN_AGREEMENT": "1.0", "CALIBRATION_IMAGES": "8", "PARITY_IMAGES": "60",
               "LATENCY_RUNS": "1"}
+# A re-export that passes, as cheaply: what it replaces is checked, not how close int8 comes.
+CHEAP_PASS = {**GATE_FAILS, "INT8_MIN_AGREEMENT": "0.5", "INT8_MAX_ACCURACY_DROP": "0.5"}
 
 
 def last_line(capsys) -> str:
@@ -66,7 +68,7 @@ def test_a_reexport_into_the_run_directory_that_passes_replaces_the_export(expor
     previous = json.loads((exported_run_copy / "export_report.json").read_text())
     (exported_run_copy / "export_report.failed.json").write_text(
         json.dumps({**previous, "status": "failed"}))  # an earlier attempt's, now outdated
-    code = export_in_process(exported_run_copy, tmp_path / "cache")
+    code = export_in_process(exported_run_copy, tmp_path / "cache", **CHEAP_PASS)
     assert code == 0
     report = json.loads((exported_run_copy / "export_report.json").read_text())
     assert report["status"] == "passed" and report["created_utc"] >= previous["created_utc"]

@@ -23,7 +23,7 @@ import storage
 from common import run_files
 from devkit import gcs_emulator
 from job.results import writer
-from tests.conftest import (ROOT, job_environment, run_job, start_job, tiny_vgg16_settings,
+from tests.conftest import (ROOT, job_environment, run_in_process, start_job, tiny_vgg16_settings,
                             write_class_images)
 from tests.test_storage import tree_contents
 from tests.writer_process import write_run
@@ -285,10 +285,10 @@ def test_a_rerun_of_a_complete_run_clears_its_checkpoints_and_leftover_claim(
     bucket.blob(f"runs/r1/{writer.CLAIM}").upload_from_string(
         json.dumps({"writer": "gone/1/x", "host": "gone", "pid": 1, "at": 0}))
     started = time.monotonic()
-    result = run_job({"DATA_URI": str(tmp_path / "never-read"), "OUTPUT_URI":
-                      f"gs://{gcs_bucket}/runs", "RUN_ID": "r1", "WEIGHTS": "none",
-                      "CACHE_DIR": str(tmp_path / "cache"), "STORAGE_EMULATOR_HOST": gcs_endpoint},
-                     timeout=300)
+    result = run_in_process("job", {"DATA_URI": str(tmp_path / "never-read"), "OUTPUT_URI":
+                                    f"gs://{gcs_bucket}/runs", "RUN_ID": "r1", "WEIGHTS": "none",
+                                    "CACHE_DIR": str(tmp_path / "cache"),
+                                    "STORAGE_EMULATOR_HOST": gcs_endpoint})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already complete" in result.stderr and time.monotonic() - started < 60
     assert {blob.name: blob.download_as_bytes() for blob in gcs_client.list_blobs(gcs_bucket)} \
