@@ -85,7 +85,10 @@ def clear_owned(uri: str, owner: str, *, retry_deadline: float = DEFAULT_RETRY_D
     Anything else under uri stays, and so does a local folder that is not empty then."""
     with _Prefix.open(uri, retry_deadline) as prefix:
         recorded = prefix.owned_names(owner)
-        prefix.delete(recorded | {WRITTEN})
+        # The record last: another process clearing the same run at once (its writer as it ends,
+        # and a rerun that found it complete) must never find its files without it.
+        prefix.delete(recorded)
+        prefix.delete({WRITTEN})
     if not is_remote(uri):
         with contextlib.suppress(OSError):
             Path(uri).rmdir()  # the folder the first sync made, if nothing else is left in it

@@ -359,6 +359,29 @@ def test_local_owned_folder_keeps_what_was_there_and_loses_only_what_it_wrote(fi
     assert not target.exists()  # the folders it made, now empty, are gone too
 
 
+def test_two_clears_of_one_folder_at_once_never_find_files_without_their_record(tmp_path,
+                                                                                monkeypatch):
+    """A run's writer clearing its checkpoints as it ends, and a rerun that found the run complete
+    clearing them too: the record is deleted last, so neither finds files it cannot prove its
+    own (the rerun exited 2, "holds 1 files this job did not write (e.g. 'state.json')", when
+    WRITTEN.json, first in name order, went first)."""
+    checkpoints, target = tmp_path / "local", tmp_path / "ckpt"
+    for name in ("state.json", "phase1/weights.h5"):
+        (checkpoints / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkpoints / name).write_bytes(name.encode())
+    storage.sync_owned(checkpoints, str(target), "r1")
+    unlink, raced = Path.unlink, []
+
+    def unlink_then_race(path, missing_ok=False):
+        unlink(path, missing_ok=missing_ok)
+        if not raced:  # the other process clears between this one's first and second deletion
+            raced.append(path.name)
+            storage.clear_owned(str(target), "r1")
+
+    monkeypatch.setattr(Path, "unlink", unlink_then_race)
+    storage.clear_owned(str(target), "r1")
+    assert raced and not target.exists()
+
 # --- The cache folder ---
 
 def test_cache_dir_is_created_with_the_jobs_marker(tmp_path):
