@@ -185,10 +185,13 @@ def bench_steps(split, size, backbone, repeats, policies) -> list[dict]:
                 steps = tf.data.Dataset.from_tensors(batch).repeat(3)
                 try:
                     seconds = epoch_seconds(trainer, steps, repeats, jit_compile=jit)
-                    rate = round(3 * BATCH_SIZE / seconds, 1)
+                    rate = round(3 * len(batch[0]) / seconds, 1)  # a split under BATCH_SIZE: fewer
                 except Exception as error:  # e.g. an op XLA cannot compile on this device
                     rate = f"failed: {error.__class__.__name__}: {str(error).splitlines()[0][:120]}"
-                rows.append({"phase": phase, "precision": policy, "xla": jit, "images_per_s": rate})
+                # Keras compiles without XLA, warning, a model it cannot jit (the augmentation's
+                # random layers): the row says so rather than timing plain steps as XLA's.
+                rows.append({"phase": phase, "precision": policy, "xla": jit,
+                             "xla_applied": bool(trainer.jit_compile), "images_per_s": rate})
     keras.mixed_precision.set_dtype_policy("float32")
     return rows
 

@@ -160,6 +160,9 @@ def test_speed(bench_arguments):
         (phase, xla) for phase in ("phase 1, augmented", "phase 2") for xla in (False, True)}
     assert all(row["precision"] == "float32" for row in steps)
     assert all(isinstance(row["images_per_s"], float) for row in steps if not row["xla"])
+    # a row says whether Keras applied XLA: it does not to the augmentation's random layers
+    assert all(row["xla_applied"] in (False, row["xla"]) for row in steps)
+    assert [row["xla_applied"] for row in steps if row["phase"] == "phase 2"] == [False, True]
 
 
 @pytest.mark.slow
