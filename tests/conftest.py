@@ -18,10 +18,17 @@ import numpy as np
 import pytest
 from filelock import FileLock
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 from devkit import gcs_emulator
 from devkit.datasets import link_slice
 from edge.logs import OWN_LOGGERS
+
+# Each test process, and each job or export it starts, does its BLAS work on one thread:
+# pytest-xdist's workers fill the cores already, and OpenBLAS's second thread spins while it waits
+# (two exports at once on the 2-core AMD EPYC: 99 s on two threads each, 77 s on one).
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
+threadpool_limits(1, user_api="blas")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -733,3 +740,11 @@ def tiny_run(tmp_path_factory):
                                                   "", built["stderr"]),
             "run_dir": root / "out" / "tiny", "settings": built["settings"],
             "checkpoints": root / "checkpoints"}
+
+
+@pytest.fixture
+def two_blas_threads():
+    """BLAS on two threads for the test, as outside the suite (which limits it to one, above):
+    for the tests of code that limits it itself."""
+    with threadpool_limits(2, user_api="blas"):
+        yield

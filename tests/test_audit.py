@@ -60,7 +60,7 @@ def test_label_issues_find_misfiled_images_most_likely_first():
     assert [issue["score"] for issue in issues] == sorted((i["score"] for i in issues), reverse=True)
 
 
-def test_label_issues_fit_their_folds_on_one_blas_thread(monkeypatch):
+def test_label_issues_fit_their_folds_on_one_blas_thread(monkeypatch, two_blas_threads):
     """A second OpenBLAS thread spins between lbfgs's small products: 15x the CPU on 2 loaded cores."""
     from threadpoolctl import threadpool_info
 

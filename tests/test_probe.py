@@ -51,7 +51,7 @@ def test_the_strength_kept_scores_best_on_validation_of_the_grid():
     assert fitted.validation_accuracy > 0.6  # far above chance (1/3)
 
 
-def test_the_grid_is_fitted_on_one_blas_thread(monkeypatch):
+def test_the_grid_is_fitted_on_one_blas_thread(monkeypatch, two_blas_threads):
     """A second OpenBLAS thread spins between lbfgs's small products: 7x the wall on 2 loaded cores."""
     from threadpoolctl import threadpool_info
 
