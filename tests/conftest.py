@@ -527,19 +527,10 @@ def _is_slow(item) -> bool:
     return any(_calls_slow_helper(function) for function in functions)
 
 
-# The longest test files that share no session fixture with another, started first: `make test`
-# hands pytest-xdist's workers whole files in collection order, and test_train.py (two minutes),
-# last but three alphabetically, kept one worker busy while the other had nothing left.
-LONGEST_FIRST = ("test_promote.py", "test_docker_recipe.py", "test_train.py", "test_bench.py",
-                 "test_multiworker_job.py")
-
-
 def pytest_collection_modifyitems(items):
     for item in items:
         if _is_slow(item):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: (LONGEST_FIRST.index(item.path.name)
-                                 if item.path.name in LONGEST_FIRST else len(LONGEST_FIRST)))
 
 
 @pytest.fixture
