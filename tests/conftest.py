@@ -515,7 +515,13 @@ SLOW_FIXTURES = {"cpu_subprocess_env", "hub_feature_vector"}
 
 def _calls_slow_helper(function) -> bool:
     code = getattr(function, "__code__", None)
-    return code is not None and bool(SLOW_HELPERS & set(code.co_names))
+    return code is not None and _names_slow_helper(code)
+
+
+def _names_slow_helper(code) -> bool:
+    """Whether code, or a function or lambda defined in it (built_once's build), names one."""
+    return bool(SLOW_HELPERS & set(code.co_names)) or any(
+        _names_slow_helper(const) for const in code.co_consts if hasattr(const, "co_names"))
 
 
 def _is_slow(item) -> bool:
