@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DATA = SHARED / "data" / "chest_xray_pneumonia_224"
 
+from devkit import job_settings  # noqa: E402
 from devkit.datasets import link_slice  # noqa: E402
 
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
@@ -58,10 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a job setting of both runs, e.g. --set FINE_TUNE_EPOCHS=0 (repeatable)")
     args = parser.parse_args(argv)
-    malformed = [item for item in args.set if "=" not in item]
-    if malformed:
-        parser.error(f"--set {malformed[0]!r}: expected NAME=VALUE")
-    args.settings = dict(item.split("=", 1) for item in args.set)
+    args.settings = job_settings.parsed(parser, args.set)
     if not args.data.is_dir():
         raise SystemExit(f"data not found at {args.data}")
     runs = []

@@ -69,6 +69,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from devkit import job_settings  # noqa: E402
 from devkit.datasets import link_slice  # noqa: E402
 from job.config import Config  # noqa: E402
 from job.inputs import data
@@ -133,10 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds {args.seeds!r}: expected integers such as 42,1,2")
-    malformed = [item for item in args.set if "=" not in item]
-    if malformed:
-        parser.error(f"--set {malformed[0]!r}: expected NAME=VALUE")
-    args.settings = dict(item.split("=", 1) for item in args.set)
+    args.settings = job_settings.parsed(parser, args.set)
     if "SEED" in args.settings:
         parser.error("--set SEED: use --seeds, which also seeds the probe's split")
     return args

@@ -386,10 +386,9 @@ def mobilenet_run(tmp_path_factory, xray_small, mobilenet_v2_weights) -> Path:
 
 
 @pytest.fixture(scope="session")
-def mobilenet_export(mobilenet_run, tmp_path_factory) -> tuple[int, dict, str]:
+def mobilenet_export(mobilenet_run) -> tuple[int, dict, str]:
     """The MobileNetV2 run's export into its run directory: (exit code, report, stderr)."""
-    return tuple(built_once("mobilenet_export",
-                            lambda: export_run(mobilenet_run)))
+    return tuple(built_once("mobilenet_export", lambda: export_run(mobilenet_run)))
 
 
 @pytest.fixture(scope="session")
