@@ -106,6 +106,11 @@ def test_job_exits_0_solves_the_probe_and_logs_one_line_per_fine_tuning_epoch(ti
     assert len(lines) == 2 and "val_accuracy=" in lines[0]
 
 
+def test_a_run_logs_no_retracing_warning(tiny_run):
+    """Each pass of frozen layers runs its batches, the last one smaller, through one trace."""
+    assert "retracing" not in tiny_run["result"].stderr
+
+
 def test_job_writes_every_output_and_the_manifest_lists_them(tiny_run):
     run_dir = tiny_run["run_dir"]
     expected = {"MANIFEST.json", "metrics.json", "labels.txt", "model.keras", "model_summary.txt",
