@@ -25,23 +25,30 @@ DAMPING = 0.01  # GPTQ's: a share of H's mean diagonal added to it, so that H in
 # updating every later column after every column, reordered: on VGG16's 4,608-column layers the
 # column-by-column updates made the int8 export take 87 s at 32 px.
 BLOCK = 128
+# GPTQ's reference arithmetic (its PyTorch code factorises and rounds in float32). On a 4,608-column
+# layer it rounds as well as float64 did (the layer's output error x^T H x within 0.2 %, 0.6 % of
+# the integers differing, where the quantizer's nearest rounding has 20 times the error) and the
+# factorisation takes a third of the time, so VGG16's int8 build is a third shorter. Each
+# calibration image's H is summed in float64.
+ARITHMETIC = np.float32
 
 
 def gptq(weights: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmin: int,
          qmax: int) -> np.ndarray:
     """Integers for weights (rows, columns), one scale per row, all rows sharing hessian
     (columns, columns), rounded by GPTQ within [qmin, qmax]."""
-    weights = np.array(weights, dtype=np.float64)
-    hessian = np.array(hessian, dtype=np.float64)
+    weights = np.array(weights, dtype=ARITHMETIC)
+    hessian = np.array(hessian, dtype=ARITHMETIC)
+    scale = np.asarray(scale, dtype=ARITHMETIC)
     dead = np.diag(hessian) == 0  # inputs that never fire: their weights do not matter
     hessian[dead, dead] = 1
     weights[:, dead] = 0
-    hessian += DAMPING * np.mean(np.diag(hessian)) * np.eye(len(hessian))
+    hessian += DAMPING * np.mean(np.diag(hessian)) * np.eye(len(hessian), dtype=ARITHMETIC)
     inverse = upper_cholesky_of_inverse(hessian)
     integers = np.zeros(weights.shape, dtype=np.int64)
     for start in range(0, weights.shape[1], BLOCK):
         end = min(start + BLOCK, weights.shape[1])
-        errors = np.zeros((len(weights), end - start))
+        errors = np.zeros((len(weights), end - start), dtype=ARITHMETIC)
         for column in range(start, end):
             integers[:, column] = np.clip(np.round(weights[:, column] / scale), qmin, qmax)
             error = (weights[:, column] - integers[:, column] * scale) / inverse[column, column]
@@ -60,9 +67,10 @@ def upper_cholesky_of_inverse(hessian: np.ndarray) -> np.ndarray:
     from scipy import linalg
 
     factor = linalg.cholesky(hessian[::-1, ::-1], lower=True)
-    inverse, info = linalg.lapack.dtrtri(factor, lower=1)
+    triangular_inverse = linalg.lapack.get_lapack_funcs("trtri", (factor,))  # strtri, dtrtri
+    inverse, info = triangular_inverse(factor, lower=1)
     if info:
-        raise np.linalg.LinAlgError(f"singular Cholesky factor (dtrtri info {info})")
+        raise np.linalg.LinAlgError(f"singular Cholesky factor (trtri info {info})")
     return np.ascontiguousarray(inverse[::-1, ::-1])
 
 
@@ -88,9 +96,9 @@ def input_hessian(kind: str, inputs: np.ndarray, kernel: list[int], strides: lis
     in the order of its flattened weights: (features, features), or (channels, k, k) for a
     depthwise convolution."""
     if kind == "dense":
-        flat = inputs.reshape(len(inputs), -1).astype(np.float64)
+        flat = inputs.reshape(len(inputs), -1).astype(ARITHMETIC)
         return flat.T @ flat
-    patches = _patches(inputs, kernel, strides, pads).astype(np.float64)
+    patches = _patches(inputs, kernel, strides, pads).astype(ARITHMETIC)
     if kind == "depthwise":
         return np.einsum("pci,pcj->cij", patches, patches)
     flat = patches.reshape(len(patches), -1)
@@ -121,7 +129,7 @@ def round_weights(float_model, quantized, feeds: list[dict], qmin: int, qmax: in
     hessians = _hessians(layers, float_model, feeds)
     for kind, node, dequantize in layers:
         weights = numpy_helper.to_array(float_weights[node.input[1]])
-        scale = numpy_helper.to_array(integers[dequantize.input[1]]).astype(np.float64)
+        scale = numpy_helper.to_array(integers[dequantize.input[1]])
         rounded = round_layer(kind, weights, hessians[node.name], scale, qmin, qmax)
         integers[dequantize.input[0]].CopyFrom(
             numpy_helper.from_array(rounded.astype(np.int8), dequantize.input[0]))
@@ -184,7 +192,7 @@ def _hessians(layers, float_model, feeds: list[dict]) -> dict[str, np.ndarray]:
         values = dict(zip(names, session.run(names, feed)))
         for kind, node, _ in layers:
             hessian = input_hessian(kind, values[node.input[0]], *windows[node.name])
-            hessians[node.name] = hessians.get(node.name, 0) + hessian
+            hessians[node.name] = hessians.get(node.name, 0) + hessian.astype(np.float64)
     return hessians
 
 
