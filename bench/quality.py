@@ -270,9 +270,7 @@ def error_ratio(accuracy: float, probe_accuracy: float) -> float | None:
 def run(env: dict[str, str], run_dir: Path) -> tuple[dict, dict | None]:
     """One job run: its row of the table, and its metrics.json (None when it failed)."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "job"], cwd=REPO, text=True, capture_output=True,
-                            env={"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
-                                 "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", **env})
+    result = job_process(env)
     wall = round(time.perf_counter() - started, 1)
     if result.returncode != 0:
         return {"exit_code": result.returncode, "wall_seconds": wall,
@@ -285,6 +283,14 @@ def run(env: dict[str, str], run_dir: Path) -> tuple[dict, dict | None]:
             row[phase] = {"epochs_run": record["epochs_run"], "seconds": record["seconds"],
                           "validation": scores(record["validation"]), "test": scores(record["test"])}
     return row, metrics
+
+
+def job_process(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python -m job` in a fresh process with exactly the settings in env (and what any process
+    needs): no setting of this one's leaks into a run."""
+    return subprocess.run([sys.executable, "-m", "job"], cwd=REPO, text=True, capture_output=True,
+                          env={"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+                               "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2", **env})
 
 
 def scores(split: dict) -> dict:

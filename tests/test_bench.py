@@ -3,12 +3,13 @@ the JSON it promises, so none can rot unnoticed between the hand runs that fill 
 
 Tiny means 32x32 (VGG16 with random weights; inference's MobileNetV2 with its real ones), one or
 two epochs, a handful of images: the figures mean nothing, the keys and the code paths behind
-them are what is checked. The scripts whose work is `python -m job` or `python -m export`
-processes of their own (inference, memory) run as their users run them (`python -m
-bench.<script>`), started side by side when the module's first test starts; the others run their
-main in this process meanwhile, so that TensorFlow starts once for them all (quality's job runs
-still start processes: a fresh one per run is what it measures).
-test_inference_refuses_a_run_that_is_not_finished starts one more as a user does.
+them are what is checked. memory, whose figures are its job processes' peak RSS, runs as its users
+run it (`python -m bench.memory`), started when the module's first test starts; the others run
+their main in this process meanwhile, so that TensorFlow starts once for them all. So do the job
+and export runs of inference and quality, through run_in_process in place of the fresh process
+each script starts per run (what the tests check, the JSON's keys and what the runs report, does
+not depend on it; quality's wall seconds then lack TensorFlow's start-up).
+test_inference_refuses_a_run_that_is_not_finished starts one process as a user does.
 """
 from __future__ import annotations
 
@@ -26,12 +27,12 @@ from pathlib import Path
 import pytest
 
 from devkit.datasets import link_slice
-from tests.conftest import ROOT, random_vgg16_weights, write_class_images
+from tests.conftest import ROOT, random_vgg16_weights, run_in_process, write_class_images
 
 TINY_JOB = ["--set", "IMAGE_SIZE=32", "--set", "HEAD_EPOCHS=1", "--set", "FINE_TUNE_EPOCHS=1",
             "--set", "BATCH_SIZE=8"]
-# Started as processes by the module's first test: their time is their job and export processes'.
-AS_PROCESSES = {"inference", "memory"}
+# Started as processes by the module's first test: what they measure is their job processes.
+AS_PROCESSES = {"memory"}
 
 
 def script_arguments(trees: dict[str, Path], work: Path) -> dict[str, list[str]]:
@@ -212,7 +213,10 @@ def test_serving_decode(bench_arguments):
 
 
 @pytest.mark.slow
-def test_quality(bench_arguments, bench_root):
+def test_quality(bench_arguments, bench_root, monkeypatch):
+    from bench import quality
+
+    monkeypatch.setattr(quality, "job_process", lambda env: run_in_process("job", env))
     result = main_output(bench_arguments, "quality")
     assert {"backbone", "alpha", "subset_per_class", "settings", "c_grid", "rows"} <= set(result)
     assert result["subset_per_class"] == 12 and result["settings"]["IMAGE_SIZE"] == "32"
@@ -238,8 +242,12 @@ def test_quality(bench_arguments, bench_root):
 
 
 @pytest.mark.slow
-def test_inference(bench_runs, mobilenet_v2_weights):
-    result = output(bench_runs, "inference")
+def test_inference(bench_arguments, mobilenet_v2_weights, monkeypatch):
+    from bench import inference
+
+    monkeypatch.setattr(inference, "run", lambda module, env: inference.checked(
+        run_in_process(module, env)))
+    result = main_output(bench_arguments, "inference")
     assert set(result) == {"cpus", "load_average", "mobilenet_v2_050_224"}
     run = result["mobilenet_v2_050_224"]
     assert run["settings"]["IMAGE_SIZE"] == "32"
