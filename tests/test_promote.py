@@ -2,10 +2,7 @@
 is no worse, on real X-rays (the `promotion_runs` fixture: three real runs promoted in turn)."""
 import hashlib
 import json
-import logging
-import os
 import shutil
-import signal
 
 import pytest
 
@@ -322,51 +319,19 @@ def test_with_export_onnx_a_failed_int8_gate_exits_0_promoted_and_a_failed_float
         assert not (tmp_path / "production" / "CURRENT.json").exists()
 
 
-class SigtermWhenLogged(logging.Handler):
-    """Sends this process SIGTERM when the "job" logger logs a line containing `line`: the job's
-    own handler (job.training.checkpoint.StopSignal, installed by main) takes it where the run is
-    then, as it would in a process of its own."""
-
-    def __init__(self, line: str):
-        super().__init__()
-        self.line, self.sent = line, False
-
-    def emit(self, record):
-        if not self.sent and self.line in record.getMessage():
-            self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-def test_a_run_resumed_after_its_final_phase_is_compared_on_its_test_images(tmp_path):
-    """SIGTERM as the run starts writing its files (every phase checkpointed): the rerun restores the
-    final phase, scores it again and is promoted on its test images, calibrated as usual. Both
-    attempts run in this process (main's SIGTERM handler is the one a process has; exit 75 of
-    a process is tested in tests/test_resume.py)."""
-    from edge.exit_codes import EXIT_PREEMPTED
-    from tests.conftest import run_in_process, tiny_vgg16_settings, write_class_images
-
-    images = write_class_images(tmp_path / "images", ["a", "b"], per_class=40, size=32)
-    settings = tiny_vgg16_settings(images, tmp_path / "out", tmp_path / "cache",
-                                   FINE_TUNE_EPOCHS="1", PROMOTE_URI=str(tmp_path / "production"))
-    stopper, job_log = SigtermWhenLogged("weights digest:"), logging.getLogger("job")
-    job_log.addHandler(stopper)
-    try:
-        first = run_in_process("job", settings)
-    finally:
-        job_log.removeHandler(stopper)
-    assert stopper.sent and first.returncode == EXIT_PREEMPTED, first.stderr[-3000:]
-    assert "preempted: SIGTERM outside training" in first.stderr
-    run_dir = tmp_path / "out" / "tiny"
-    assert not (run_dir / run_files.MANIFEST).exists()  # stopped before the run was published
-
-    rerun = run_in_process("job", settings)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "phase 2: finished by an earlier attempt" in rerun.stderr
+def test_a_run_resumed_after_its_final_phase_is_compared_on_its_test_images(promotion_runs):
+    """SIGTERM as the run starts writing its files (every phase checkpointed; "second"): the rerun
+    restores the final phase, scores it again and is compared with the champion on its test
+    images, calibrated as usual."""
+    run_dir = promotion_runs["second"]
+    assert "preempted: SIGTERM outside training" in (run_dir.parent / "stopped.log").read_text()
+    assert "phase 1: finished by an earlier attempt" in (run_dir.parent / "stderr.log").read_text()
     verdict = record(run_dir)
     assert verdict["promoted"], verdict["reason"]
-    assert verdict["challenger_figures"]["accuracy"] > 0.5  # two classes of unlike brightness
+    assert verdict["comparison"]["images"] == 300
+    assert verdict["comparison"]["challenger"]["accuracy"] > 0.6  # real X-rays: about 0.79
     predictions = json.loads((run_dir / "test_predictions.json").read_text())
-    assert predictions["paths"] and len(predictions["paths"]) == len(predictions["labels"])
+    assert len(predictions["paths"]) == len(predictions["labels"]) == 300
     calibration = json.loads((run_dir / "metrics.json").read_text())["calibration"]
     assert "earlier attempt" not in calibration.get("skipped", "")
-    assert json.loads((tmp_path / "production" / "CURRENT.json").read_text())["run_id"] == "tiny"
+    assert promotion_runs["current"]["second"]["run_id"] == "second"
