@@ -182,7 +182,6 @@ def test_two_promotions_racing_on_gcs_leave_one_consistent_pointer(promotion_run
 
 def test_the_champion_is_scored_on_the_runs_decoded_images_without_decoding_them_again(
         promotion_runs, tmp_path):
-    from job.inputs import data
     from job.promotion import promote
 
     production = copied_production(promotion_runs, tmp_path)
@@ -194,15 +193,15 @@ def test_the_champion_is_scored_on_the_runs_decoded_images_without_decoding_them
     for index, path in enumerate(challenger.paths):  # the run's images, as its cache decoded them
         paths.append(str(copies / f"{index}.png"))
         shutil.copy(path, paths[-1])
+    copied = dataclasses_replace(challenger, paths=paths)
     scratch = tmp_path / "scratch-swapped"
-    data.image_dataset(data.Split(paths, challenger.labels.tolist()), 96, 32,
-                       cache_file=str(scratch / "test"))  # filled, as the run fills it
-    shutil.rmtree(copies)  # a second decode would fail now
     current, _ = versions.read_current(str(production), 60)
     champion_dir = production / current["version"]
-    cached = promote.score_champion(champion_dir, current,
-                                    dataclasses_replace(challenger, paths=paths), scratch, 32)
-    fresh = promote.score_champion(champion_dir, current, challenger, tmp_path / "fresh", 32)
+    # Scored on images decoded now, which fills the cache as the run fills it (data.image_dataset).
+    fresh = promote.score_champion(champion_dir, current, copied, scratch, 32)
+    assert (scratch / "test").is_file()
+    shutil.rmtree(copies)  # a second decode would fail now
+    cached = promote.score_champion(champion_dir, current, copied, scratch, 32)
     assert len(cached) == 300
     assert (cached == fresh).all()
 
