@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,6 @@ from threadpoolctl import threadpool_limits
 
 from devkit import gcs_emulator
 from devkit.datasets import link_slice
-from edge.exit_codes import EXIT_PREEMPTED
 from edge.logs import OWN_LOGGERS
 
 # Each test process, and each job or export it starts, does its BLAS work on one thread:
@@ -337,19 +335,12 @@ def gate_outputs(flipped: int, images: int = 200) -> tuple[dict, np.ndarray]:
             "tensorflow_float32_rebuild": float32}, labels
 
 
-def train_run(tmp_path_factory, data: Path, name: str, in_a_process: bool = False,
-              stopped_at: str = "", **env) -> Path:
+def train_run(tmp_path_factory, data: Path, name: str, in_a_process: bool = False, **env) -> Path:
     """The run directory of a job run on data, in this process unless in_a_process (then its
-    stderr.log holds every line the process printed). stopped_at: an earlier attempt of the run,
-    in this process, is sent SIGTERM when the job logs that text (its log: stopped.log); the run
-    then resumes it."""
+    stderr.log holds every line the process printed)."""
     out = tmp_path_factory.mktemp(f"run-{name}")
     settings = {"DATA_URI": str(data), "OUTPUT_URI": str(out), "RUN_ID": name,
                 "CACHE_DIR": str(out / "cache"), "BATCH_SIZE": "16", **env}
-    if stopped_at:
-        stopped = run_in_process_sigterm_when_logged("job", settings, stopped_at)
-        assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr[-3000:]
-        (out / "stopped.log").write_text(stopped.stderr)
     result = run_job(settings) if in_a_process else run_in_process("job", settings)
     assert result.returncode == 0, result.stderr[-3000:]
     (out / "stderr.log").write_text(result.stderr)  # beside the run, not in it
@@ -517,7 +508,7 @@ def float32_gate_that_fails(monkeypatch):
 # TensorFlow worker process, or a module that takes long to build: new tests are marked without a
 # decorator.
 SLOW_HELPERS = {"run_job", "run_module", "start_job", "train_run", "export_run", "job_environment",
-                "run_in_process", "run_in_process_sigterm_when_logged"}
+                "run_in_process"}
 SLOW_FIXTURES = {"cpu_subprocess_env", "hub_feature_vector"}
 
 
@@ -597,8 +588,7 @@ def promotion_runs(tmp_path_factory, xray_dir, xray_small, mobilenet_v2_035_weig
     """Three `python -m job` runs of MobileNetV2 0.35 (real ImageNet weights, the linear probe
     alone) on real X-rays with the same validation and test images (xray_small's), promoted in
     turn into one local PROMOTE_URI: "first" at 64 px on 40 training images per class (no
-    champion yet); "second" at 64 px on 120 (tonight's data grew), stopped by SIGTERM as it
-    starts writing its files (its final phase checkpointed) and resumed; "swapped" at 96 px on
+    champion yet); "second" at 64 px on 120 (tonight's data grew); "swapped" at 96 px on
     xray_small's training images with their labels swapped (compared with second, its decoded
     images resized to second's 64 px). Returns their run directories, PROMOTE_URI, the data
     folders and CURRENT.json after each run."""
@@ -611,9 +601,8 @@ def promotion_runs(tmp_path_factory, xray_dir, xray_small, mobilenet_v2_035_weig
     result: dict = {"promote_uri": promote_uri, "current": {},
                     "data": {"first": xray_small, "second": grown, "swapped": swapped}}
     for name, size in (("first", "64"), ("second", "64"), ("swapped", "96")):
-        stopped_at = "weights digest:" if name == "second" else ""
         result[name] = train_run(tmp_path_factory, result["data"][name], name, IMAGE_SIZE=size,
-                                 stopped_at=stopped_at, **settings)
+                                 **settings)
         result["current"][name] = json.loads((promote_uri / "CURRENT.json").read_text())
     return result
 
@@ -764,32 +753,3 @@ def two_blas_threads():
     for the tests of code that limits it itself."""
     with threadpool_limits(2, user_api="blas"):
         yield
-
-
-class SigtermWhenLogged(logging.Handler):
-    """Sends this process SIGTERM when the "job" logger logs a line containing `text`: main's own
-    handler (job.training.checkpoint.StopSignal) takes it where the run is then, as in a process
-    of its own."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.text, self.sent = text, False
-
-    def emit(self, record):
-        if not self.sent and self.text in record.getMessage():
-            self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-def run_in_process_sigterm_when_logged(module: str, env: dict[str, str],
-                                       text: str) -> subprocess.CompletedProcess:
-    """run_in_process, with SIGTERM sent when the job logs text (a test of the exit code or the
-    log lines of a process stopped so starts one: tests/test_resume.py)."""
-    stopper, job_log = SigtermWhenLogged(text), logging.getLogger("job")
-    job_log.addHandler(stopper)
-    try:
-        result = run_in_process(module, env)
-    finally:
-        job_log.removeHandler(stopper)
-    assert stopper.sent, f"the job never logged {text!r}:\n{result.stderr[-3000:]}"
-    return result
