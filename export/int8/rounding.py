@@ -25,11 +25,9 @@ DAMPING = 0.01  # GPTQ's: a share of H's mean diagonal added to it, so that H in
 # updating every later column after every column, reordered: on VGG16's 4,608-column layers the
 # column-by-column updates made the int8 export take 87 s at 32 px.
 BLOCK = 128
-# GPTQ's reference arithmetic (its PyTorch code factorises and rounds in float32). On a 4,608-column
-# layer it rounds as well as float64 did (the layer's output error x^T H x within 0.2 %, 0.6 % of
-# the integers differing, where the quantizer's nearest rounding has 20 times the error) and the
-# factorisation takes a third of the time, so VGG16's int8 build is a third shorter. Each
-# calibration image's H is summed in float64.
+# GPTQ's reference arithmetic (its PyTorch code factorises and rounds in float32): it rounds as
+# well as float64 did, in a third of the factorisation's time (docs/int8.md). Each calibration
+# image's H is summed in float64.
 ARITHMETIC = np.float32
 
 

@@ -13,8 +13,8 @@ decided at the run's validation-chosen threshold for two classes, the largest ot
 client needs neither the job's decoder nor its threshold. Unlike load_image it does not apply EXIF
 orientation: clients send upright images.
 
-`serve` (the name Keras gives its first export endpoint; export/convert.py and export/measure.py
-call it) takes float32 RGB pixels 0-255 `image` [batch, S, S, 3] and returns `output_0`, the
+`serve` (the name Keras' ExportArchive gave it, which export/convert.py and export/measure.py
+call) takes float32 RGB pixels 0-255 `image` [batch, S, S, 3] and returns `output_0`, the
 probabilities: the path the ONNX export converts and measures.
 """
 from __future__ import annotations
@@ -33,8 +33,7 @@ def export(classifier: keras.Model, path: str, class_names: list[str], threshold
     By tf.saved_model.save from the two functions traced once each, rather than by
     keras.export.ExportArchive: its writing traced the classifier twice more (once for the bytes
     signature, once again as it saved) and walked every layer for lookup tables, of which this
-    model has none; 6.7 against 3.9 CPU-s for MobileNetV2 0.35 at 64 px, about half of a small
-    run's output writing."""
+    model has none; that took twice the time (docs/benchmarks.md)."""
     size = int(classifier.input_shape[1])
     pixels = tf.function(
         lambda image: classifier(image, training=False), autograph=False,
