@@ -68,7 +68,7 @@ class Features:
         so that all of them decide alike which phases to cache."""
         self.config, self.dataset, self.parts = config, dataset, parts
         self.scratch_dir, self.batch_size = scratch_dir, batch_size
-        self._traces: dict[int, Callable] = {}  # per extractor (by id), see _traced
+        self._traces: dict[tuple, Callable] = {}  # per extractor (by id) and dtype, see _traced
         decoded = largest(self._decoded_images_bytes())
         held = budget.held_bytes(scratch_dir)  # a resumed run's caches
         # Sizing the frozen layers' outputs builds their inputs, which decodes the images.
@@ -263,12 +263,13 @@ class Features:
         mixed precision the augmented views are float16, the other images float32), for batches
         of any size: a trace of MobileNetV2 takes most of a second. Traced for any batch size at
         once: traced at the first batch's size, it was traced again at the last, smaller batch
-        (and TensorFlow warned of retracing). tf.function keeps one trace per dtype."""
-        if id(extractor) not in self._traces:
-            self._traces[id(extractor)] = tf.function(
-                lambda batch: extractor(batch, training=False))
-        return self._traces[id(extractor)].get_concrete_function(
-            tf.TensorSpec([None, *images.shape[1:]], images.dtype))
+        (and TensorFlow warned of retracing)."""
+        key = (id(extractor), images.dtype)
+        if key not in self._traces:
+            self._traces[key] = tf.function(
+                lambda batch: extractor(batch, training=False)).get_concrete_function(
+                tf.TensorSpec([None, *images.shape[1:]], images.dtype))
+        return self._traces[key]
 
     def batches(self, examples: tf.data.Dataset, training: bool = False) -> tf.data.Dataset:
         if training:
